@@ -1,0 +1,74 @@
+"""Thin typed wrappers over torch.ops.admm_sparse, plus their fake (meta) kernels.
+
+Every op's plain-PyTorch twin is in admm_sparse.reference; the schemas are in csrc/ops.cpp.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+try:
+    from . import _C  # noqa: F401  (loading the library registers the ops)
+except ImportError as exc:  # pragma: no cover - exercised only on a broken install
+    raise ImportError(
+        f"admm_sparse's native extension admm_sparse._C failed to load ({exc}). It must be built against "
+        f"the torch you run (now {torch.__version__}); rebuild it from the repository root with:\n"
+        "    pip install --no-build-isolation -e ."
+    ) from exc
+
+_ops = torch.ops.admm_sparse
+
+
+def accumulate_stats(hessian: torch.Tensor, scaler: torch.Tensor, inp: torch.Tensor, n_before: int, batch: int) -> None:
+    """In place: hessian's lower triangle += XᵀX and the running per-channel scaler (SPEC §1)."""
+    _ops.accumulate_stats(hessian, scaler, inp, n_before, batch)
+
+
+def damped_cholesky_inverse(matrix: torch.Tensor, shift: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(matrix + shift·I)⁻¹ from its lower triangle, retried with more shift if not positive definite.
+    Returns (inverse, shift used)."""
+    inverse, used = _ops.damped_cholesky_inverse(matrix, shift)
+    warn_if_damped(float(used) - shift)
+    return inverse, used
+
+
+def prune_mask(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask of the k smallest |values| (ties: lower flat index first)."""
+    return _ops.prune_mask(values, k)
+
+
+def admm_prune(hessian: torch.Tensor, weight: torch.Tensor, k: int, percdamp: float, rho: float, iters: int,
+               prune_iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SPEC §2: returns (pruned float32 weight with k entries zeroed, the damping added to the normalised
+    H as (percdamp·mean(diag), extra from a retry), tr(W H Wᵀ) of the input weight: the dense output
+    energy on the calibration data)."""
+    out, damping, dense_energy = _ops.admm_prune(hessian, weight, k, percdamp, rho, iters, prune_iters)
+    warn_if_damped(float(damping[1]))
+    return out, damping, dense_energy
+
+
+def warn_if_damped(extra: float) -> None:
+    if extra > 0:
+        warnings.warn(f"admm_sparse: the damped Hessian was not positive definite; added {extra:.3g} more damping "
+                      "to its diagonal (usually too few calibration tokens for this layer)", stacklevel=3)
+
+
+@torch.library.register_fake("admm_sparse::accumulate_stats")
+def _(hessian, scaler, inp, n_before, batch):
+    return None
+
+
+@torch.library.register_fake("admm_sparse::damped_cholesky_inverse")
+def _(matrix, shift):
+    return torch.empty_like(matrix, memory_format=torch.contiguous_format), matrix.new_empty(())
+
+
+@torch.library.register_fake("admm_sparse::prune_mask")
+def _(values, k):
+    return torch.empty_like(values, dtype=torch.bool, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("admm_sparse::admm_prune")
+def _(hessian, weight, k, percdamp, rho, iters, prune_iters):
+    return weight.new_empty(weight.shape), weight.new_empty((2,)), weight.new_empty(())

@@ -1,0 +1,74 @@
+"""SPEC §3: keep-bit rounding ("L2 quantization") of a pruned weight for the Atlas 300I Duo's
+compression unit, done on float16 bit patterns (exact, one pass, no frexp/pow temporaries).
+
+A float16 value is sign | exponent E (5 bits) | mantissa M (10 bits), x = ±(1 + M/1024)·2^(E-15),
+so the SPEC's m = 1 + M/1024 and e = E - 15 for normal values, and subnormals are E = 0.
+
+Decisions where SPEC §3 is silent (each checked against admm_sparse.reference.keepbit_round):
+- a kept subnormal is left as it is (the mantissa is "left unrounded"; only rounded mantissas of
+  subnormals are flushed to zero);
+- every zero result is +0.0: a -0.0 would not be a zero to the card's compression unit;
+- keep_proportion == 0 keeps nothing (the seed's index formula would otherwise keep everything).
+"""
+from __future__ import annotations
+
+import torch
+
+_SIGN = 0x8000
+_MAG = 0x7FFF
+_INF = 0x7C00
+
+
+def round_float16(w: torch.Tensor, keep: torch.Tensor | None = None, keep_bits: int = 2) -> torch.Tensor:
+    """Round w (any float dtype) to keep_bits mantissa bits in float16; entries where keep is True keep
+    their full mantissa. The small-exponent band (-15 < e < keep_bits - 10) snaps to 1 or 2 everywhere."""
+    if not 0 <= keep_bits <= 10:
+        raise ValueError(f"keep_bits must be in [0, 10], got {keep_bits}")
+    bits = w.to(torch.float16).view(torch.int16).to(torch.int32) & 0xFFFF
+    sign = bits & _SIGN
+    mag = bits & _MAG
+    exponent = mag >> 10
+
+    drop = 10 - keep_bits
+    if drop > 0:
+        # Round half to even on the magnitude: a mantissa carry moves into the exponent, which is
+        # exactly m' = 2 (and 2·2^15 overflows to inf, as the SPEC's float16 result does).
+        # With keep_bits == 0 the kept digit is the implicit leading 1, which is odd: ties round up.
+        half = 1 << (drop - 1)
+        odd = (mag >> drop) & 1 if keep_bits > 0 else 1
+        rounded = ((mag + half - 1 + odd) >> drop) << drop
+    else:
+        rounded = mag
+    rounded = torch.where(exponent == 0, 0, rounded)  # subnormals (and zero) round to zero
+    if keep is not None:
+        rounded = torch.where(keep, mag, rounded)
+    # Band -15 < e < keep_bits - 10, i.e. 1 <= E <= keep_bits + 4: m' = 2 if m > 1.5 else 1.
+    band = (exponent >= 1) & (exponent <= keep_bits + 4)
+    snapped = torch.where((mag & 0x3FF) > 0x200, (exponent + 1) << 10, exponent << 10)
+    out = torch.where(band, snapped, rounded)
+    out = torch.where(exponent == 31, mag, out)  # inf and NaN pass through
+    out = torch.where(out == 0, 0, out | sign)
+    return out.to(torch.int16).view(torch.float16)
+
+
+def keep_mask(w: torch.Tensor, scaler: torch.Tensor, keep_bits: int = 2, keep_proportion: float = 0.02) -> torch.Tensor:
+    """True where the rounding error, weighted by sqrt(scaler) per input channel, is among the largest
+    keep_proportion of w (ties at the threshold are all kept, as in the seed)."""
+    if keep_proportion <= 0:
+        return torch.zeros(w.shape, dtype=torch.bool, device=w.device)
+    metric = (w.float() - round_float16(w, None, keep_bits).float()).abs_().mul_(scaler.float().sqrt()[None, :])
+    flat = metric.flatten()
+    # The seed takes sorted_descending[int(numel * p - 1)] with Python indexing; kthvalue finds that
+    # element in O(numel) instead of a full sort.
+    pos = int(flat.numel() * keep_proportion - 1)
+    if pos < 0:
+        pos += flat.numel()
+    pos = min(pos, flat.numel() - 1)
+    threshold = torch.kthvalue(flat, flat.numel() - pos).values
+    return metric >= threshold
+
+
+def apply_keepbits(w: torch.Tensor, scaler: torch.Tensor, keep_bits: int = 2, keep_proportion: float = 0.02) -> torch.Tensor:
+    """SPEC §3 final weight: rounded except at the keep mask, cast back to w's dtype."""
+    keep = keep_mask(w, scaler, keep_bits, keep_proportion)
+    return round_float16(w, keep, keep_bits).to(w.dtype)

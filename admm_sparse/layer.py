@@ -1,0 +1,172 @@
+"""Prune one nn.Linear: statistics (SPEC §1) → native ADMM (SPEC §2) → keep-bit rounding (SPEC §3)."""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from . import _ops
+from .keepbits import apply_keepbits
+
+# The seed's constants (KEEP_BITS, KEEP_PROPORTION, PERCDAMP, ITERATIVE_PRUNE, ITERS) and rho.
+DEFAULT_OPTIONS = dict(keep_bits=2, keep_proportion=0.02, percdamp=0.1, prune_iters=15, iters=20, rho=1.0)
+
+
+@dataclass
+class PruneReport:
+    shape: tuple[int, int]  # (out_features, in_features)
+    sparse_ratio: float
+    sparsity: float  # achieved fraction of exact zeros in the new weight
+    relative_error: float  # ||X (W - W0)ᵀ|| / ||X W0ᵀ|| over the calibration inputs
+    seconds: float
+    damping: float  # added to the normalised Hessian's diagonal (percdamp · mean, plus any retry)
+    tokens: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_sparse_ratio(sparse_ratio) -> float:
+    if isinstance(sparse_ratio, bool) or not isinstance(sparse_ratio, (int, float)):
+        raise TypeError(f"sparse_ratio must be a number in [0, 1), got {sparse_ratio!r}")
+    if not 0.0 <= sparse_ratio < 1.0:  # also false for NaN
+        raise ValueError(f"sparse_ratio must be in [0, 1), got {sparse_ratio}; e.g. 0.3 zeroes 30% of the weights")
+    return float(sparse_ratio)
+
+
+def check_options(options: dict) -> dict:
+    unknown = set(options) - set(DEFAULT_OPTIONS)
+    if unknown:
+        raise TypeError(f"unknown option(s) {sorted(unknown)}; known: {sorted(DEFAULT_OPTIONS)}")
+    opts = {**DEFAULT_OPTIONS, **options}
+    kb = opts["keep_bits"]
+    if kb is not None and (isinstance(kb, bool) or not isinstance(kb, int) or not 0 <= kb <= 10):
+        raise ValueError(f"keep_bits must be an int in [0, 10] or None (no rounding), got {kb!r}")
+    if not 0.0 <= opts["keep_proportion"] <= 1.0:
+        raise ValueError(f"keep_proportion must be in [0, 1], got {opts['keep_proportion']}")
+    if not (math.isfinite(opts["percdamp"]) and opts["percdamp"] >= 0):
+        raise ValueError(f"percdamp must be finite and >= 0, got {opts['percdamp']}")
+    if not (math.isfinite(opts["rho"]) and opts["rho"] > 0):
+        raise ValueError(f"rho must be finite and > 0, got {opts['rho']}")
+    if not (isinstance(opts["iters"], int) and isinstance(opts["prune_iters"], int)
+            and 1 <= opts["prune_iters"] <= opts["iters"]):
+        raise ValueError(f"need integers 1 <= prune_iters <= iters, got prune_iters={opts['prune_iters']}, "
+                         f"iters={opts['iters']}")
+    return opts
+
+
+def _check_finite(t: torch.Tensor, what: str) -> None:
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{what} contains NaN or inf; clean it (or the model producing it) before pruning")
+
+
+class AdmmPruner:
+    """The seed tool's class: add_batch() the layer's inputs, then fasterprune(sparse_ratio).
+
+    Statistics are float32 on the layer's device; the Hessian keeps only its lower triangle (the
+    upper one is never read), so per-layer statistics from several processes can simply be summed.
+    """
+
+    def __init__(self, layer: nn.Module):
+        if not isinstance(layer, nn.Linear):
+            raise TypeError(f"AdmmPruner prunes nn.Linear modules only, got {type(layer).__name__}")
+        if layer.weight.numel() == 0:
+            raise ValueError(f"cannot prune an empty layer of shape {tuple(layer.weight.shape)}")
+        _check_finite(layer.weight.detach(), "the layer's weight")
+        self.layer = layer
+        self.rows, self.columns = layer.weight.shape
+        dev = layer.weight.device
+        self.H = torch.zeros(self.columns, self.columns, dtype=torch.float32, device=dev)
+        self.scaler = torch.zeros(self.columns, dtype=torch.float32, device=dev)
+        self.nsamples = 0  # sequences seen (SPEC §1's n)
+        self.tokens = 0
+
+    def add_batch(self, inp: torch.Tensor) -> None:
+        if self.H is None:
+            raise RuntimeError("this AdmmPruner was freed; create a new one")
+        if not isinstance(inp, torch.Tensor) or not inp.is_floating_point():
+            raise TypeError(f"calibration input must be a floating tensor, got {type(inp).__name__}"
+                            + (f" of {inp.dtype}" if isinstance(inp, torch.Tensor) else ""))
+        if inp.dim() == 0 or inp.shape[-1] != self.columns:
+            raise ValueError(f"calibration input's last dimension must be in_features={self.columns}, "
+                             f"got shape {tuple(inp.shape)}")
+        if inp.numel() == 0:
+            raise ValueError(f"calibration input of shape {tuple(inp.shape)} holds no tokens")
+        _check_finite(inp, "the calibration input")
+        batch = inp.shape[0] if inp.dim() >= 3 else 1
+        _ops.accumulate_stats(self.H, self.scaler, inp.to(self.H.device), self.nsamples, batch)
+        self.nsamples += batch
+        self.tokens += inp.numel() // self.columns
+
+    def fasterprune(self, sparse_ratio: float, **options) -> PruneReport:
+        """Prune the layer's weight in place; options: keep_bits, keep_proportion, percdamp, prune_iters,
+        iters, rho (the seed's defaults in DEFAULT_OPTIONS)."""
+        sparse_ratio = check_sparse_ratio(sparse_ratio)
+        opts = check_options(options)
+        if self.H is None:
+            raise RuntimeError("this AdmmPruner was freed; create a new one")
+        if self.tokens == 0:
+            raise RuntimeError("fasterprune() needs calibration statistics: call add_batch(inputs) first")
+        weight = self.layer.weight
+        _check_finite(weight.detach(), "the layer's weight")
+        if self.tokens < self.columns:
+            warnings.warn(f"only {self.tokens} calibration tokens for a layer with {self.columns} inputs: the "
+                          "Hessian is singular and damping carries the result; use more calibration data",
+                          stacklevel=2)
+        start = time.perf_counter()
+        old = weight.detach()
+        k = int(self.rows * self.columns * sparse_ratio)
+        pruned, damping, dense_energy = _ops.admm_prune(self.H, old.float(), k, opts["percdamp"], opts["rho"],
+                                                        opts["iters"], opts["prune_iters"])
+        new = pruned.to(old.dtype)
+        if opts["keep_bits"] is not None:
+            if not torch.isfinite(new.to(torch.float16)).all():
+                raise ValueError("the pruned weight has values beyond float16's range, which keep-bit rounding "
+                                 "(float16 for the Atlas card) cannot represent; pass keep_bits=None")
+            new = apply_keepbits(new, self.scaler, opts["keep_bits"], opts["keep_proportion"])
+        delta_energy = quadratic_trace(self.H, new.float() - old.float())
+        weight.data.copy_(new)
+        if weight.is_cuda:
+            torch.cuda.synchronize(weight.device)
+        seconds = time.perf_counter() - start
+        dense = dense_energy.item()
+        return PruneReport(
+            shape=(self.rows, self.columns),
+            sparse_ratio=sparse_ratio,
+            sparsity=(new == 0).sum().item() / new.numel(),
+            relative_error=math.sqrt(max(delta_energy, 0.0) / dense) if dense > 0 else 0.0,
+            seconds=seconds,
+            damping=float(damping.sum()),
+            tokens=self.tokens,
+        )
+
+    def free(self) -> None:
+        self.H = None
+        self.scaler = None
+
+
+def quadratic_trace(h_lower: torch.Tensor, a: torch.Tensor) -> float:
+    """tr(A H Aᵀ) for the symmetric H stored in h_lower's lower triangle: 2·tr(A L Aᵀ) − Σ diag(H)·colsum(A²)."""
+    left = (a @ h_lower.tril()).mul_(a).sum(dtype=torch.float64)
+    diag = (h_lower.diagonal().double() * a.double().square().sum(0)).sum()
+    return (2 * left - diag).item()
+
+
+def prune_linear(layer: nn.Module, X, sparse_ratio: float = 0.3, **options) -> PruneReport:
+    """Prune `layer` in place from calibration inputs X: a [..., in_features] tensor, or an iterable of them.
+    Returns a PruneReport (achieved sparsity, relative output error on X, seconds, damping)."""
+    check_sparse_ratio(sparse_ratio)
+    check_options(options)
+    pruner = AdmmPruner(layer)
+    batches: Iterable[torch.Tensor] = [X] if isinstance(X, torch.Tensor) else X
+    for inp in batches:
+        pruner.add_batch(inp)
+    try:
+        return pruner.fasterprune(sparse_ratio, **options)
+    finally:
+        pruner.free()

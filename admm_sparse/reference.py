@@ -1,0 +1,105 @@
+"""Plain PyTorch of SPEC §1-3: the oracle the tests compare the native ops against, and the
+baseline the benchmarks time. Written to be read top to bottom, like the original tool: an explicit
+inverse, a full sort for the mask, separate elementwise passes. Not for production use.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def accumulate_stats(hessian: torch.Tensor, scaler: torch.Tensor, inp: torch.Tensor, n_before: int, batch: int):
+    """SPEC §1 on the full (symmetric) Hessian, in place."""
+    x = inp.reshape(-1, inp.shape[-1]).float()
+    hessian += x.T @ x
+    n_after = n_before + batch
+    scaler *= n_before / n_after
+    scaler += (x * x).sum(0) / n_after
+
+
+def damped_cholesky_inverse(matrix: torch.Tensor, shift: float) -> torch.Tensor:
+    """(matrix + shift I)^-1 through Cholesky (no retry: the oracle assumes a positive definite input)."""
+    eye = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
+    return torch.cholesky_inverse(torch.linalg.cholesky(matrix + shift * eye))
+
+
+def prune_mask(values: torch.Tensor, k: int) -> torch.Tensor:
+    """True at the k smallest |values|; ties go to the lower flat index (a stable sort keeps index order)."""
+    order = torch.sort(values.abs().flatten(), stable=True).indices
+    mask = torch.zeros(values.numel(), dtype=torch.bool, device=values.device)
+    mask[order[:k]] = True
+    return mask.view(values.shape)
+
+
+def admm_prune(hessian: torch.Tensor, weight: torch.Tensor, k: int, percdamp: float = 0.1, rho: float = 1.0,
+               iters: int = 20, prune_iters: int = 15) -> torch.Tensor:
+    """SPEC §2. hessian: full symmetric [d_in, d_in]; weight: [d_out, d_in]. Returns the float32 pruned weight."""
+    d = hessian.diagonal().sqrt() + 1e-8
+    hn = hessian / d[:, None] / d[None, :]
+    wn = (weight.float() * d).T
+    eye = torch.eye(hn.shape[0], dtype=hn.dtype, device=hn.device)
+    hn = hn + percdamp * hn.diagonal().mean() * eye
+    b = hn @ wn
+    hinv = torch.cholesky_inverse(torch.linalg.cholesky(hn + rho * eye))
+    u = torch.zeros_like(wn)
+    mask = torch.ones_like(wn)
+    for it in range(iters):
+        v = wn + u
+        if it < prune_iters:
+            mask = (~prune_mask(v, k)).float()
+        z = v * mask
+        u = v - z
+        wn = hinv @ (b + rho * (z - u))
+    z = (wn + u) * mask
+    return z.T / d
+
+
+def keepbit_round(w: torch.Tensor, keep: torch.Tensor | None = None, keep_bits: int = 2) -> torch.Tensor:
+    """SPEC §3 rounding of w (any float dtype) in float16, written with frexp as the SPEC states it.
+    Where `keep` is True the mantissa is left unrounded (the small-exponent band rule still applies)."""
+    x = w.to(torch.float16).float()
+    mant, exp = torch.frexp(x)
+    m = mant.abs() * 2
+    e = (exp - 1).float()
+    subnormal = (e < -14) & (x != 0)
+    m = torch.where(subnormal, x.abs() * 2.0**15, m)
+    e = torch.where(subnormal, torch.full_like(e, -15), e)
+    m = torch.where(x == 0, torch.zeros_like(m), m)
+    e = torch.where(x == 0, torch.zeros_like(e), e)
+    e = torch.where(torch.isinf(x), torch.full_like(e, 16), e)
+
+    scale = 2.0**keep_bits
+    m_new = torch.round(m * scale) / scale
+    m_new = torch.where(e < -14, torch.zeros_like(m_new), m_new)
+    if keep is not None:
+        m_new = torch.where(keep, m, m_new)
+    band = (e > -15) & (e < keep_bits - 10)
+    m_new = torch.where(band, torch.where(m > 1.5, 2.0, 1.0), m_new)
+    out = torch.sign(x) * m_new * torch.pow(2.0, e)
+    return out.to(torch.float16)
+
+
+def keep_mask(w: torch.Tensor, scaler: torch.Tensor, keep_bits: int = 2, keep_proportion: float = 0.02):
+    """SPEC §3 keep mask: the largest rounding errors weighted by sqrt(scaler), by a full sort."""
+    metric = (w.float() - keepbit_round(w, None, keep_bits).float()).abs() * scaler.sqrt()[None, :]
+    v = torch.sort(metric.flatten(), descending=True).values[int(metric.numel() * keep_proportion - 1)]
+    return metric >= v
+
+
+def prune_linear(weight: torch.Tensor, inputs, sparse_ratio: float, keep_bits: int | None = 2,
+                 keep_proportion: float = 0.02, percdamp: float = 0.1, rho: float = 1.0, iters: int = 20,
+                 prune_iters: int = 15) -> torch.Tensor:
+    """SPEC §1-3 end to end on a weight and an iterable of input batches; returns the new weight."""
+    d_in = weight.shape[1]
+    hessian = torch.zeros(d_in, d_in, device=weight.device)
+    scaler = torch.zeros(d_in, device=weight.device)
+    n = 0
+    for inp in inputs:
+        batch = inp.shape[0] if inp.dim() >= 3 else 1
+        accumulate_stats(hessian, scaler, inp, n, batch)
+        n += batch
+    k = int(weight.shape[0] * d_in * sparse_ratio)
+    pruned = admm_prune(hessian, weight, k, percdamp, rho, iters, prune_iters).to(weight.dtype)
+    if keep_bits is None:
+        return pruned
+    keep = keep_mask(pruned, scaler, keep_bits, keep_proportion)
+    return keepbit_round(pruned, keep, keep_bits).to(weight.dtype)

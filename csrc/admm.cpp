@@ -1,0 +1,158 @@
+// Device-generic native code: the statistics update, the damped Cholesky inverse and the ADMM driver.
+// Everything here is ATen calls (MKL/LAPACK on the CPU, cuBLAS/cuSOLVER on CUDA), so one implementation
+// serves every device; only the fused projection pass differs per device (cpu/admm.cpp, cuda/admm.cu).
+#include "admm.h"
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+
+namespace admm_sparse {
+namespace {
+
+void check_matrix(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 2, name, " must be a matrix, got ", t.dim(), " dimensions");
+  TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must be float32, got ", t.scalar_type());
+}
+
+// Column block of the triangular Hessian update: large enough for efficient GEMMs, small enough
+// that the wasted upper half of the diagonal blocks stays a few percent of the work.
+int64_t triangle_block(const at::Tensor& t) { return t.is_cuda() ? 1024 : 256; }
+
+void accumulate_stats(const at::Tensor& hessian, const at::Tensor& scaler, const at::Tensor& inp,
+                      int64_t n_before, int64_t batch) {
+  check_matrix(hessian, "hessian");
+  const int64_t d_in = hessian.size(0);
+  TORCH_CHECK(hessian.size(1) == d_in && hessian.is_contiguous(), "hessian must be a contiguous square matrix");
+  TORCH_CHECK(scaler.dim() == 1 && scaler.size(0) == d_in && scaler.scalar_type() == at::kFloat,
+              "scaler must be a float32 vector of length ", d_in);
+  TORCH_CHECK(inp.dim() >= 1 && inp.size(-1) == d_in, "input's last dimension must be ", d_in, ", got ",
+              inp.sizes());
+  TORCH_CHECK(at::isFloatingType(inp.scalar_type()), "input must be a floating tensor, got ", inp.scalar_type());
+  TORCH_CHECK(inp.device() == hessian.device() && scaler.device() == hessian.device(),
+              "hessian, scaler and input must be on one device");
+  TORCH_CHECK(n_before >= 0 && batch >= 1, "need n_before >= 0 and batch >= 1");
+
+  const at::Tensor x = inp.reshape({-1, d_in}).to(at::kFloat).contiguous();
+  const at::Tensor col_sq = at::empty({d_in}, scaler.options());
+  const int64_t bs = triangle_block(hessian);
+  for (int64_t j = 0; j < d_in; j += bs) {
+    const int64_t w = std::min(bs, d_in - j);
+    const at::Tensor xj = x.narrow(1, j, w);
+    // Diagonal block through a small temporary: its diagonal is the columns' sum of squares,
+    // which the scaler needs, so X is read only by the GEMMs.
+    const at::Tensor diag_block = at::mm(xj.t(), xj);
+    hessian.narrow(0, j, w).narrow(1, j, w).add_(diag_block.tril());
+    col_sq.narrow(0, j, w).copy_(diag_block.diagonal());
+    if (j + w < d_in) {
+      at::Tensor below = hessian.narrow(0, j + w, d_in - j - w).narrow(1, j, w);
+      below.addmm_(x.narrow(1, j + w, d_in - j - w).t(), xj);
+    }
+  }
+  const double n_after = static_cast<double>(n_before + batch);
+  scaler.mul_(static_cast<double>(n_before) / n_after).add_(col_sq.div_(n_after));
+}
+
+// Retry rule for a factorisation that failed: add 10x more shift each time, starting from a
+// small fraction of the mean diagonal (or an absolute floor for an all-zero matrix).
+constexpr int kMaxRetries = 12;
+
+std::tuple<at::Tensor, at::Tensor> damped_cholesky_inverse(const at::Tensor& matrix, double shift) {
+  check_matrix(matrix, "matrix");
+  TORCH_CHECK(matrix.size(0) == matrix.size(1), "matrix must be square, got ", matrix.sizes());
+  TORCH_CHECK(std::isfinite(shift) && shift >= 0, "shift must be finite and >= 0, got ", shift);
+  TORCH_CHECK(at::isfinite(matrix).all().item<bool>(), "matrix contains NaN or inf");
+  const int64_t n = matrix.size(0);
+  const double mean_diag = n ? matrix.diagonal().abs().mean().item<double>() : 0.0;
+  double extra = 0.0;
+  at::Tensor factor = at::empty_like(matrix, at::MemoryFormat::Contiguous);
+  at::Tensor info = at::empty({}, matrix.options().dtype(at::kInt));
+  for (int attempt = 0;; ++attempt) {
+    factor.copy_(matrix);
+    factor.diagonal().add_(shift + extra);
+    // In place: the factor overwrites the copy, then its inverse overwrites the factor (one n x n buffer).
+    at::linalg_cholesky_ex_out(factor, info, factor);
+    if (info.item<int>() == 0) break;
+    TORCH_CHECK(attempt < kMaxRetries, "damped_cholesky_inverse: matrix is not positive definite even with ",
+                shift + extra, " added to its diagonal");
+    extra = extra == 0.0 ? std::max(1e-6 * mean_diag, 1e-10) : extra * 10.0;
+  }
+  at::cholesky_inverse_out(factor, factor);
+  return {factor, at::full({}, shift + extra, matrix.options())};
+}
+
+}  // namespace
+
+void check_prune_mask_args(const at::Tensor& values, int64_t k) {
+  TORCH_CHECK(values.scalar_type() == at::kFloat, "prune_mask: values must be float32, got ", values.scalar_type());
+  TORCH_CHECK(k >= 0 && k <= values.numel(), "prune_mask: k must be in [0, ", values.numel(), "], got ", k);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> admm_prune_with(const at::Tensor& hessian, const at::Tensor& weight, int64_t k,
+                                                   double percdamp, double rho, int64_t iters,
+                                                   int64_t prune_iters, ProjectFn project) {
+  check_matrix(hessian, "hessian");
+  check_matrix(weight, "weight");
+  const int64_t d_in = weight.size(1);
+  TORCH_CHECK(hessian.size(0) == d_in && hessian.size(1) == d_in, "hessian must be ", d_in, " x ", d_in,
+              " for a weight of shape ", weight.sizes(), ", got ", hessian.sizes());
+  TORCH_CHECK(hessian.device() == weight.device(), "hessian and weight must be on one device");
+  TORCH_CHECK(k >= 0 && k <= weight.numel(), "k must be in [0, ", weight.numel(), "], got ", k);
+  TORCH_CHECK(iters >= 1 && prune_iters >= 1 && prune_iters <= iters,
+              "need 1 <= prune_iters <= iters, got prune_iters=", prune_iters, ", iters=", iters);
+  TORCH_CHECK(std::isfinite(percdamp) && percdamp >= 0, "percdamp must be finite and >= 0, got ", percdamp);
+  TORCH_CHECK(std::isfinite(rho) && rho > 0, "rho must be finite and > 0, got ", rho);
+
+  // 1. d = sqrt(diag H) + 1e-8; Hn = H / d_i / d_j made symmetric from the lower triangle; Wn = (W d)^T.
+  const at::Tensor d = hessian.diagonal().sqrt().add_(1e-8);
+  at::Tensor hn = hessian.tril();
+  hn.add_(hessian.tril(-1).t());
+  hn.div_(d.unsqueeze(1)).div_(d.unsqueeze(0));
+  at::Tensor wn = (weight * d).t().contiguous();
+  // 2-3. Damping, then B = Hn Wn with the damped Hn.
+  // float32 product, as the reference's tensor * scalar rounds it: keeps the two bitwise comparable.
+  const double damping = static_cast<float>(percdamp) * hn.diagonal().mean().item<float>();
+  hn.diagonal().add_(damping);
+  at::Tensor b = at::mm(hn, wn);
+  // Wn^T Hn Wn = W H W^T, so the dense output energy comes from B for one elementwise pass.
+  const at::Tensor dense_energy = (wn * b).sum(at::kDouble).sub_(damping * wn.square().sum(at::kDouble));
+  // 4. Hinv = (Hn + rho I)^-1, retried with more damping if needed.
+  at::Tensor hinv, shift_used;
+  std::tie(hinv, shift_used) = damped_cholesky_inverse(hn, rho);
+  hn.reset();
+  const double extra_damping = shift_used.item<double>() - rho;
+
+  // 5. The loop: one fused projection pass and one GEMM per iteration.
+  at::Tensor u = at::zeros_like(wn);
+  at::Tensor rhs = at::empty_like(wn);
+  for (int64_t it = 0; it < iters; ++it) {
+    project(wn, u, b, rhs, k, rho, /*reselect=*/it < prune_iters);
+    at::mm_out(wn, hinv, rhs);
+  }
+  // 6. Z = (Wn + U) * mask, where the pruned set is exactly the entries whose U has a non-zero bit
+  //    pattern (see ProjectFn); then undo the normalisation. Buffers are released as soon as they
+  //    are dead so the output does not raise the peak.
+  const at::Tensor pruned = u.view(at::kInt).ne(0);
+  wn.add_(u);
+  u.reset();
+  rhs.reset();
+  b.reset();
+  hinv.reset();
+  wn.masked_fill_(pruned, 0.0);
+  at::Tensor out = at::empty({weight.size(0), d_in}, weight.options());
+  at::div_out(out, wn.t(), d);
+  TORCH_CHECK(at::isfinite(out).all().item<bool>(),
+              "admm_prune produced non-finite weights; check the Hessian and weight for extreme values");
+  const at::Tensor dampings = at::tensor({damping, extra_damping}, weight.options().device(at::kCPU)).to(weight.device());
+  return {out, dampings, dense_energy.to(at::kFloat)};
+}
+
+TORCH_LIBRARY_IMPL(admm_sparse, CompositeExplicitAutograd, m) {
+  m.impl("accumulate_stats", &accumulate_stats);
+  m.impl("damped_cholesky_inverse", &damped_cholesky_inverse);
+}
+
+}  // namespace admm_sparse

@@ -1,0 +1,85 @@
+// CPU kernels: the fused ADMM projection pass and the k-smallest mask, both on the radix select of
+// select.h, parallel over fixed chunks with at::parallel_for.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "../admm.h"
+#include "select.h"
+
+namespace admm_sparse {
+namespace {
+
+void project_cpu(const at::Tensor& wn, at::Tensor& u, const at::Tensor& b, at::Tensor& rhs, int64_t k,
+                 double rho, bool reselect) {
+  const int64_t n = wn.numel();
+  const float* w_p = wn.data_ptr<float>();
+  float* u_p = u.data_ptr<float>();
+  const float* b_p = b.data_ptr<float>();
+  float* rhs_p = rhs.data_ptr<float>();
+  const float rho_f = static_cast<float>(rho);
+
+  // V is recomputed (Wn + U) in every pass instead of being stored: the passes are memory bound
+  // either way, and this keeps the working set at four d_in x d_out buffers.
+  const auto v_key = [&](int64_t i) { return cpu::abs_key(w_p[i] + u_p[i]); };
+  const auto write = [&](int64_t i, bool pruned) {
+    const float v = w_p[i] + u_p[i];
+    // The float ops of the reference, one rounding each (the build disables FMA contraction).
+    if (pruned) {
+      u_p[i] = v == 0.0f ? -0.0f : v;
+      rhs_p[i] = b_p[i] + rho_f * (-v);
+    } else {
+      u_p[i] = 0.0f;
+      rhs_p[i] = b_p[i] + rho_f * v;
+    }
+  };
+
+  const int64_t num_chunks = (n + cpu::kChunk - 1) / cpu::kChunk;
+  if (reselect) {
+    const cpu::Selection sel = cpu::find_k_smallest(n, k, v_key);
+    at::parallel_for(0, num_chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c)
+        sel.apply_chunk(c, c * cpu::kChunk, std::min(n, (c + 1) * cpu::kChunk), v_key, write);
+    });
+  } else {
+    at::parallel_for(0, n, cpu::kChunk, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        uint32_t bits;
+        std::memcpy(&bits, &u_p[i], sizeof bits);
+        write(i, bits != 0);
+      }
+    });
+  }
+}
+
+at::Tensor prune_mask_cpu(const at::Tensor& values, int64_t k) {
+  check_prune_mask_args(values, k);
+  const at::Tensor v = values.contiguous();
+  at::Tensor mask = at::empty(values.sizes(), values.options().dtype(at::kBool));
+  const float* v_p = v.data_ptr<float>();
+  bool* m_p = mask.data_ptr<bool>();
+  const int64_t n = v.numel();
+  const auto key = [&](int64_t i) { return cpu::abs_key(v_p[i]); };
+  const cpu::Selection sel = cpu::find_k_smallest(n, k, key);
+  const int64_t num_chunks = (n + cpu::kChunk - 1) / cpu::kChunk;
+  at::parallel_for(0, num_chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c)
+      sel.apply_chunk(c, c * cpu::kChunk, std::min(n, (c + 1) * cpu::kChunk), key,
+                      [&](int64_t i, bool selected) { m_p[i] = selected; });
+  });
+  return mask;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> admm_prune_cpu(const at::Tensor& hessian, const at::Tensor& weight, int64_t k,
+                                                  double percdamp, double rho, int64_t iters, int64_t prune_iters) {
+  return admm_prune_with(hessian, weight, k, percdamp, rho, iters, prune_iters, &project_cpu);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(admm_sparse, CPU, m) {
+  m.impl("prune_mask", &prune_mask_cpu);
+  m.impl("admm_prune", &admm_prune_cpu);
+}
+
+}  // namespace admm_sparse

@@ -1,0 +1,32 @@
+// The schemas of every native op, and nothing else. Kernels register per dispatch key in
+// cpu/*.cpp, cuda/*.cu, and (for device-generic ATen code) the files beside this one.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(admm_sparse, m) {
+  // hessian[d_in, d_in] += X^T X on the lower triangle (the upper one is never read or written);
+  // scaler[d_in] = scaler * n_before / (n_before + batch) + sum_t X[t]^2 / (n_before + batch).
+  // X = inp.reshape(-1, d_in) in float32. hessian and scaler are float32 and contiguous.
+  m.def("accumulate_stats(Tensor(a!) hessian, Tensor(b!) scaler, Tensor inp, int n_before, int batch) -> ()");
+  // (matrix + shift I)^-1 through a Cholesky factorisation of the lower triangle. If that matrix is not
+  // positive definite, more shift is added and the factorisation retried. Returns the inverse and the
+  // shift used (a float32 scalar tensor on the matrix's device; callers warn when it exceeds `shift`,
+  // since a C++ warning does not reach Python's warnings from a custom op).
+  m.def("damped_cholesky_inverse(Tensor matrix, float shift) -> (Tensor, Tensor)");
+  // Boolean mask of the k entries of smallest |values| over the whole tensor (True = selected);
+  // ties are broken by the lower flat (row-major) index. Exactly k entries are True.
+  m.def("prune_mask(Tensor values, int k) -> Tensor");
+  // The whole ADMM weight update of SPEC section 2: hessian [d_in, d_in] (lower triangle read),
+  // weight [d_out, d_in] float32. Returns the pruned weight [d_out, d_in] float32 with exactly k zeros
+  // chosen, the damping added to the normalised Hessian as a float32 pair (percdamp * mean(diag Hn),
+  // the extra damping a failed factorisation's retry added: 0 normally), and
+  // tr(W H W^T) of the input weight (= ||X W^T||^2 over the calibration data, free from the loop's B),
+  // which callers need for the relative output error.
+  m.def("admm_prune(Tensor hessian, Tensor weight, int k, float percdamp, float rho, int iters, int prune_iters) -> (Tensor, Tensor, Tensor)");
+}
+
+// Importing admm_sparse._C from Python loads this library, which runs the registrations above.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
