@@ -1,0 +1,188 @@
+"""GPU speed of the ADMM pruner: admm_sparse.prune_linear against admm_sparse.reference on the same card.
+
+    python benchmarks/bench_cuda.py [--repeats 5] [--tokens 4096] [--no-reference] [--no-block]
+
+Per layer shape (weight out x in; ratio 0.3, random weights, `tokens` random calibration tokens):
+- prune_linear: the library end to end (statistics, native ADMM, keep-bit rounding), wall time;
+- reference: admm_sparse.reference.prune_linear, the same steps in plain PyTorch, same GPU;
+- admm op: torch.ops.admm_sparse.admm_prune alone (20 iterations, mask re-chosen in the first 15);
+- GEMM floor: what no implementation of SPEC section 2 can beat on this card, 20 float32 GEMMs
+  Hinv[in, in] @ RHS[in, out] plus one Cholesky inverse of an in x in matrix; the achieved fraction
+  is floor / admm op.
+Then the admm op for every Linear of one LLaMA-2-7B decoder block (synthetic H = X^T X).
+TF32 is off (SPEC: float32). Times are medians of `repeats` runs after one warm-up, with
+torch.cuda.synchronize() around each run.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import warnings
+
+import torch
+
+SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192)]  # weight: out x in
+LLAMA2_7B_BLOCK = [  # name, out, in
+    ("q_proj", 4096, 4096), ("k_proj", 4096, 4096), ("v_proj", 4096, 4096), ("o_proj", 4096, 4096),
+    ("gate_proj", 11008, 4096), ("up_proj", 11008, 4096), ("down_proj", 4096, 11008),
+]
+RATIO = 0.3
+ITERS, PRUNE_ITERS, PERCDAMP, RHO = 20, 15, 0.1, 1.0
+
+
+def median_seconds(fn, repeats: int, setup=None) -> float:
+    """Median wall time of fn() over `repeats` runs after one warm-up; setup() runs untimed before each."""
+    times = []
+    for i in range(repeats + 1):
+        args = setup() if setup else ()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn(*args)
+        torch.cuda.synchronize()
+        if i:  # the first run is the warm-up
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def calibration(tokens: int, d_in: int, seed: int) -> torch.Tensor:
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(1, tokens, d_in, device="cuda", generator=g)
+    # Uneven channel energies, as in real activations (a few large channels).
+    x *= torch.rand(d_in, device="cuda", generator=g) * 2 + 0.1
+    return x
+
+
+def synthetic_hessian(tokens: int, d_in: int, seed: int) -> torch.Tensor:
+    x = calibration(tokens, d_in, seed)[0]
+    return x.T @ x
+
+
+def random_weight(d_out: int, d_in: int, seed: int) -> torch.Tensor:
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return torch.randn(d_out, d_in, device="cuda", generator=g) * d_in**-0.5
+
+
+def gemm_floor(d_out: int, d_in: int, repeats: int) -> float:
+    a = torch.randn(d_in, d_in, device="cuda")
+    spd = a @ a.T / d_in + torch.eye(d_in, device="cuda")
+    rhs = torch.randn(d_in, d_out, device="cuda")
+    out = torch.empty(d_in, d_out, device="cuda")
+
+    def run():
+        torch.cholesky_inverse(torch.linalg.cholesky(spd))
+        for _ in range(ITERS):
+            torch.mm(spd, rhs, out=out)
+
+    t = median_seconds(run, repeats)
+    del a, spd, rhs, out
+    return t
+
+
+def admm_op_seconds(h: torch.Tensor, w: torch.Tensor, repeats: int) -> float:
+    k = int(w.numel() * RATIO)
+    return median_seconds(lambda: torch.ops.admm_sparse.admm_prune(h, w, k, PERCDAMP, RHO, ITERS, PRUNE_ITERS),
+                          repeats)
+
+
+def bench_layer(d_out: int, d_in: int, args, reference) -> dict:
+    import admm_sparse
+
+    w0 = random_weight(d_out, d_in, seed=d_out + d_in)
+    x = calibration(args.tokens, d_in, seed=d_in)
+    layer = torch.nn.Linear(d_in, d_out, bias=False, device="cuda")
+    row = {"shape": f"{d_out}x{d_in}"}
+
+    def fresh_layer():
+        layer.weight.data.copy_(w0)
+        return ()
+
+    row["prune_linear"] = median_seconds(lambda: admm_sparse.prune_linear(layer, x, RATIO), args.repeats,
+                                         setup=fresh_layer)
+    if reference is not None:
+        row["reference"] = median_seconds(lambda: reference.prune_linear(w0, [x], RATIO), args.repeats)
+    h = x[0].T @ x[0]
+    row["admm_op"] = admm_op_seconds(h, w0, args.repeats)
+    del h, x, layer
+    torch.cuda.empty_cache()
+    row["floor"] = gemm_floor(d_out, d_in, args.repeats)
+    torch.cuda.empty_cache()
+    return row
+
+
+def ms(t: float | None) -> str:
+    return "-" if t is None else f"{t * 1e3:.1f}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median reported)")
+    parser.add_argument("--tokens", type=int, default=4096, help="calibration tokens per layer")
+    parser.add_argument("--no-reference", action="store_true", help="skip the plain-PyTorch reference")
+    parser.add_argument("--no-block", action="store_true", help="skip the LLaMA-2-7B block")
+    args = parser.parse_args()
+
+    if not torch.cuda.is_available():
+        print("bench_cuda.py needs a CUDA GPU, and torch.cuda.is_available() is False on this machine "
+              f"(torch {torch.__version__}, built with CUDA {torch.version.cuda}). Nothing to measure.",
+              file=sys.stderr)
+        return 2
+    import admm_sparse  # noqa: F401  (loads the extension, with a rebuild hint if it fails)
+    from admm_sparse import reference
+
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("admm_sparse::admm_prune", "CUDA"):
+        print("admm_sparse was built without its CUDA kernels; rebuild with "
+              "ADMM_SPARSE_CUDA=1 pip install --no-build-isolation -e .", file=sys.stderr)
+        return 2
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    # Few calibration tokens for the wide layers trigger the library's "too few tokens" warning; it
+    # is expected here and would only clutter the table.
+    warnings.filterwarnings("ignore", message=".*calibration tokens.*")
+
+    card = torch.cuda.get_device_name()
+    print(f"# admm_sparse CUDA benchmark: {card}")
+    print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, TF32 off, ratio {RATIO}, {args.tokens} tokens, "
+          f"{ITERS} iterations ({PRUNE_ITERS} with mask selection), median of {args.repeats} runs\n")
+
+    print("| layer (out x in) | prune_linear ms | reference ms | speed-up | admm op ms | GEMM floor ms "
+          "| floor / admm op |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for d_out, d_in in SHAPES:
+        r = bench_layer(d_out, d_in, args, None if args.no_reference else reference)
+        ref_t = r.get("reference")
+        speedup = f"{ref_t / r['prune_linear']:.2f}x" if ref_t else "-"
+        print(f"| {r['shape']} | {ms(r['prune_linear'])} | {ms(ref_t)} | {speedup} | {ms(r['admm_op'])} "
+              f"| {ms(r['floor'])} | {r['floor'] / r['admm_op']:.0%} |", flush=True)
+
+    if not args.no_block:
+        print(f"\nLLaMA-2-7B decoder block, admm op per Linear (random weights, H = X^T X of {args.tokens} "
+              "random tokens):\n")
+        print("| layer | out x in | admm op ms | GEMM floor ms | floor / admm op |")
+        print("|---|---|---:|---:|---:|")
+        total = floor_total = 0.0
+        hessians: dict[int, torch.Tensor] = {}
+        floors: dict[tuple[int, int], float] = {}
+        for i, (name, d_out, d_in) in enumerate(LLAMA2_7B_BLOCK):
+            if d_in not in hessians:
+                hessians.clear()
+                torch.cuda.empty_cache()
+                hessians[d_in] = synthetic_hessian(args.tokens, d_in, seed=d_in)
+            w = random_weight(d_out, d_in, seed=100 + i)
+            t = admm_op_seconds(hessians[d_in], w, args.repeats)
+            del w
+            if (d_out, d_in) not in floors:
+                floors[(d_out, d_in)] = gemm_floor(d_out, d_in, args.repeats)
+            f = floors[(d_out, d_in)]
+            total += t
+            floor_total += f
+            print(f"| {name} | {d_out}x{d_in} | {ms(t)} | {ms(f)} | {f / t:.0%} |", flush=True)
+        print(f"| **block** | | **{ms(total)}** | **{ms(floor_total)}** | **{floor_total / total:.0%}** |")
+    print(f"\nCard: {card}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+// CUDA kernels: the fused ADMM projection pass and the k-smallest mask, both on the radix select of
+// select.cuh. The rest of admm_prune (normalisation, GEMMs, Cholesky) is the device-generic driver
+// of admm.cpp. Only c10/cuda headers are used (not ATen/cuda/CUDAContext.h, which needs the cuBLAS
+// and cuSPARSE headers), so this file also compiles against a CPU build of torch plus a bare nvcc.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "../admm.h"
+#include "select.cuh"
+
+namespace admm_sparse {
+namespace {
+
+using gpu::kThreads;
+
+struct PlainLoad {
+  const float* v;
+  __device__ __forceinline__ float operator()(int64_t i) const { return v[i]; }
+};
+
+// V = Wn + U, recomputed in every pass rather than stored (the passes are memory bound either way;
+// this keeps the working set at the driver's four buffers). Same rounding as the CPU path.
+struct SumLoad {
+  const float* wn;
+  const float* u;
+  __device__ __forceinline__ float operator()(int64_t i) const { return __fadd_rn(wn[i], u[i]); }
+};
+
+// The float ops of the reference, one rounding each (explicit _rn intrinsics: never contracted to
+// an FMA whatever the flags). Pruned zeros are stored as -0.0f so bits(U) != 0 marks the pruned set.
+__device__ __forceinline__ void project_write(int64_t i, float v, bool pruned, float* u, const float* b,
+                                              float* rhs, float rho) {
+  if (pruned) {
+    u[i] = v == 0.0f ? -0.0f : v;
+    rhs[i] = __fadd_rn(b[i], __fmul_rn(rho, -v));
+  } else {
+    u[i] = 0.0f;
+    rhs[i] = __fadd_rn(b[i], __fmul_rn(rho, v));
+  }
+}
+
+__global__ void __launch_bounds__(kThreads)
+    project_select_kernel(const float* wn, float* u, const float* b, float* rhs, float rho, int64_t n,
+                          gpu::DeviceSelection sel) {
+  const SumLoad load{wn, u};
+  gpu::apply_selection(load, n, sel, [&](int64_t i, float v, bool pruned) { project_write(i, v, pruned, u, b, rhs, rho); });
+}
+
+// Fixed-mask iterations: the pruned set is the previous pass's, read from U's bit pattern.
+__global__ void __launch_bounds__(kThreads)
+    project_fixed_kernel(const float* wn, float* u, const float* b, float* rhs, float rho, int64_t n) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < n; i += stride) {
+    const float u_old = u[i];
+    project_write(i, __fadd_rn(wn[i], u_old), __float_as_uint(u_old) != 0u, u, b, rhs, rho);
+  }
+}
+
+__global__ void __launch_bounds__(kThreads) mask_kernel(PlainLoad load, bool* out, int64_t n, gpu::DeviceSelection sel) {
+  gpu::apply_selection(load, n, sel, [&](int64_t i, float, bool selected) { out[i] = selected; });
+}
+
+void check_iterate(const at::Tensor& t, const at::Tensor& like, const char* name) {
+  TORCH_CHECK(t.is_cuda() && t.device() == like.device() && t.scalar_type() == at::kFloat && t.is_contiguous() &&
+                  t.sizes() == like.sizes(),
+              "project_cuda: ", name, " must be a contiguous float32 CUDA tensor like Wn");
+}
+
+// ProjectFn of admm.h for CUDA tensors; everything is enqueued on the current stream.
+void project_cuda(const at::Tensor& wn, at::Tensor& u, const at::Tensor& b, at::Tensor& rhs, int64_t k, double rho,
+                  bool reselect) {
+  check_iterate(wn, wn, "Wn");
+  check_iterate(u, wn, "U");
+  check_iterate(b, wn, "B");
+  check_iterate(rhs, wn, "RHS");
+  const int64_t n = wn.numel();
+  TORCH_CHECK(k >= 0 && k <= n, "project_cuda: k must be in [0, ", n, "], got ", k);
+  if (n == 0) return;
+  const c10::cuda::CUDAGuard guard(wn.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const float rho_f = static_cast<float>(rho);
+  const float* wn_p = wn.data_ptr<float>();
+  float* u_p = u.data_ptr<float>();
+  const float* b_p = b.data_ptr<float>();
+  float* rhs_p = rhs.data_ptr<float>();
+  if (reselect) {
+    const gpu::SelectBuffers sel = gpu::select_k_smallest(SumLoad{wn_p, u_p}, n, k, wn.options(), stream);
+    project_select_kernel<<<sel.grid, kThreads, 0, stream>>>(wn_p, u_p, b_p, rhs_p, rho_f, n, sel.dev);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  } else {
+    int sms = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, wn.get_device()));
+    const int64_t grid = std::min<int64_t>(gpu::ceil_div(n, kThreads), std::max(1, sms) * int64_t(8));
+    project_fixed_kernel<<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(wn_p, u_p, b_p, rhs_p, rho_f, n);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+at::Tensor prune_mask_cuda(const at::Tensor& values, int64_t k) {
+  check_prune_mask_args(values, k);
+  TORCH_CHECK(values.is_cuda(), "prune_mask: values must be a CUDA tensor here, got ", values.device());
+  const c10::cuda::CUDAGuard guard(values.device());
+  const at::Tensor v = values.contiguous();
+  at::Tensor mask = at::empty(values.sizes(), values.options().dtype(at::kBool));
+  const int64_t n = v.numel();
+  if (n == 0) return mask;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const PlainLoad load{v.data_ptr<float>()};
+  const gpu::SelectBuffers sel = gpu::select_k_smallest(load, n, k, v.options(), stream);
+  mask_kernel<<<sel.grid, kThreads, 0, stream>>>(load, mask.data_ptr<bool>(), n, sel.dev);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return mask;
+}
+
+// Returns whatever admm_prune_with returns (the schema's outputs).
+auto admm_prune_cuda(const at::Tensor& hessian, const at::Tensor& weight, int64_t k, double percdamp, double rho,
+                     int64_t iters, int64_t prune_iters) {
+  TORCH_CHECK(weight.is_cuda() && hessian.is_cuda(), "admm_prune: hessian and weight must both be CUDA tensors, got ",
+              hessian.device(), " and ", weight.device());
+  const c10::cuda::CUDAGuard guard(weight.device());
+  return admm_prune_with(hessian, weight, k, percdamp, rho, iters, prune_iters, &project_cuda);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(admm_sparse, CUDA, m) {
+  m.impl("prune_mask", &prune_mask_cuda);
+  m.impl("admm_prune", &admm_prune_cuda);
+}
+
+}  // namespace admm_sparse
