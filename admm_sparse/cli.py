@@ -1,0 +1,199 @@
+"""The `admm-sparse` command line: prune a model and export it, or measure a model's perplexity.
+
+    admm-sparse prune --model PATH --config float_sparse.yaml --calib text.jsonl --out OUT/
+    admm-sparse eval --model DIR --text FILE
+
+Without --model / --calib it uses the built-in SmolLM2-135M-Instruct and Wikipedia text (admm_sparse.builtin).
+All the work is done by library functions; this file only wires arguments to them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from . import builtin
+from .calib import calibration_windows, read_texts, tokenize, windows_from_file
+from .config import FloatSparseConfig, load_config
+from .evaluate import perplexity
+from .export import FORMATS, check_output, export_model
+from .pipeline import find_block_stack, format_table, plan, prune_model, summarize
+
+# Windows of --seq-len tokens. A user's model gets the BENCHMARKS.md protocol's 64 calibration and 100
+# evaluation windows; the built-in demo gets fewer so that it runs in a few minutes on a 2-core CPU
+# (16 x 512 = 8192 calibration tokens: 4x the original tool's minimum, more than any layer's 1536 inputs).
+SAMPLES = {"model": 64, "builtin": 16}
+EVAL_WINDOWS = {"model": 100, "builtin": 20}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="admm-sparse", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--model", type=Path, help="Hugging Face folder, .gguf file or Atlas export folder "
+                        "(default: the built-in SmolLM2-135M-Instruct)")
+    common.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                        help="dtype to load the model in (default: the model's own; float32 for GGUF)")
+    common.add_argument("--device", default="auto", help="compute device, e.g. cpu, cuda, cuda:1 (default: cuda "
+                        "when available). Blocks move there one at a time; the model stays in CPU memory")
+    common.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
+    common.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    common.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("prune", parents=[common], help="prune a model's Linear layers and export it")
+    p.add_argument("--config", type=Path, help="float_sparse YAML (default: sparse_ratio 0.3, include *, exclude none)")
+    p.add_argument("--calib", type=Path, help="calibration text: a text file or JSONL with a \"text\" field "
+                   "(default: the built-in Wikipedia calibration articles)")
+    p.add_argument("--num-samples", type=int, help=f"calibration windows of --seq-len tokens (default "
+                   f"{SAMPLES['model']}; {SAMPLES['builtin']} for the built-in model)")
+    p.add_argument("--batch-size", type=int, default=1, help="calibration windows per forward pass (default 1)")
+    p.add_argument("--out", type=Path, default=Path("out"), help="output folder (default ./out)")
+    p.add_argument("--format", default="atlas", choices=FORMATS,
+                   help="atlas: W16A16S for the Atlas 300I Duo (default); hf: a Hugging Face folder")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--dry-run", action="store_true", help="list the layers that would be pruned, then exit")
+    p.add_argument("--eval-text", type=Path, help="measure perplexity before and after on this text "
+                   "(default for the built-in model: the held-out Wikipedia articles)")
+    p.add_argument("--eval-windows", type=int, help=f"evaluation windows of --seq-len tokens (default "
+                   f"{EVAL_WINDOWS['model']}; {EVAL_WINDOWS['builtin']} for the built-in model; 0 skips evaluation)")
+
+    e = sub.add_parser("eval", parents=[common], help="perplexity on non-overlapping windows of a text")
+    e.add_argument("--text", type=Path, help="text or JSONL file (default: the held-out Wikipedia articles)")
+    e.add_argument("--num-windows", type=int, default=EVAL_WINDOWS["model"],
+                   help=f"the first N windows (default {EVAL_WINDOWS['model']}, the BENCHMARKS.md protocol; 0 = all)")
+    return parser
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _model_name(path: Path | None) -> str:
+    return str(path) if path is not None else f"builtin:{builtin.GGUF_FILE}"
+
+
+def _text_stream(path: Path | None, tokenizer) -> torch.Tensor:
+    """Token stream of an evaluation text file, or of the built-in held-out articles."""
+    if path is None:
+        return builtin.builtin_stream(tokenizer, "heldout")
+    return tokenize("\n\n".join(read_texts(path)), tokenizer)
+
+
+def cmd_eval(args) -> int:
+    model, tokenizer = builtin.load_model(args.model, args.dtype)
+    ids = _text_stream(args.text, tokenizer)
+    start = time.perf_counter()
+    ppl = perplexity(model, ids, args.seq_len, args.num_windows or None, _device(args.device),
+                     progress=not args.no_progress)
+    available = ids.numel() // args.seq_len
+    windows = min(args.num_windows, available) if args.num_windows else available
+    print(json.dumps({"model": _model_name(args.model), "text": str(args.text or "builtin:wikipedia-heldout"),
+                      "windows": windows, "seq_len": args.seq_len, "perplexity": round(ppl, 4),
+                      "seconds": round(time.perf_counter() - start, 1)}))
+    return 0
+
+
+def _dry_run(model, config) -> int:
+    selected = plan(model, config)
+    stack = find_block_stack(model)
+    total = sum(1 for m in model.modules() if isinstance(m, torch.nn.Linear))
+    for name, layer in selected.items():
+        print(f"{name:<50} {layer.out_features:>6} x {layer.in_features:<6} {str(layer.weight.dtype):>15}")
+    where = f"in the block stack '{stack[0]}'" if stack else "(no block stack: one pass over the whole model)"
+    print(f"{len(selected)} of {total} nn.Linear layers would be pruned to sparse_ratio {config.sparse_ratio} {where}")
+    return 0
+
+
+def cmd_prune(args) -> int:
+    start = time.perf_counter()
+    config = load_config(args.config) if args.config else FloatSparseConfig()
+    kind = "model" if args.model else "builtin"
+    args.num_samples = SAMPLES[kind] if args.num_samples is None else args.num_samples
+    args.eval_windows = EVAL_WINDOWS[kind] if args.eval_windows is None else args.eval_windows
+    for flag in ("seq_len", "num_samples", "batch_size"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1")
+    protect = [args.model or builtin.builtin_model_file()]
+    if not args.dry_run:
+        check_output(args.out, args.force, protect)  # before the expensive part
+    model, tokenizer = builtin.load_model(args.model, args.dtype)
+    if args.dry_run:
+        return _dry_run(model, config)
+
+    if args.calib is not None:
+        calib = windows_from_file(args.calib, tokenizer, args.num_samples, args.seq_len)
+    else:
+        calib = calibration_windows(builtin.builtin_stream(tokenizer, "calibration"), args.num_samples, args.seq_len)
+    eval_ids = None
+    if args.eval_windows > 0 and (args.eval_text is not None or args.model is None):
+        eval_ids = _text_stream(args.eval_text, tokenizer)
+    device = _device(args.device)
+    progress = not args.no_progress
+
+    def ppl():
+        return perplexity(model, eval_ids, args.seq_len, args.eval_windows, device, progress=progress)
+
+    before = ppl() if eval_ids is not None else None
+    rows = prune_model(model, calib, config, device=device, batch_size=args.batch_size, progress=progress)
+    after = ppl() if eval_ids is not None else None
+
+    print(format_table(rows))
+    report = {
+        "model": _model_name(args.model),
+        "config": config.to_dict(),
+        "calibration": {"text": str(args.calib or "builtin:wikipedia-calibration"), "windows": int(calib.shape[0]),
+                        "seq_len": int(calib.shape[1])},
+        "device": str(device),
+        "format": args.format,
+        "summary": summarize(rows),
+        "perplexity": None if eval_ids is None else {
+            "text": str(args.eval_text or "builtin:wikipedia-heldout"), "seq_len": args.seq_len,
+            "windows": min(args.eval_windows, eval_ids.numel() // args.seq_len), "before": before, "after": after},
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "seconds": round(time.perf_counter() - start, 1),  # everything but writing the output
+        "layers": rows,
+    }
+    export_model(model, args.out, [r["name"] for r in rows], args.format, tokenizer, args.force, report, protect)
+    if eval_ids is not None:
+        print(f"perplexity before {before:.4f}, after {after:.4f} "
+              f"({report['perplexity']['windows']} windows x {args.seq_len} tokens)")
+    print(f"wrote {args.out} ({args.format}) with its report in {args.out / 'prune_report.json'}")
+    print(json.dumps({k: report[k] for k in ("model", "config", "summary", "perplexity", "seconds")}))
+    return 0
+
+
+def _on_sigterm(signum, frame):
+    raise KeyboardInterrupt  # so that a killed export cleans up its temporary folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    old_format, old_sigterm = warnings.formatwarning, signal.signal(signal.SIGTERM, _on_sigterm)
+    warnings.formatwarning = lambda msg, category, *rest: f"admm-sparse: warning: {msg}\n"
+    try:
+        return cmd_prune(args) if args.command == "prune" else cmd_eval(args)
+    except (ValueError, TypeError, OSError) as exc:
+        print(f"admm-sparse: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("admm-sparse: interrupted; no output was written", file=sys.stderr)
+        return 130
+    finally:
+        warnings.formatwarning = old_format
+        signal.signal(signal.SIGTERM, old_sigterm)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

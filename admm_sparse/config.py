@@ -1,0 +1,105 @@
+"""The float_sparse processor config (SPEC §4): a YAML file of the original tool's shape, or FloatSparseConfig.
+
+```yaml
+spec:
+  process:
+    - type: "float_sparse"
+      sparse_ratio: 0.3        # 0.0 <= ratio < 1.0
+      include: ["*"]           # shell-style wildcards on full module names
+      exclude: ["*self_attn*"] # exclude wins over include
+```
+Every mistake is a ConfigError naming the file and the key.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+PROCESSOR_TYPE = "float_sparse"
+# Descriptive top-level keys of the original tool's files; accepted and ignored.
+_IGNORED_TOP_KEYS = {"apiversion", "metadata"}
+_PROCESSOR_KEYS = {"type", "sparse_ratio", "include", "exclude"}
+
+
+class ConfigError(ValueError):
+    """A config that does not follow SPEC §4; the message names the file and the key."""
+
+
+def _check_patterns(value, where: str) -> list[str]:
+    if not isinstance(value, (list, tuple)) or not all(isinstance(p, str) for p in value):
+        raise ConfigError(f"{where}: expected a list of strings such as [\"*mlp*\"], got {value!r}")
+    return list(value)
+
+
+def _check_ratio(value, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{where}: expected a number from 0.0 up to (not including) 1.0, got {value!r}")
+    if not 0.0 <= value < 1.0:  # 1.0 would zero every weight
+        raise ConfigError(f"{where}: must be from 0.0 up to (not including) 1.0, got {value}; 0.3 is the usual start")
+    return float(value)
+
+
+@dataclass
+class FloatSparseConfig:
+    """One float_sparse processor: prune the selected nn.Linear layers to `sparse_ratio` zeros."""
+
+    sparse_ratio: float = 0.3
+    include: list[str] = field(default_factory=lambda: ["*"])
+    exclude: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.sparse_ratio = _check_ratio(self.sparse_ratio, "sparse_ratio")
+        self.include = _check_patterns(self.include, "include")
+        self.exclude = _check_patterns(self.exclude, "exclude")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def parse_config(data, source: str = "<config>") -> FloatSparseConfig:
+    """Validate a loaded YAML document (dicts and lists); `source` names the file in messages."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping with a 'spec' key at the top, got {type(data).__name__}")
+    unknown = set(data) - {"spec"} - _IGNORED_TOP_KEYS
+    if unknown:
+        raise ConfigError(f"{source}: unknown top-level key(s) {sorted(unknown)}; expected 'spec'")
+    spec = data.get("spec")
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{source}: 'spec' must be a mapping with a 'process' list")
+    unknown = set(spec) - {"process"}
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {sorted(unknown)} in 'spec'; only 'spec.process' is supported")
+    process = spec.get("process")
+    if not isinstance(process, list) or not process:
+        raise ConfigError(f"{source}: 'spec.process' must be a non-empty list of processors")
+    if len(process) > 1:
+        raise ConfigError(f"{source}: 'spec.process' has {len(process)} entries; exactly one "
+                          f"'{PROCESSOR_TYPE}' processor is supported")
+    entry, where = process[0], f"{source}: spec.process[0]"
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where}: expected a mapping with type: \"{PROCESSOR_TYPE}\", got {entry!r}")
+    if entry.get("type") != PROCESSOR_TYPE:
+        raise ConfigError(f"{where}.type: unknown processor type {entry.get('type')!r}; expected \"{PROCESSOR_TYPE}\"")
+    unknown = set(entry) - _PROCESSOR_KEYS
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(_PROCESSOR_KEYS)}")
+    defaults = FloatSparseConfig()
+    return FloatSparseConfig(
+        sparse_ratio=_check_ratio(entry.get("sparse_ratio", defaults.sparse_ratio), f"{where}.sparse_ratio"),
+        include=_check_patterns(entry.get("include", defaults.include), f"{where}.include"),
+        exclude=_check_patterns(entry.get("exclude", defaults.exclude), f"{where}.exclude"),
+    )
+
+
+def load_config(path: str | Path) -> FloatSparseConfig:
+    """Read and validate a float_sparse YAML file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return parse_config(data, str(path))

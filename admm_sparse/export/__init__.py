@@ -1,0 +1,105 @@
+"""Writing pruned models, atomically: the Atlas W16A16S folder (SPEC §5) or a Hugging Face folder.
+
+Everything is written into a temporary folder beside the output and renamed into place at the end,
+so a failed or interrupted export leaves no half-written output; an existing output is replaced only
+with force=True; the input model's folder is never written to.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterable, Iterator
+
+FORMATS = ("atlas", "hf")
+REPORT_FILE = "prune_report.json"
+
+
+def drop_gguf_quantization(model) -> None:
+    """Forget the gguf "quantization" of a model that transformers dequantised from a GGUF file.
+
+    Its Linear layers are plain floats, but the leftover entry makes save_pretrained refuse to save
+    and would tell loaders of the exported config.json that the weights are quantised.
+    """
+    qc = getattr(model.config, "quantization_config", None)
+    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    if str(getattr(method, "value", method)).lower() != "gguf":
+        return
+    del model.config.quantization_config
+    for attr, value in (("hf_quantizer", None), ("is_quantized", False), ("quantization_method", None)):
+        if hasattr(model, attr):
+            setattr(model, attr, value)
+
+
+def _is_inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def check_output(out: str | Path, force: bool = False, protect: Iterable[str | Path] = ()) -> None:
+    """Fail early if `out` exists (without force) or is or contains one of the `protect` paths (the input model)."""
+    out = Path(out).absolute()
+    for path in protect:
+        if _is_inside(Path(path).resolve(), out.resolve()):
+            raise ValueError(f"refusing to write the output to {out}: it would overwrite the input model {path}; "
+                             "choose another --out")
+    if out.exists() and not force:
+        raise FileExistsError(f"output {out} already exists; choose another --out or pass --force to replace it")
+
+
+def _ordinary_permissions(folder: Path) -> None:
+    # mkdtemp (and safetensors) create private files; the output should be readable like any other folder.
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+@contextmanager
+def atomic_output(out: str | Path, force: bool = False, protect: Iterable[str | Path] = ()) -> Iterator[Path]:
+    """Yield an empty temporary folder that becomes `out` when the block ends without an exception.
+
+    protect: input paths (the model) that the output must neither be nor contain.
+    """
+    check_output(out, force, protect)
+    out = Path(out).absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield tmp
+        _ordinary_permissions(tmp)
+        if out.exists() or out.is_symlink():
+            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent)) / out.name
+            out.rename(trash)
+            tmp.rename(out)
+            shutil.rmtree(trash.parent)
+        else:
+            tmp.rename(out)
+    except BaseException:  # KeyboardInterrupt included: no partial output
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def export_model(model, out: str | Path, pruned: Iterable[str], fmt: str = "atlas", tokenizer=None,
+                 force: bool = False, report: dict | None = None, protect: Iterable[str | Path] = ()) -> Path:
+    """Write `model` to the folder `out` in format "atlas" (SPEC §5) or "hf"; returns the folder.
+
+    pruned: full names of the pruned nn.Linear layers (marked W16A16S in the Atlas description).
+    report: saved as prune_report.json inside the folder when given.
+    """
+    from .atlas import write_atlas
+    from .hf import write_hf
+
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
+    pruned = list(pruned)
+    with atomic_output(out, force=force, protect=protect) as tmp:
+        if fmt == "atlas":
+            write_atlas(model, tmp, pruned, tokenizer)
+        else:
+            write_hf(model, tmp, tokenizer)
+        if report is not None:
+            (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return Path(out)

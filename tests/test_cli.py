@@ -1,0 +1,150 @@
+"""`admm-sparse prune` / `admm-sparse eval` end to end on a tiny model folder (no download)."""
+import hashlib
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from admm_sparse.cli import main
+from admm_sparse.export import atlas
+from test_export import TEXT, tiny_model, tiny_tokenizer
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from threads, and on a busy CPU every parallel op can stall for a time slice."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model") / "tiny"
+    tiny_model().save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture()
+def files(tmp_path):
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text("\n".join(json.dumps({"text": TEXT[i:] + TEXT}) for i in range(0, 400, 50)) + "\n")
+    evaltext = tmp_path / "eval.txt"
+    evaltext.write_text(TEXT * 3)
+    config = tmp_path / "cfg.yaml"
+    config.write_text('spec:\n  process:\n    - type: "float_sparse"\n      sparse_ratio: 0.4\n'
+                      '      exclude: ["*self_attn*"]\n')
+    return calib, evaltext, config
+
+
+def digest(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def prune(model_dir, files, out, *extra):
+    calib, _, config = files
+    return main(["prune", "--model", str(model_dir), "--config", str(config), "--calib", str(calib),
+                 "--out", str(out), "--num-samples", "32", "--seq-len", "64", "--device", "cpu", "--no-progress",
+                 *extra])
+
+
+def test_prune_atlas_end_to_end(model_dir, files, tmp_path, capsys):
+    before = digest(model_dir)
+    out = tmp_path / "out"
+    assert prune(model_dir, files, out, "--eval-text", str(files[1]), "--eval-windows", "3") == 0
+    stdout = capsys.readouterr().out
+    table = [line for line in stdout.splitlines() if line.startswith("model.")]
+    assert len(table) == 6 and all(".mlp." in line for line in table)
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    assert summary["config"] == {"sparse_ratio": 0.4, "include": ["*"], "exclude": ["*self_attn*"]}
+    assert summary["summary"]["layers"] == 6
+    assert summary["perplexity"]["windows"] == 3 and summary["perplexity"]["before"] > 1
+
+    report = json.loads((out / "prune_report.json").read_text())
+    assert [r["name"] for r in report["layers"]] == [f"model.layers.{i}.mlp.{p}" for i in range(2)
+                                                     for p in ("gate_proj", "up_proj", "down_proj")]
+    assert report["calibration"]["windows"] == 32 and report["calibration"]["seq_len"] == 64
+
+    tensors = load_file(out / "quant_model_weights.safetensors")
+    desc = json.loads((out / "quant_model_description.json").read_text())
+    original = AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
+    for name, tensor in tensors.items():
+        assert tensor.dtype == torch.float16
+        layer = name.rsplit(".", 1)[0]
+        if "mlp" in layer:
+            assert desc[name] == "W16A16S"
+            if name.endswith("weight"):
+                assert int((tensor == 0).sum()) == int(tensor.numel() * 0.4), name
+        else:
+            assert desc[name] == "FLOAT"
+            assert torch.equal(tensor, original[name].half()), name  # untouched, excluded
+    assert digest(model_dir) == before  # the input model's files are never modified
+
+
+def test_prune_hf_round_trip_and_eval_command(model_dir, files, tmp_path, capsys):
+    out = tmp_path / "hf"
+    assert prune(model_dir, files, out, "--format", "hf") == 0
+    capsys.readouterr()
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    ups = [m.weight for n, m in loaded.named_modules() if n.endswith("up_proj")]
+    assert len(ups) == 2 and all(int((w == 0).sum()) == int(w.numel() * 0.4) for w in ups)
+    assert main(["eval", "--model", str(out), "--text", str(files[1]), "--seq-len", "64", "--num-windows", "2",
+                 "--no-progress", "--device", "cpu"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["windows"] == 2 and result["perplexity"] > 1
+
+
+def test_dry_run_lists_layers_and_writes_nothing(model_dir, files, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["prune", "--model", str(model_dir), "--config", str(files[2]), "--out", str(out), "--dry-run"]) == 0
+    stdout = capsys.readouterr().out
+    assert "model.layers.0.mlp.gate_proj" in stdout and "64 x 32" in stdout
+    assert "6 of 15 nn.Linear layers would be pruned" in stdout and "q_proj" not in stdout
+    assert not out.exists()
+
+
+def test_include_patterns_and_unused_pattern_warning(model_dir, files, tmp_path, capsys):
+    config = tmp_path / "inc.yaml"
+    config.write_text('spec:\n  process:\n    - type: "float_sparse"\n'
+                      '      include: ["model.layers.1.*proj", "*nope*"]\n')
+    with pytest.warns(UserWarning, match=r"\*nope\*"):
+        assert main(["prune", "--model", str(model_dir), "--config", str(config), "--dry-run"]) == 0
+    stdout = capsys.readouterr().out
+    assert "7 of 15" in stdout and "model.layers.0" not in stdout
+
+
+def test_errors_exit_2_with_a_message_and_no_output(model_dir, files, tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("spec:\n  process:\n    - type: float_sparse\n      sparse_ratio: 3\n")
+    out = tmp_path / "out"
+    assert main(["prune", "--model", str(model_dir), "--config", str(bad), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.yaml" in err and "sparse_ratio" in err and not out.exists()
+
+    assert prune(model_dir, (tmp_path / "missing.txt",) + files[1:], out) == 2
+    assert "missing.txt" in capsys.readouterr().err and not out.exists()
+
+    out.mkdir()
+    assert prune(model_dir, files, out) == 2
+    assert "--force" in capsys.readouterr().err
+
+    assert prune(model_dir, files, model_dir, "--force") == 2
+    assert "input model" in capsys.readouterr().err
+
+
+def test_interrupt_during_export_leaves_nothing(model_dir, files, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(atlas, "save_file", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    assert prune(model_dir, files, tmp_path / "out") == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.jsonl", "cfg.yaml", "eval.txt"]
+
+
+def test_module_entry_point():
+    done = subprocess.run([sys.executable, "-m", "admm_sparse", "prune", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "--dry-run" in done.stdout and "--num-samples" in done.stdout

@@ -1,0 +1,84 @@
+"""SPEC §4 config: the YAML shape, defaults, and an error naming the file and the key for every mistake."""
+import pytest
+
+from admm_sparse.config import ConfigError, FloatSparseConfig, load_config, parse_config
+
+GOOD = """
+spec:
+  process:
+    - type: "float_sparse"
+      sparse_ratio: 0.5
+      include: ["*mlp*"]
+      exclude: ["*self_attn*"]
+"""
+
+
+def write(tmp_path, text, name="cfg.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_load_good_file(tmp_path):
+    cfg = load_config(write(tmp_path, GOOD))
+    assert cfg == FloatSparseConfig(0.5, ["*mlp*"], ["*self_attn*"])
+    assert cfg.to_dict() == {"sparse_ratio": 0.5, "include": ["*mlp*"], "exclude": ["*self_attn*"]}
+
+
+def test_defaults_match_spec():
+    cfg = parse_config({"spec": {"process": [{"type": "float_sparse"}]}})
+    assert cfg == FloatSparseConfig() == FloatSparseConfig(0.3, ["*"], [])
+
+
+def test_integer_ratio_and_descriptive_top_keys_accepted():
+    cfg = parse_config({"apiversion": "modelslim_v1", "metadata": {"name": "x"},
+                        "spec": {"process": [{"type": "float_sparse", "sparse_ratio": 0}]}})
+    assert cfg.sparse_ratio == 0.0 and isinstance(cfg.sparse_ratio, float)
+
+
+BAD = {
+    "unknown top key": ("spec:\n  process: [{type: float_sparse}]\nspecs: 1\n", "specs"),
+    "spec not a mapping": ("spec: [1]\n", "'spec'"),
+    "unknown spec key": ("spec:\n  process: [{type: float_sparse}]\n  save: []\n", "save"),
+    "no process": ("spec: {}\n", "spec.process"),
+    "empty process": ("spec:\n  process: []\n", "spec.process"),
+    "two processors": ("spec:\n  process: [{type: float_sparse}, {type: float_sparse}]\n", "exactly one"),
+    "entry not a mapping": ("spec:\n  process: [float_sparse]\n", "spec.process[0]"),
+    "missing type": ("spec:\n  process: [{sparse_ratio: 0.3}]\n", "spec.process[0].type"),
+    "unknown type": ("spec:\n  process: [{type: w8a8}]\n", "'w8a8'"),
+    "unknown processor key": ("spec:\n  process: [{type: float_sparse, ratio: 0.3}]\n", "ratio"),
+    "ratio is a string": ("spec:\n  process: [{type: float_sparse, sparse_ratio: '0.3'}]\n", "sparse_ratio"),
+    "ratio is a bool": ("spec:\n  process: [{type: float_sparse, sparse_ratio: true}]\n", "sparse_ratio"),
+    "ratio too big": ("spec:\n  process: [{type: float_sparse, sparse_ratio: 1.5}]\n", "sparse_ratio"),
+    "ratio one": ("spec:\n  process: [{type: float_sparse, sparse_ratio: 1.0}]\n", "sparse_ratio"),
+    "ratio negative": ("spec:\n  process: [{type: float_sparse, sparse_ratio: -0.1}]\n", "sparse_ratio"),
+    "ratio nan": ("spec:\n  process: [{type: float_sparse, sparse_ratio: .nan}]\n", "sparse_ratio"),
+    "include a string": ("spec:\n  process: [{type: float_sparse, include: '*'}]\n", "include"),
+    "exclude holds a number": ("spec:\n  process: [{type: float_sparse, exclude: [1]}]\n", "exclude"),
+    "include null": ("spec:\n  process: [{type: float_sparse, include: null}]\n", "include"),
+    "not yaml": ("spec: [unclosed\n", "not valid YAML"),
+    "empty file": ("", "top"),
+    "a list at the top": ("- 1\n", "top"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_every_config_error_names_file_and_key(tmp_path, case):
+    text, key = BAD[case]
+    path = write(tmp_path, text, "bad.yaml")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(path) in str(err.value) and key in str(err.value)
+    assert isinstance(err.value, ValueError)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("kwargs", [dict(sparse_ratio=2), dict(sparse_ratio="0.3"), dict(include="*"),
+                                    dict(exclude=[None])])
+def test_python_config_is_validated(kwargs):
+    with pytest.raises(ConfigError):
+        FloatSparseConfig(**kwargs)
