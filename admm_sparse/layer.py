@@ -13,8 +13,12 @@ from torch import nn
 from . import _ops
 from .keepbits import apply_keepbits
 
-# The seed's constants (KEEP_BITS, KEEP_PROPORTION, PERCDAMP, ITERATIVE_PRUNE, ITERS) and rho.
-DEFAULT_OPTIONS = dict(keep_bits=2, keep_proportion=0.02, percdamp=0.1, prune_iters=15, iters=20, rho=1.0)
+# The seed's constants (KEEP_BITS, KEEP_PROPORTION, PERCDAMP, ITERATIVE_PRUNE, ITERS) and rho, and the
+# mask structure ("unstructured": the seed's global selection; "per_row"; "N:M" such as "2:4").
+DEFAULT_OPTIONS = dict(keep_bits=2, keep_proportion=0.02, percdamp=0.1, prune_iters=15, iters=20, rho=1.0,
+                       mask_structure="unstructured")
+DEFAULT_SPARSE_RATIO = 0.3
+MAX_GROUP = 64  # largest M of an "N:M" structure (csrc/admm.h kMaxGroupSize)
 
 
 @dataclass
@@ -29,6 +33,60 @@ class PruneReport:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def parse_mask_structure(structure) -> tuple[str, int, int]:
+    """"unstructured" / "per_row" -> (name, 0, 0); "N:M" -> ("N:M", N, M) with 1 <= N <= M <= 64."""
+    if structure in ("unstructured", "per_row"):
+        return structure, 0, 0
+    parts = structure.split(":") if isinstance(structure, str) else []
+    if len(parts) == 2 and all(p.isdigit() and len(p) <= 3 for p in parts):
+        n, m = int(parts[0]), int(parts[1])
+        if 1 <= n <= m <= MAX_GROUP:
+            return "N:M", n, m
+    raise ValueError(f"mask_structure must be \"unstructured\", \"per_row\" or \"N:M\" with 1 <= N <= M <= {MAX_GROUP} "
+                     f"(e.g. \"2:4\"), got {structure!r}")
+
+
+def resolve_sparse_ratio(sparse_ratio, structure) -> float:
+    """The ratio to prune: an "N:M" structure fixes it at 1 - N/M (sparse_ratio must then be None or equal to
+    it); otherwise sparse_ratio, None meaning the seed's 0.3."""
+    kind, n, m = parse_mask_structure(structure)
+    if kind != "N:M":
+        return check_sparse_ratio(DEFAULT_SPARSE_RATIO if sparse_ratio is None else sparse_ratio)
+    implied = 1.0 - n / m
+    if sparse_ratio is not None:
+        sparse_ratio = check_sparse_ratio(sparse_ratio)
+        if abs(sparse_ratio - implied) > 1e-9:
+            raise ValueError(f"mask_structure {structure!r} prunes {m - n} of every {m} weights (sparse_ratio "
+                             f"{implied:g}); sparse_ratio={sparse_ratio:g} contradicts it: pass sparse_ratio=None or "
+                             f"{implied:g}")
+    return implied
+
+
+def native_structure(structure) -> str:
+    """The structure string of the native admm_prune (N:M normalised, e.g. "02:4" -> "2:4")."""
+    kind, n, m = parse_mask_structure(structure)
+    return f"{n}:{m}" if kind == "N:M" else kind
+
+
+def check_structure_fits(structure, shape) -> None:
+    kind, n, m = parse_mask_structure(structure)
+    if kind == "N:M" and shape[1] % m != 0:
+        raise ValueError(f"mask_structure {structure!r} needs in_features divisible by {m}; this layer's weight has "
+                         f"shape {tuple(shape)} (out_features, in_features)")
+
+
+def pruned_count(shape, sparse_ratio: float, structure) -> int:
+    """How many weights the structure prunes: unstructured int(numel·r); per_row int(d_in·r) in every row;
+    N:M (M - N) in every group of M."""
+    rows, cols = shape
+    kind, n, m = parse_mask_structure(structure)
+    if kind == "unstructured":
+        return int(rows * cols * sparse_ratio)
+    if kind == "per_row":
+        return rows * int(cols * sparse_ratio)
+    return rows * (cols // m) * (m - n)
 
 
 def check_sparse_ratio(sparse_ratio) -> float:
@@ -57,6 +115,7 @@ def check_options(options: dict) -> dict:
             and 1 <= opts["prune_iters"] <= opts["iters"]):
         raise ValueError(f"need integers 1 <= prune_iters <= iters, got prune_iters={opts['prune_iters']}, "
                          f"iters={opts['iters']}")
+    parse_mask_structure(opts["mask_structure"])
     return opts
 
 
@@ -103,11 +162,14 @@ class AdmmPruner:
         self.nsamples += batch
         self.tokens += inp.numel() // self.columns
 
-    def fasterprune(self, sparse_ratio: float, **options) -> PruneReport:
+    def fasterprune(self, sparse_ratio: float | None = None, **options) -> PruneReport:
         """Prune the layer's weight in place; options: keep_bits, keep_proportion, percdamp, prune_iters,
-        iters, rho (the seed's defaults in DEFAULT_OPTIONS)."""
-        sparse_ratio = check_sparse_ratio(sparse_ratio)
+        iters, rho, mask_structure (the seed's defaults in DEFAULT_OPTIONS). sparse_ratio None means 0.3, or
+        1 - N/M for an "N:M" mask_structure (which an explicit sparse_ratio must then equal)."""
         opts = check_options(options)
+        structure = opts["mask_structure"]
+        sparse_ratio = resolve_sparse_ratio(sparse_ratio, structure)
+        check_structure_fits(structure, (self.rows, self.columns))
         if self.H is None:
             raise RuntimeError("this AdmmPruner was freed; create a new one")
         if self.tokens == 0:
@@ -120,9 +182,9 @@ class AdmmPruner:
                           stacklevel=2)
         start = time.perf_counter()
         old = weight.detach()
-        k = int(self.rows * self.columns * sparse_ratio)
+        k = pruned_count((self.rows, self.columns), sparse_ratio, structure)
         pruned, damping, dense_energy = _ops.admm_prune(self.H, old.float(), k, opts["percdamp"], opts["rho"],
-                                                        opts["iters"], opts["prune_iters"])
+                                                        opts["iters"], opts["prune_iters"], native_structure(structure))
         new = pruned.to(old.dtype)
         if opts["keep_bits"] is not None:
             if not torch.isfinite(new.to(torch.float16)).all():
@@ -157,12 +219,14 @@ def quadratic_trace(h_lower: torch.Tensor, a: torch.Tensor) -> float:
     return (2 * left - diag).item()
 
 
-def prune_linear(layer: nn.Module, X, sparse_ratio: float = 0.3, **options) -> PruneReport:
+def prune_linear(layer: nn.Module, X, sparse_ratio: float | None = None, **options) -> PruneReport:
     """Prune `layer` in place from calibration inputs X: a [..., in_features] tensor, or an iterable of them.
-    Returns a PruneReport (achieved sparsity, relative output error on X, seconds, damping)."""
-    check_sparse_ratio(sparse_ratio)
-    check_options(options)
+    sparse_ratio: None means the seed's 0.3, or 1 - N/M for mask_structure="N:M" (an explicit value must then
+    equal 1 - N/M). Returns a PruneReport (achieved sparsity, relative output error on X, seconds, damping)."""
+    opts = check_options(options)
+    resolve_sparse_ratio(sparse_ratio, opts["mask_structure"])
     pruner = AdmmPruner(layer)
+    check_structure_fits(opts["mask_structure"], (pruner.rows, pruner.columns))
     batches: Iterable[torch.Tensor] = [X] if isinstance(X, torch.Tensor) else X
     for inp in batches:
         pruner.add_batch(inp)
