@@ -38,12 +38,23 @@ def prune_mask(values: torch.Tensor, k: int) -> torch.Tensor:
     return _ops.prune_mask(values, k)
 
 
+def prune_mask_rows(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask [R, C]: the k smallest |values| of every row (ties: lower column first)."""
+    return _ops.prune_mask_rows(values, k)
+
+
+def prune_mask_nm(values: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Bool mask [R, C] (C a multiple of m): the m - n smallest |values| of every group of m consecutive
+    entries of a row (ties: lower column first), so that at most n per group remain unselected."""
+    return _ops.prune_mask_nm(values, n, m)
+
+
 def admm_prune(hessian: torch.Tensor, weight: torch.Tensor, k: int, percdamp: float, rho: float, iters: int,
-               prune_iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               prune_iters: int, structure: str = "unstructured") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SPEC §2: returns (pruned float32 weight with k entries zeroed, the damping added to the normalised
     H as (percdamp·mean(diag), extra from a retry), tr(W H Wᵀ) of the input weight: the dense output
-    energy on the calibration data)."""
-    out, damping, dense_energy = _ops.admm_prune(hessian, weight, k, percdamp, rho, iters, prune_iters)
+    energy on the calibration data). structure: "unstructured", "per_row" or "N:M" (see csrc/ops.cpp)."""
+    out, damping, dense_energy = _ops.admm_prune(hessian, weight, k, percdamp, rho, iters, prune_iters, structure)
     warn_if_damped(float(damping[1]))
     return out, damping, dense_energy
 
@@ -69,6 +80,16 @@ def _(values, k):
     return torch.empty_like(values, dtype=torch.bool, memory_format=torch.contiguous_format)
 
 
+@torch.library.register_fake("admm_sparse::prune_mask_rows")
+def _(values, k):
+    return torch.empty_like(values, dtype=torch.bool, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("admm_sparse::prune_mask_nm")
+def _(values, n, m):
+    return torch.empty_like(values, dtype=torch.bool, memory_format=torch.contiguous_format)
+
+
 @torch.library.register_fake("admm_sparse::admm_prune")
-def _(hessian, weight, k, percdamp, rho, iters, prune_iters):
+def _(hessian, weight, k, percdamp, rho, iters, prune_iters, structure="unstructured"):
     return weight.new_empty(weight.shape), weight.new_empty((2,)), weight.new_empty(())

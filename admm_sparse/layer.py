@@ -13,8 +13,18 @@ from torch import nn
 from . import _ops
 from .keepbits import apply_keepbits
 
-# The seed's constants (KEEP_BITS, KEEP_PROPORTION, PERCDAMP, ITERATIVE_PRUNE, ITERS) and rho.
-DEFAULT_OPTIONS = dict(keep_bits=2, keep_proportion=0.02, percdamp=0.1, prune_iters=15, iters=20, rho=1.0)
+# The seed's constants (KEEP_BITS, KEEP_PROPORTION, PERCDAMP, ITERATIVE_PRUNE, ITERS) and rho, and the
+# mask structure ("unstructured": the seed's global selection; "per_row"; "N:M" such as "2:4").
+# mode="quality" (admm_sparse.quality): ADMM until the mask settles + exact refit; its own knobs below, and
+# percdamp 0.01 unless given (measured better than 0.1 there). round_in_admm None: on in quality mode when
+# keep_bits is set.
+DEFAULT_OPTIONS = dict(keep_bits=2, keep_proportion=0.02, percdamp=0.1, prune_iters=15, iters=20, rho=1.0,
+                       mask_structure="unstructured", mode="seed", round_in_admm=None, quality_rho=0.1,
+                       quality_max_iters=300, quality_check_every=3, refit_iters=200, round_iters=20)
+QUALITY_PERCDAMP = 0.01
+MODES = ("seed", "quality")
+DEFAULT_SPARSE_RATIO = 0.3
+MAX_GROUP = 64  # largest M of an "N:M" structure (csrc/admm.h kMaxGroupSize)
 
 
 @dataclass
@@ -26,9 +36,72 @@ class PruneReport:
     seconds: float
     damping: float  # added to the normalised Hessian's diagonal (percdamp · mean, plus any retry)
     tokens: int
+    mode: str = "seed"
+    mask_structure: str = "unstructured"
+    # quality mode only: ADMM iterations, final rho, relative output error (before keep-bit rounding) of the
+    # ADMM's projected iterate and after the refit on its support; rounding-in-ADMM iterations.
+    iterations: int | None = None
+    final_rho: float | None = None
+    error_before_refit: float | None = None
+    error_after_refit: float | None = None
+    round_iterations: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def parse_mask_structure(structure) -> tuple[str, int, int]:
+    """"unstructured" / "per_row" -> (name, 0, 0); "N:M" -> ("N:M", N, M) with 1 <= N <= M <= 64."""
+    if structure in ("unstructured", "per_row"):
+        return structure, 0, 0
+    parts = structure.split(":") if isinstance(structure, str) else []
+    if len(parts) == 2 and all(p.isdigit() and len(p) <= 3 for p in parts):
+        n, m = int(parts[0]), int(parts[1])
+        if 1 <= n <= m <= MAX_GROUP:
+            return "N:M", n, m
+    raise ValueError(f"mask_structure must be \"unstructured\", \"per_row\" or \"N:M\" with 1 <= N <= M <= {MAX_GROUP} "
+                     f"(e.g. \"2:4\"), got {structure!r}")
+
+
+def resolve_sparse_ratio(sparse_ratio, structure) -> float:
+    """The ratio to prune: an "N:M" structure fixes it at 1 - N/M (sparse_ratio must then be None or equal to
+    it); otherwise sparse_ratio, None meaning the seed's 0.3."""
+    kind, n, m = parse_mask_structure(structure)
+    if kind != "N:M":
+        return check_sparse_ratio(DEFAULT_SPARSE_RATIO if sparse_ratio is None else sparse_ratio)
+    implied = 1.0 - n / m
+    if sparse_ratio is not None:
+        sparse_ratio = check_sparse_ratio(sparse_ratio)
+        if abs(sparse_ratio - implied) > 1e-9:
+            raise ValueError(f"mask_structure {structure!r} prunes {m - n} of every {m} weights (sparse_ratio "
+                             f"{implied:g}); sparse_ratio={sparse_ratio:g} contradicts it: pass sparse_ratio=None or "
+                             f"{implied:g}")
+    return implied
+
+
+def native_structure(structure) -> str:
+    """The structure string of the native admm_prune (N:M normalised, e.g. "02:4" -> "2:4")."""
+    kind, n, m = parse_mask_structure(structure)
+    return f"{n}:{m}" if kind == "N:M" else kind
+
+
+def check_structure_fits(structure, shape) -> None:
+    kind, n, m = parse_mask_structure(structure)
+    if kind == "N:M" and shape[1] % m != 0:
+        raise ValueError(f"mask_structure {structure!r} needs in_features divisible by {m}; this layer's weight has "
+                         f"shape {tuple(shape)} (out_features, in_features)")
+
+
+def pruned_count(shape, sparse_ratio: float, structure) -> int:
+    """How many weights the structure prunes: unstructured int(numel·r); per_row int(d_in·r) in every row;
+    N:M (M - N) in every group of M."""
+    rows, cols = shape
+    kind, n, m = parse_mask_structure(structure)
+    if kind == "unstructured":
+        return int(rows * cols * sparse_ratio)
+    if kind == "per_row":
+        return rows * int(cols * sparse_ratio)
+    return rows * (cols // m) * (m - n)
 
 
 def check_sparse_ratio(sparse_ratio) -> float:
@@ -57,6 +130,23 @@ def check_options(options: dict) -> dict:
             and 1 <= opts["prune_iters"] <= opts["iters"]):
         raise ValueError(f"need integers 1 <= prune_iters <= iters, got prune_iters={opts['prune_iters']}, "
                          f"iters={opts['iters']}")
+    parse_mask_structure(opts["mask_structure"])
+    if opts["mode"] not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {opts['mode']!r}")
+    if opts["round_in_admm"] not in (None, True, False):
+        raise ValueError(f"round_in_admm must be True, False or None (auto), got {opts['round_in_admm']!r}")
+    if opts["round_in_admm"] and opts["keep_bits"] is None:
+        raise ValueError("round_in_admm=True needs keep_bits (it rounds to the keep-bit grid)")
+    for name in ("quality_max_iters", "quality_check_every", "refit_iters", "round_iters"):
+        v = opts[name]
+        if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name in ("refit_iters", "round_iters") else 1):
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    if not (math.isfinite(opts["quality_rho"]) and opts["quality_rho"] > 0):
+        raise ValueError(f"quality_rho must be finite and > 0, got {opts['quality_rho']}")
+    if opts["mode"] == "quality" and "percdamp" not in options:
+        opts["percdamp"] = QUALITY_PERCDAMP
+    if opts["round_in_admm"] is None:
+        opts["round_in_admm"] = opts["mode"] == "quality" and opts["keep_bits"] is not None
     return opts
 
 
@@ -103,11 +193,14 @@ class AdmmPruner:
         self.nsamples += batch
         self.tokens += inp.numel() // self.columns
 
-    def fasterprune(self, sparse_ratio: float, **options) -> PruneReport:
+    def fasterprune(self, sparse_ratio: float | None = None, **options) -> PruneReport:
         """Prune the layer's weight in place; options: keep_bits, keep_proportion, percdamp, prune_iters,
-        iters, rho (the seed's defaults in DEFAULT_OPTIONS)."""
-        sparse_ratio = check_sparse_ratio(sparse_ratio)
+        iters, rho, mask_structure (the seed's defaults in DEFAULT_OPTIONS). sparse_ratio None means 0.3, or
+        1 - N/M for an "N:M" mask_structure (which an explicit sparse_ratio must then equal)."""
         opts = check_options(options)
+        structure = opts["mask_structure"]
+        sparse_ratio = resolve_sparse_ratio(sparse_ratio, structure)
+        check_structure_fits(structure, (self.rows, self.columns))
         if self.H is None:
             raise RuntimeError("this AdmmPruner was freed; create a new one")
         if self.tokens == 0:
@@ -120,11 +213,16 @@ class AdmmPruner:
                           stacklevel=2)
         start = time.perf_counter()
         old = weight.detach()
-        k = int(self.rows * self.columns * sparse_ratio)
-        pruned, damping, dense_energy = _ops.admm_prune(self.H, old.float(), k, opts["percdamp"], opts["rho"],
-                                                        opts["iters"], opts["prune_iters"])
-        new = pruned.to(old.dtype)
-        if opts["keep_bits"] is not None:
+        k = pruned_count((self.rows, self.columns), sparse_ratio, structure)
+        extra = {}
+        if opts["mode"] == "seed" and not opts["round_in_admm"]:
+            pruned, damping, dense_energy = _ops.admm_prune(self.H, old.float(), k, opts["percdamp"], opts["rho"],
+                                                            opts["iters"], opts["prune_iters"],
+                                                            native_structure(structure))
+            new = pruned.to(old.dtype)
+        else:
+            new, damping, dense_energy, extra = self._prune_quality(old, k, structure, opts)
+        if opts["keep_bits"] is not None and not opts["round_in_admm"]:
             if not torch.isfinite(new.to(torch.float16)).all():
                 raise ValueError("the pruned weight has values beyond float16's range, which keep-bit rounding "
                                  "(float16 for the Atlas card) cannot represent; pass keep_bits=None")
@@ -143,7 +241,50 @@ class AdmmPruner:
             seconds=seconds,
             damping=float(damping.sum()),
             tokens=self.tokens,
+            mode=opts["mode"],
+            mask_structure=structure,
+            **extra,
         )
+
+    def _prune_quality(self, old: torch.Tensor, k: int, structure: str, opts: dict):
+        """Quality mode (and/or rounding inside ADMM): see admm_sparse.quality."""
+        from . import quality
+
+        parsed = parse_mask_structure(structure)
+        if opts["mode"] == "seed":  # the seed's ADMM, then rounding inside ADMM on its support
+            seed_w, _, _ = _ops.admm_prune(self.H, old.float(), k, opts["percdamp"], opts["rho"], opts["iters"],
+                                           opts["prune_iters"], native_structure(structure))
+            ctx = quality.make_context(self.H, old.float(), opts["percdamp"])
+            ctx["rho"] = opts["rho"]
+            wn = (seed_w * ctx["d"]).T.contiguous()
+            pruned = wn == 0
+            err = quality.relative_error(ctx["hn"], wn - ctx["wn0"], ctx["dense"])
+            info = quality.QualityInfo(opts["iters"], opts["rho"], err, err)
+        else:
+            # The seed's 20 iterations as a second candidate support: quality mode is never worse than seed.
+            seed_w, _, _ = _ops.admm_prune(self.H, old.float(), k, DEFAULT_OPTIONS["percdamp"], opts["rho"],
+                                           opts["iters"], opts["prune_iters"], native_structure(structure))
+            wn, pruned, ctx, info = quality.admm_quality(
+                self.H, old.float(), k, parsed, opts["percdamp"], opts["quality_rho"], opts["quality_max_iters"],
+                opts["quality_check_every"], opts["refit_iters"], seed_candidate=seed_w)
+        if opts["round_in_admm"]:
+            if not torch.isfinite((wn.T / ctx["d"]).to(torch.float16)).all():
+                raise ValueError("the pruned weight has values beyond float16's range, which keep-bit rounding "
+                                 "(float16 for the Atlas card) cannot represent; pass keep_bits=None")
+            w, rounds = quality.round_in_admm(wn, pruned, ctx, self.scaler, opts["keep_bits"],
+                                              opts["keep_proportion"], opts["round_iters"], opts["refit_iters"])
+            new = w.to(old.dtype)
+            info.round_iterations = rounds
+        else:
+            new = (wn.T / ctx["d"]).to(old.dtype)
+        if not torch.isfinite(new).all():
+            raise ValueError("quality-mode pruning produced non-finite weights; check the calibration data")
+        damping = torch.tensor([ctx["damping"], 0.0])
+        dense = torch.tensor(ctx["dense"] * 1.0)
+        extra = dict(iterations=info.iterations, final_rho=info.final_rho,
+                     error_before_refit=info.error_before_refit, error_after_refit=info.error_after_refit,
+                     round_iterations=info.round_iterations if opts["round_in_admm"] else None)
+        return new, damping, dense, extra
 
     def free(self) -> None:
         self.H = None
@@ -157,12 +298,14 @@ def quadratic_trace(h_lower: torch.Tensor, a: torch.Tensor) -> float:
     return (2 * left - diag).item()
 
 
-def prune_linear(layer: nn.Module, X, sparse_ratio: float = 0.3, **options) -> PruneReport:
+def prune_linear(layer: nn.Module, X, sparse_ratio: float | None = None, **options) -> PruneReport:
     """Prune `layer` in place from calibration inputs X: a [..., in_features] tensor, or an iterable of them.
-    Returns a PruneReport (achieved sparsity, relative output error on X, seconds, damping)."""
-    check_sparse_ratio(sparse_ratio)
-    check_options(options)
+    sparse_ratio: None means the seed's 0.3, or 1 - N/M for mask_structure="N:M" (an explicit value must then
+    equal 1 - N/M). Returns a PruneReport (achieved sparsity, relative output error on X, seconds, damping)."""
+    opts = check_options(options)
+    resolve_sparse_ratio(sparse_ratio, opts["mask_structure"])
     pruner = AdmmPruner(layer)
+    check_structure_fits(opts["mask_structure"], (pruner.rows, pruner.columns))
     batches: Iterable[torch.Tensor] = [X] if isinstance(X, torch.Tensor) else X
     for inp in batches:
         pruner.add_batch(inp)

@@ -30,9 +30,34 @@ def prune_mask(values: torch.Tensor, k: int) -> torch.Tensor:
     return mask.view(values.shape)
 
 
+def prune_mask_rows(values: torch.Tensor, k: int) -> torch.Tensor:
+    """True at the k smallest |values| of every row of a matrix; ties go to the lower column (stable sort)."""
+    order = torch.sort(values.abs(), dim=1, stable=True).indices
+    mask = torch.zeros(values.shape, dtype=torch.bool, device=values.device)
+    mask.scatter_(1, order[:, :k], True)
+    return mask
+
+
+def prune_mask_nm(values: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """True at the m - n smallest |values| of every group of m consecutive entries of each row."""
+    rows, cols = values.shape
+    return prune_mask_rows(values.reshape(rows * (cols // m), m), m - n).reshape(rows, cols)
+
+
+def structured_mask(values: torch.Tensor, k: int, structure: str = "unstructured") -> torch.Tensor:
+    """The pruned set of a [d_out, d_in] weight-shaped tensor for a mask structure (k pruned in all)."""
+    if structure == "unstructured":
+        return prune_mask(values, k)
+    if structure == "per_row":
+        return prune_mask_rows(values, k // values.shape[0])
+    n, m = (int(t) for t in structure.split(":"))
+    return prune_mask_nm(values, n, m)
+
+
 def admm_prune(hessian: torch.Tensor, weight: torch.Tensor, k: int, percdamp: float = 0.1, rho: float = 1.0,
-               iters: int = 20, prune_iters: int = 15) -> torch.Tensor:
-    """SPEC §2. hessian: full symmetric [d_in, d_in]; weight: [d_out, d_in]. Returns the float32 pruned weight."""
+               iters: int = 20, prune_iters: int = 15, structure: str = "unstructured") -> torch.Tensor:
+    """SPEC §2. hessian: full symmetric [d_in, d_in]; weight: [d_out, d_in]. Returns the float32 pruned weight.
+    structure: the mask's shape on W (the iterate here is Wn = (W d)ᵀ, so it is selected on Vᵀ)."""
     d = hessian.diagonal().sqrt() + 1e-8
     hn = hessian / d[:, None] / d[None, :]
     wn = (weight.float() * d).T
@@ -45,7 +70,7 @@ def admm_prune(hessian: torch.Tensor, weight: torch.Tensor, k: int, percdamp: fl
     for it in range(iters):
         v = wn + u
         if it < prune_iters:
-            mask = (~prune_mask(v, k)).float()
+            mask = (~structured_mask(v.T, k, structure).T).float()
         z = v * mask
         u = v - z
         wn = hinv @ (b + rho * (z - u))

@@ -86,6 +86,55 @@ std::tuple<at::Tensor, at::Tensor> damped_cholesky_inverse(const at::Tensor& mat
 
 }  // namespace
 
+MaskSpec parse_mask_structure(const std::string& structure, int64_t d_out, int64_t d_in, int64_t k) {
+  MaskSpec spec;
+  spec.k = k;
+  if (structure == "unstructured") return spec;
+  if (structure == "per_row") {
+    spec.kind = Structure::kPerRow;
+    spec.row_k = d_out > 0 ? k / d_out : 0;
+    TORCH_CHECK(spec.row_k * d_out == k && spec.row_k <= d_in, "mask structure per_row: k=", k,
+                " is not the same count in each of the ", d_out, " rows of a weight of shape [", d_out, ", ", d_in,
+                "]");
+    return spec;
+  }
+  const auto colon = structure.find(':');
+  int64_t n = -1, m = -1;
+  if (colon != std::string::npos && colon > 0 && colon + 1 < structure.size() &&
+      structure.find_first_not_of("0123456789:") == std::string::npos && structure.find(':', colon + 1) == std::string::npos &&
+      colon < 4 && structure.size() - colon - 1 < 4) {
+    n = std::stoll(structure.substr(0, colon));
+    m = std::stoll(structure.substr(colon + 1));
+  }
+  TORCH_CHECK(m >= 1 && m <= kMaxGroupSize && n >= 1 && n <= m,
+              "mask structure must be \"unstructured\", \"per_row\" or \"N:M\" with 1 <= N <= M <= ", kMaxGroupSize,
+              ", got \"", structure, "\"");
+  TORCH_CHECK(d_in % m == 0, "mask structure ", structure, " needs in_features divisible by ", m,
+              ", got a weight of shape [", d_out, ", ", d_in, "]");
+  const int64_t expected = d_out * (d_in / m) * (m - n);
+  TORCH_CHECK(k == expected, "mask structure ", structure, " prunes exactly ", expected,
+              " entries of a weight of shape [", d_out, ", ", d_in, "], got k=", k);
+  spec.kind = Structure::kNM;
+  spec.n = n;
+  spec.m = m;
+  return spec;
+}
+
+void check_prune_mask_rows_args(const at::Tensor& values, int64_t k) {
+  TORCH_CHECK(values.scalar_type() == at::kFloat, "prune_mask_rows: values must be float32, got ", values.scalar_type());
+  TORCH_CHECK(values.dim() == 2, "prune_mask_rows: values must be a matrix, got ", values.dim(), " dimensions");
+  TORCH_CHECK(k >= 0 && k <= values.size(1), "prune_mask_rows: k must be in [0, ", values.size(1), "], got ", k);
+}
+
+void check_prune_mask_nm_args(const at::Tensor& values, int64_t n, int64_t m) {
+  TORCH_CHECK(values.scalar_type() == at::kFloat, "prune_mask_nm: values must be float32, got ", values.scalar_type());
+  TORCH_CHECK(values.dim() == 2, "prune_mask_nm: values must be a matrix, got ", values.dim(), " dimensions");
+  TORCH_CHECK(m >= 1 && m <= kMaxGroupSize && n >= 0 && n <= m, "prune_mask_nm: need 0 <= n <= m and 1 <= m <= ",
+              kMaxGroupSize, ", got n=", n, ", m=", m);
+  TORCH_CHECK(values.size(1) % m == 0, "prune_mask_nm: the last dimension must be a multiple of m=", m,
+              ", got shape ", values.sizes());
+}
+
 void check_prune_mask_args(const at::Tensor& values, int64_t k) {
   TORCH_CHECK(values.scalar_type() == at::kFloat, "prune_mask: values must be float32, got ", values.scalar_type());
   TORCH_CHECK(k >= 0 && k <= values.numel(), "prune_mask: k must be in [0, ", values.numel(), "], got ", k);
@@ -93,7 +142,8 @@ void check_prune_mask_args(const at::Tensor& values, int64_t k) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> admm_prune_with(const at::Tensor& hessian, const at::Tensor& weight, int64_t k,
                                                    double percdamp, double rho, int64_t iters,
-                                                   int64_t prune_iters, ProjectFn project) {
+                                                   int64_t prune_iters, const std::string& structure,
+                                                   ProjectFn project) {
   check_matrix(hessian, "hessian");
   check_matrix(weight, "weight");
   const int64_t d_in = weight.size(1);
@@ -103,6 +153,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> admm_prune_with(const at::Tensor&
   TORCH_CHECK(k >= 0 && k <= weight.numel(), "k must be in [0, ", weight.numel(), "], got ", k);
   TORCH_CHECK(iters >= 1 && prune_iters >= 1 && prune_iters <= iters,
               "need 1 <= prune_iters <= iters, got prune_iters=", prune_iters, ", iters=", iters);
+  const MaskSpec spec = parse_mask_structure(structure, weight.size(0), d_in, k);
   TORCH_CHECK(std::isfinite(percdamp) && percdamp >= 0, "percdamp must be finite and >= 0, got ", percdamp);
   TORCH_CHECK(std::isfinite(rho) && rho > 0, "rho must be finite and > 0, got ", rho);
 
@@ -129,7 +180,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> admm_prune_with(const at::Tensor&
   at::Tensor u = at::zeros_like(wn);
   at::Tensor rhs = at::empty_like(wn);
   for (int64_t it = 0; it < iters; ++it) {
-    project(wn, u, b, rhs, k, rho, /*reselect=*/it < prune_iters);
+    project(wn, u, b, rhs, spec, rho, /*reselect=*/it < prune_iters);
     at::mm_out(wn, hinv, rhs);
   }
   // 6. Z = (Wn + U) * mask, where the pruned set is exactly the entries whose U has a non-zero bit

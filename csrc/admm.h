@@ -1,6 +1,7 @@
 // Device-generic pieces of the native ops, shared by the CPU and CUDA registrations.
 #pragma once
 #include <ATen/ATen.h>
+#include <string>
 #include <tuple>
 
 namespace admm_sparse {
@@ -16,15 +17,40 @@ namespace admm_sparse {
 //   pruned: U <- V (but -0.0f when V == 0),   RHS <- B + rho * (-V)
 // Storing -0.0f for a pruned zero makes "bits(U) != 0" exactly the pruned set, so the fixed-mask
 // iterations need no separate mask buffer (kept entries always hold +0.0f).
+//
+// Which entries "the k smallest" means is the mask structure (lines = output rows of W = columns of Wn):
+//   kUnstructured: the k smallest over the whole matrix (SPEC section 2);
+//   kPerRow:       the row_k smallest of every column of Wn (ties: lower row index first);
+//   kNM:           in every group of m consecutive rows of a column of Wn, the m - n smallest
+//                  (at most n non-zeros per group; ties: lower row index first).
+// In every case exactly k entries are pruned (k = d_out * row_k, or d_out * d_in / m * (m - n)).
+enum class Structure { kUnstructured, kPerRow, kNM };
+
+struct MaskSpec {
+  Structure kind = Structure::kUnstructured;
+  int64_t k = 0;      // total pruned
+  int64_t row_k = 0;  // kPerRow: pruned per output row
+  int64_t n = 0, m = 0;  // kNM: kept per group, group size
+};
+
+// Parses "unstructured", "per_row" or "N:M" for a weight [d_out, d_in] with k pruned in all, checking
+// that k is what the structure prunes and that M divides d_in (the errors name the weight's shape).
+MaskSpec parse_mask_structure(const std::string& structure, int64_t d_out, int64_t d_in, int64_t k);
+
 using ProjectFn = void (*)(const at::Tensor& Wn, at::Tensor& U, const at::Tensor& B, at::Tensor& RHS,
-                           int64_t k, double rho, bool reselect);
+                           const MaskSpec& spec, double rho, bool reselect);
 
 // SPEC section 2 end to end, with the device's fused projection; see the admm_prune schema.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> admm_prune_with(const at::Tensor& hessian, const at::Tensor& weight,
                                                    int64_t k, double percdamp, double rho, int64_t iters,
-                                                   int64_t prune_iters, ProjectFn project);
+                                                   int64_t prune_iters, const std::string& structure,
+                                                   ProjectFn project);
 
 // Argument checks shared by every device's registration of prune_mask.
 void check_prune_mask_args(const at::Tensor& values, int64_t k);
+// ... and of prune_mask_rows / prune_mask_nm (values: a float32 matrix).
+void check_prune_mask_rows_args(const at::Tensor& values, int64_t k);
+void check_prune_mask_nm_args(const at::Tensor& values, int64_t n, int64_t m);
+constexpr int64_t kMaxGroupSize = 64;
 
 }  // namespace admm_sparse

@@ -16,13 +16,22 @@ TORCH_LIBRARY(admm_sparse, m) {
   // Boolean mask of the k entries of smallest |values| over the whole tensor (True = selected);
   // ties are broken by the lower flat (row-major) index. Exactly k entries are True.
   m.def("prune_mask(Tensor values, int k) -> Tensor");
+  // values [R, C] float32: in every row, the k smallest |values| (ties: lower column first). k * R True.
+  m.def("prune_mask_rows(Tensor values, int k) -> Tensor");
+  // values [R, C] float32, C a multiple of m (1 <= m <= 64, 0 <= n <= m): in every group of m consecutive
+  // entries of a row, the m - n smallest |values| (ties: lower column first), so that at most n entries
+  // per group stay unselected (the N:M layout when True means pruned).
+  m.def("prune_mask_nm(Tensor values, int n, int m) -> Tensor");
   // The whole ADMM weight update of SPEC section 2: hessian [d_in, d_in] (lower triangle read),
   // weight [d_out, d_in] float32. Returns the pruned weight [d_out, d_in] float32 with exactly k zeros
   // chosen, the damping added to the normalised Hessian as a float32 pair (percdamp * mean(diag Hn),
   // the extra damping a failed factorisation's retry added: 0 normally), and
   // tr(W H W^T) of the input weight (= ||X W^T||^2 over the calibration data, free from the loop's B),
   // which callers need for the relative output error.
-  m.def("admm_prune(Tensor hessian, Tensor weight, int k, float percdamp, float rho, int iters, int prune_iters) -> (Tensor, Tensor, Tensor)");
+  // structure: "unstructured" (the k smallest over the whole weight, SPEC section 2), "per_row" (k / d_out
+  // in every output row, as prune_mask_rows) or "N:M" (as prune_mask_nm on each output row; k must be
+  // d_out * d_in / M * (M - N)); the mask is re-chosen with that structure in each of the first prune_iters.
+  m.def("admm_prune(Tensor hessian, Tensor weight, int k, float percdamp, float rho, int iters, int prune_iters, str structure=\"unstructured\") -> (Tensor, Tensor, Tensor)");
 }
 
 // Importing admm_sparse._C from Python loads this library, which runs the registrations above.

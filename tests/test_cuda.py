@@ -303,3 +303,62 @@ def test_opcheck_cuda():
     torch.library.opcheck(torch.ops.admm_sparse.prune_mask.default, (torch.randn(33, 17, device=DEV), 200))
     torch.library.opcheck(torch.ops.admm_sparse.prune_mask.default, (tied_values((5, 300), 15).to(DEV), 0))
     torch.library.opcheck(torch.ops.admm_sparse.admm_prune.default, (h_d, w_d, int(w.numel() * 0.3), 0.1, 1.0, 6, 4))
+
+
+# ---------------------------------------------------------------- mask structures (per_row, N:M)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (7, 255), (33, 257), (64, 4096), (5, 70001), (300, 1024)])
+@pytest.mark.parametrize("kind", ["randn", "ties"])
+def test_prune_mask_rows_matches_cpu_and_reference(shape, kind):
+    v = torch.randn(shape, generator=gen(20)) if kind == "randn" else tied_values(shape, 20)
+    for k in sorted({0, 1, shape[1] // 3, shape[1] - 1, shape[1]}):
+        got = _ops.prune_mask_rows(v.to(DEV), k).cpu()
+        assert torch.equal(got, _ops.prune_mask_rows(v, k)), k
+        assert torch.equal(got, ref.prune_mask_rows(v, k)), k
+
+
+@pytest.mark.parametrize("nm", [(2, 4), (4, 8), (1, 4), (0, 4), (16, 32), (5, 64), (1, 1)])
+@pytest.mark.parametrize("kind", ["randn", "ties"])
+def test_prune_mask_nm_matches_cpu_and_reference(nm, kind):
+    n, m = nm
+    shape = (37, 64 * 5)
+    v = torch.randn(shape, generator=gen(21)) if kind == "randn" else tied_values(shape, 21)
+    got = _ops.prune_mask_nm(v.to(DEV), n, m).cpu()
+    assert torch.equal(got, _ops.prune_mask_nm(v, n, m))
+    assert torch.equal(got, ref.prune_mask_nm(v, n, m))
+
+
+@pytest.mark.parametrize("structure", ["per_row", "2:4", "4:8"])
+@pytest.mark.parametrize("shape", [(64, 48), (256, 128), (130, 296)])
+def test_structured_admm_prune_matches_cpu(structure, shape):
+    h, w = make_problem(*shape, seed=sum(shape) + 1)
+    d_out, d_in = shape
+    if structure == "per_row":
+        k = d_out * int(d_in * 0.5)
+    else:
+        n, m = map(int, structure.split(":"))
+        k = d_out * (d_in // m) * (m - n)
+    out, _, _ = _ops.admm_prune(h.to(DEV), w.to(DEV), k, 0.1, 1.0, 20, 15, structure)
+    out = out.cpu()
+    out_cpu, _, _ = _ops.admm_prune(h, w, k, 0.1, 1.0, 20, 15, structure)
+    assert int((out == 0).sum()) >= k
+    assert_close_pruned(out, out_cpu, 2 + w.numel() // 1000)
+
+
+def test_structured_admm_ties_break_like_cpu():
+    d_out, d_in = 96, 80
+    h = torch.eye(d_in) * 4.0
+    w = torch.randint(1, 5, (d_out, d_in), generator=gen(22)).float() * 0.5
+    for structure, k in (("per_row", d_out * 30), ("2:4", d_out * d_in // 2)):
+        out, _, _ = _ops.admm_prune(h.to(DEV), w.to(DEV), k, 0.1, 1.0, 20, 15, structure)
+        out_cpu, _, _ = _ops.admm_prune(h, w, k, 0.1, 1.0, 20, 15, structure)
+        assert torch.equal(out.cpu() == 0, out_cpu == 0)
+
+
+def test_opcheck_cuda_structured():
+    h, w = make_problem(40, 48, seed=23)
+    torch.library.opcheck(torch.ops.admm_sparse.prune_mask_rows.default, (torch.randn(33, 17, device=DEV), 5))
+    torch.library.opcheck(torch.ops.admm_sparse.prune_mask_nm.default, (torch.randn(33, 16, device=DEV), 2, 4))
+    torch.library.opcheck(torch.ops.admm_sparse.admm_prune.default,
+                          (h.to(DEV), w.to(DEV), 40 * 24, 0.1, 1.0, 6, 4, "2:4"))

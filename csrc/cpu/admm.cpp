@@ -10,8 +10,9 @@
 namespace admm_sparse {
 namespace {
 
-void project_cpu(const at::Tensor& wn, at::Tensor& u, const at::Tensor& b, at::Tensor& rhs, int64_t k,
+void project_cpu(const at::Tensor& wn, at::Tensor& u, const at::Tensor& b, at::Tensor& rhs, const MaskSpec& spec,
                  double rho, bool reselect) {
+  const int64_t k = spec.k;
   const int64_t n = wn.numel();
   const float* w_p = wn.data_ptr<float>();
   float* u_p = u.data_ptr<float>();
@@ -35,7 +36,13 @@ void project_cpu(const at::Tensor& wn, at::Tensor& u, const at::Tensor& b, at::T
   };
 
   const int64_t num_chunks = (n + cpu::kChunk - 1) / cpu::kChunk;
-  if (reselect) {
+  // Output rows of W are the columns of Wn [d_in, d_out].
+  const cpu::Lines columns{wn.size(1), wn.size(0), 1, wn.size(1)};
+  if (reselect && spec.kind == Structure::kPerRow) {
+    cpu::select_per_line(columns, spec.row_k, v_key, write);
+  } else if (reselect && spec.kind == Structure::kNM) {
+    cpu::select_n_of_m(columns, spec.n, spec.m, v_key, write);
+  } else if (reselect) {
     const cpu::Selection sel = cpu::find_k_smallest(n, k, v_key);
     at::parallel_for(0, num_chunks, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c)
@@ -70,15 +77,43 @@ at::Tensor prune_mask_cpu(const at::Tensor& values, int64_t k) {
   return mask;
 }
 
+// Rows of a contiguous [R, C] matrix as lines.
+cpu::Lines rows_of(const at::Tensor& v) { return {v.size(0), v.size(1), v.size(1), 1}; }
+
+at::Tensor prune_mask_rows_cpu(const at::Tensor& values, int64_t k) {
+  check_prune_mask_rows_args(values, k);
+  const at::Tensor v = values.contiguous();
+  at::Tensor mask = at::empty(values.sizes(), values.options().dtype(at::kBool));
+  const float* v_p = v.data_ptr<float>();
+  bool* m_p = mask.data_ptr<bool>();
+  cpu::select_per_line(rows_of(v), k, [&](int64_t i) { return cpu::abs_key(v_p[i]); },
+                       [&](int64_t i, bool selected) { m_p[i] = selected; });
+  return mask;
+}
+
+at::Tensor prune_mask_nm_cpu(const at::Tensor& values, int64_t n, int64_t m) {
+  check_prune_mask_nm_args(values, n, m);
+  const at::Tensor v = values.contiguous();
+  at::Tensor mask = at::empty(values.sizes(), values.options().dtype(at::kBool));
+  const float* v_p = v.data_ptr<float>();
+  bool* m_p = mask.data_ptr<bool>();
+  cpu::select_n_of_m(rows_of(v), n, m, [&](int64_t i) { return cpu::abs_key(v_p[i]); },
+                     [&](int64_t i, bool selected) { m_p[i] = selected; });
+  return mask;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> admm_prune_cpu(const at::Tensor& hessian, const at::Tensor& weight, int64_t k,
-                                                  double percdamp, double rho, int64_t iters, int64_t prune_iters) {
-  return admm_prune_with(hessian, weight, k, percdamp, rho, iters, prune_iters, &project_cpu);
+                                                  double percdamp, double rho, int64_t iters, int64_t prune_iters,
+                                                  c10::string_view structure) {
+  return admm_prune_with(hessian, weight, k, percdamp, rho, iters, prune_iters, std::string(structure), &project_cpu);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(admm_sparse, CPU, m) {
   m.impl("prune_mask", &prune_mask_cpu);
+  m.impl("prune_mask_rows", &prune_mask_rows_cpu);
+  m.impl("prune_mask_nm", &prune_mask_nm_cpu);
   m.impl("admm_prune", &admm_prune_cpu);
 }
 

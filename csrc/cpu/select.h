@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -102,6 +103,78 @@ Selection find_k_smallest(int64_t n, int64_t k, KeyAt key_at) {
   }
   sel.threshold = static_cast<uint32_t>(prefix);
   return sel;
+}
+
+}  // namespace admm_sparse::cpu
+
+namespace admm_sparse::cpu {
+
+// Structured selections over "lines": line l holds the elements at offset l * line_stride + p * elem_stride,
+// p in [0, len). A weight W [d_out, d_in] has its output rows as lines (line_stride d_in, elem_stride 1);
+// the ADMM iterate Wn = (W d)^T [d_in, d_out] has them as columns (line_stride 1, elem_stride d_out).
+// Ordering is by (abs_key, position along the line): all composites differ, so "the k smallest" is exact
+// and ties go to the lower position, as the whole-matrix select gives them to the lower flat index.
+struct Lines {
+  int64_t count, len, line_stride, elem_stride;
+  int64_t offset(int64_t line, int64_t p) const { return line * line_stride + p * elem_stride; }
+};
+
+inline uint64_t composite(uint32_t key, int64_t p) { return (uint64_t(key) << 32) | uint64_t(p); }
+
+// Per line, the k smallest: calls apply(offset, selected) for every element of every line.
+// Lines are processed in blocks of up to 16 so that, for lines that are columns (line_stride 1), the
+// gather walks memory row by row instead of striding down one column at a time.
+template <class KeyAt, class Apply>
+void select_per_line(const Lines& ln, int64_t k, KeyAt key_at, Apply apply) {
+  TORCH_CHECK(k >= 0 && k <= ln.len, "per-line k must be in [0, ", ln.len, "], got ", k);
+  if (ln.count == 0 || ln.len == 0) return;
+  constexpr int64_t kBlock = 16;
+  const int64_t block = ln.line_stride == 1 ? kBlock : 1;
+  const int64_t num_blocks = (ln.count + block - 1) / block;
+  at::parallel_for(0, num_blocks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<uint64_t> buf(block * ln.len), scratch(ln.len);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t l0 = b * block;
+      const int64_t nl = std::min(block, ln.count - l0);
+      for (int64_t p = 0; p < ln.len; ++p)
+        for (int64_t j = 0; j < nl; ++j) buf[j * ln.len + p] = composite(key_at(ln.offset(l0 + j, p)), p);
+      for (int64_t j = 0; j < nl; ++j) {
+        uint64_t threshold = ~uint64_t(0);  // k == len: everything below it
+        if (k < ln.len) {
+          std::copy(buf.begin() + j * ln.len, buf.begin() + (j + 1) * ln.len, scratch.begin());
+          std::nth_element(scratch.begin(), scratch.begin() + k, scratch.end());
+          threshold = scratch[k];
+        }
+        const uint64_t* c = buf.data() + j * ln.len;
+        for (int64_t p = 0; p < ln.len; ++p) apply(ln.offset(l0 + j, p), k == ln.len || c[p] < threshold);
+      }
+    }
+  });
+}
+
+// In every group of m consecutive elements of a line (len % m == 0), the m - n smallest: at most n
+// survive per group. rank(t) = #{s in group : composite(s) < composite(t)}; selected iff rank < m - n.
+constexpr int64_t kMaxGroup = 64;
+
+template <class KeyAt, class Apply>
+void select_n_of_m(const Lines& ln, int64_t n, int64_t m, KeyAt key_at, Apply apply) {
+  TORCH_CHECK(m >= 1 && m <= kMaxGroup && n >= 0 && n <= m && ln.len % m == 0, "bad N:M selection ", n, ":", m,
+              " for lines of length ", ln.len);
+  const int64_t groups = ln.len / m;
+  const int64_t prune = m - n;
+  // Outer loop over groups, inner over lines: for column lines the inner loop is contiguous in memory.
+  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+    uint64_t c[kMaxGroup];
+    for (int64_t g = g0; g < g1; ++g)
+      for (int64_t l = 0; l < ln.count; ++l) {
+        for (int64_t t = 0; t < m; ++t) c[t] = composite(key_at(ln.offset(l, g * m + t)), t);
+        for (int64_t t = 0; t < m; ++t) {
+          int64_t rank = 0;
+          for (int64_t s = 0; s < m; ++s) rank += c[s] < c[t];
+          apply(ln.offset(l, g * m + t), rank < prune);
+        }
+      }
+  });
 }
 
 }  // namespace admm_sparse::cpu

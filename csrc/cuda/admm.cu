@@ -59,6 +59,39 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Structured reselection: per output row (a column of Wn) by one block each, or one thread per N:M group.
+__global__ void __launch_bounds__(kThreads)
+    project_rows_kernel(const float* wn, float* u, const float* b, float* rhs, float rho, gpu::Lines ln, int64_t k) {
+  const SumLoad load{wn, u};
+  gpu::select_line_block(load, ln, blockIdx.x, k,
+                         [&](int64_t i, float v, bool pruned) { project_write(i, v, pruned, u, b, rhs, rho); });
+}
+
+__global__ void __launch_bounds__(kThreads)
+    project_nm_kernel(const float* wn, float* u, const float* b, float* rhs, float rho, gpu::Lines ln, int n, int m) {
+  int64_t line, g;
+  if (!gpu::group_of_thread(ln, m, &line, &g)) return;
+  const SumLoad load{wn, u};
+  gpu::select_group(load, ln, line, g, n, m,
+                    [&](int64_t i, float v, bool pruned) { project_write(i, v, pruned, u, b, rhs, rho); });
+}
+
+__global__ void __launch_bounds__(kThreads) mask_rows_kernel(PlainLoad load, bool* out, gpu::Lines ln, int64_t k) {
+  gpu::select_line_block(load, ln, blockIdx.x, k, [&](int64_t i, float, bool selected) { out[i] = selected; });
+}
+
+__global__ void __launch_bounds__(kThreads) mask_nm_kernel(PlainLoad load, bool* out, gpu::Lines ln, int n, int m) {
+  int64_t line, g;
+  if (!gpu::group_of_thread(ln, m, &line, &g)) return;
+  gpu::select_group(load, ln, line, g, n, m, [&](int64_t i, float, bool selected) { out[i] = selected; });
+}
+
+unsigned group_grid(const gpu::Lines& ln, int64_t m) {
+  const int64_t threads = ln.count * (ln.len / m);
+  TORCH_CHECK(gpu::ceil_div(threads, kThreads) < (int64_t(1) << 31), "too many N:M groups (", threads, ")");
+  return static_cast<unsigned>(std::max<int64_t>(1, gpu::ceil_div(threads, kThreads)));
+}
+
 __global__ void __launch_bounds__(kThreads) mask_kernel(PlainLoad load, bool* out, int64_t n, gpu::DeviceSelection sel) {
   gpu::apply_selection(load, n, sel, [&](int64_t i, float, bool selected) { out[i] = selected; });
 }
@@ -70,8 +103,9 @@ void check_iterate(const at::Tensor& t, const at::Tensor& like, const char* name
 }
 
 // ProjectFn of admm.h for CUDA tensors; everything is enqueued on the current stream.
-void project_cuda(const at::Tensor& wn, at::Tensor& u, const at::Tensor& b, at::Tensor& rhs, int64_t k, double rho,
-                  bool reselect) {
+void project_cuda(const at::Tensor& wn, at::Tensor& u, const at::Tensor& b, at::Tensor& rhs, const MaskSpec& spec,
+                  double rho, bool reselect) {
+  const int64_t k = spec.k;
   check_iterate(wn, wn, "Wn");
   check_iterate(u, wn, "U");
   check_iterate(b, wn, "B");
@@ -86,7 +120,18 @@ void project_cuda(const at::Tensor& wn, at::Tensor& u, const at::Tensor& b, at::
   float* u_p = u.data_ptr<float>();
   const float* b_p = b.data_ptr<float>();
   float* rhs_p = rhs.data_ptr<float>();
-  if (reselect) {
+  const gpu::Lines columns{wn.size(1), wn.size(0), 1, wn.size(1)};  // output rows of W
+  if (reselect && spec.kind == Structure::kPerRow) {
+    if (columns.count == 0) return;
+    project_rows_kernel<<<static_cast<unsigned>(columns.count), kThreads, 0, stream>>>(wn_p, u_p, b_p, rhs_p, rho_f,
+                                                                                      columns, spec.row_k);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  } else if (reselect && spec.kind == Structure::kNM) {
+    project_nm_kernel<<<group_grid(columns, spec.m), kThreads, 0, stream>>>(wn_p, u_p, b_p, rhs_p, rho_f, columns,
+                                                                            static_cast<int>(spec.n),
+                                                                            static_cast<int>(spec.m));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  } else if (reselect) {
     const gpu::SelectBuffers sel = gpu::select_k_smallest(SumLoad{wn_p, u_p}, n, k, wn.options(), stream);
     project_select_kernel<<<sel.grid, kThreads, 0, stream>>>(wn_p, u_p, b_p, rhs_p, rho_f, n, sel.dev);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -115,19 +160,55 @@ at::Tensor prune_mask_cuda(const at::Tensor& values, int64_t k) {
   return mask;
 }
 
+// Rows of a contiguous [R, C] matrix as lines.
+gpu::Lines rows_of(const at::Tensor& v) { return {v.size(0), v.size(1), v.size(1), 1}; }
+
+at::Tensor prune_mask_rows_cuda(const at::Tensor& values, int64_t k) {
+  check_prune_mask_rows_args(values, k);
+  TORCH_CHECK(values.is_cuda(), "prune_mask_rows: values must be a CUDA tensor here, got ", values.device());
+  const c10::cuda::CUDAGuard guard(values.device());
+  const at::Tensor v = values.contiguous();
+  at::Tensor mask = at::empty(values.sizes(), values.options().dtype(at::kBool));
+  if (v.numel() == 0) return mask;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const gpu::Lines ln = rows_of(v);
+  mask_rows_kernel<<<static_cast<unsigned>(ln.count), kThreads, 0, stream>>>(PlainLoad{v.data_ptr<float>()},
+                                                                            mask.data_ptr<bool>(), ln, k);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return mask;
+}
+
+at::Tensor prune_mask_nm_cuda(const at::Tensor& values, int64_t n, int64_t m) {
+  check_prune_mask_nm_args(values, n, m);
+  TORCH_CHECK(values.is_cuda(), "prune_mask_nm: values must be a CUDA tensor here, got ", values.device());
+  const c10::cuda::CUDAGuard guard(values.device());
+  const at::Tensor v = values.contiguous();
+  at::Tensor mask = at::empty(values.sizes(), values.options().dtype(at::kBool));
+  if (v.numel() == 0) return mask;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const gpu::Lines ln = rows_of(v);
+  mask_nm_kernel<<<group_grid(ln, m), kThreads, 0, stream>>>(PlainLoad{v.data_ptr<float>()}, mask.data_ptr<bool>(),
+                                                             ln, static_cast<int>(n), static_cast<int>(m));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return mask;
+}
+
 // Returns whatever admm_prune_with returns (the schema's outputs).
 auto admm_prune_cuda(const at::Tensor& hessian, const at::Tensor& weight, int64_t k, double percdamp, double rho,
-                     int64_t iters, int64_t prune_iters) {
+                     int64_t iters, int64_t prune_iters, c10::string_view structure) {
   TORCH_CHECK(weight.is_cuda() && hessian.is_cuda(), "admm_prune: hessian and weight must both be CUDA tensors, got ",
               hessian.device(), " and ", weight.device());
   const c10::cuda::CUDAGuard guard(weight.device());
-  return admm_prune_with(hessian, weight, k, percdamp, rho, iters, prune_iters, &project_cuda);
+  return admm_prune_with(hessian, weight, k, percdamp, rho, iters, prune_iters, std::string(structure),
+                         &project_cuda);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(admm_sparse, CUDA, m) {
   m.impl("prune_mask", &prune_mask_cuda);
+  m.impl("prune_mask_rows", &prune_mask_rows_cuda);
+  m.impl("prune_mask_nm", &prune_mask_nm_cuda);
   m.impl("admm_prune", &admm_prune_cuda);
 }
 

@@ -293,5 +293,133 @@ SelectBuffers select_k_smallest(const Load& load, int64_t n, int64_t k, const at
   return out;
 }
 
+
+// ------------------------------------------------------------------ structured selections
+// "Lines" as in cpu/select.h: line l holds the elements at l * line_stride + p * elem_stride, p < len
+// (output rows of W: line_stride d_in, elem_stride 1; of the iterate Wn [d_in, d_out]: 1 and d_out).
+// Order: (abs_key, position along the line), so ties go to the lower position, as on the CPU.
+struct Lines {
+  int64_t count, len, line_stride, elem_stride;
+  __host__ __device__ __forceinline__ int64_t offset(int64_t l, int64_t p) const {
+    return l * line_stride + p * elem_stride;
+  }
+};
+
+constexpr int kMaxGroup = 64;
+
+// The k smallest of one line, by the whole block (kThreads threads): a radix select on the key with
+// the histograms in shared memory, then a pass in tiles of kThreads positions that ranks the ties at
+// the threshold in position order. Calls apply(offset, v, selected) once per element of the line.
+template <class Load, class Apply>
+__device__ __forceinline__ void select_line_block(const Load& load, const Lines& ln, int64_t line, int64_t k,
+                                                  Apply&& apply) {
+  if (k <= 0 || k >= ln.len) {
+    const bool all = k >= ln.len;
+    for (int64_t p = threadIdx.x; p < ln.len; p += kThreads) {
+      const int64_t off = ln.offset(line, p);
+      apply(off, load(off), all);
+    }
+    return;
+  }
+  __shared__ uint32_t hist[4096];
+  __shared__ long long state[2];  // {rank still wanted, prefix}
+  long long wanted = k;
+  uint32_t prefix = 0;
+  constexpr int kShift[3] = {20, 8, 0};
+  constexpr int kBins[3] = {2048, 4096, 256};
+  constexpr int kHigh[3] = {31, 20, 8};
+#pragma unroll
+  for (int level = 0; level < 3; ++level) {
+    const int shift = kShift[level], bins = kBins[level], high = kHigh[level];
+    for (int b = threadIdx.x; b < bins; b += kThreads) hist[b] = 0;
+    __syncthreads();
+    const uint32_t want = high >= 32 ? 0u : (prefix >> high);
+    for (int64_t p = threadIdx.x; p < ln.len; p += kThreads) {
+      const uint32_t key = abs_key(load(ln.offset(line, p)));
+      if ((key >> high) == want) atomicAdd(&hist[(key >> shift) & (bins - 1)], 1u);
+    }
+    __syncthreads();
+    const int per = bins / kThreads;  // 8, 16 or 1 contiguous bins per thread
+    const int first = threadIdx.x * per;
+    long long c[16];
+    long long sum = 0;
+    for (int j = 0; j < 16; ++j) {
+      c[j] = j < per ? hist[first + j] : 0;
+      sum += c[j];
+    }
+    long long total;
+    long long before = block_exclusive_sum<kThreads>(sum, &total);
+    for (int j = 0; j < per; ++j) {
+      if (before < wanted && wanted <= before + c[j]) {
+        state[0] = wanted - before;
+        state[1] = static_cast<long long>(prefix | (static_cast<uint32_t>(first + j) << shift));
+      }
+      before += c[j];
+    }
+    __syncthreads();
+    wanted = state[0];
+    prefix = static_cast<uint32_t>(state[1]);
+    __syncthreads();  // everyone has read state (and hist) before the next level rewrites them
+  }
+  const uint32_t threshold = prefix;
+  __shared__ int warp_ties[kThreads / 32];
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  long long seen = 0;  // ties at positions below the current tile
+  for (int64_t base = 0; base < ln.len; base += kThreads) {
+    const int64_t p = base + threadIdx.x;
+    const bool valid = p < ln.len;
+    const int64_t off = valid ? ln.offset(line, p) : 0;
+    const float v = valid ? load(off) : 0.0f;
+    const uint32_t key = abs_key(v);
+    const bool tie = valid && key == threshold;
+    const unsigned ballot = __ballot_sync(0xffffffffu, tie);
+    if (lane == 0) warp_ties[warp] = __popc(ballot);
+    __syncthreads();
+    long long rank = seen + __popc(ballot & ((1u << lane) - 1u));
+    int tile_ties = 0;
+#pragma unroll
+    for (int w = 0; w < kThreads / 32; ++w) {
+      if (w < warp) rank += warp_ties[w];
+      tile_ties += warp_ties[w];
+    }
+    __syncthreads();
+    if (valid) apply(off, v, key < threshold || (tie && rank < wanted));
+    seen += tile_ties;
+  }
+}
+
+// Group g of line l (m consecutive positions) by one thread: the m - n smallest are selected.
+template <class Load, class Apply>
+__device__ __forceinline__ void select_group(const Load& load, const Lines& ln, int64_t line, int64_t g, int n,
+                                             int m, Apply&& apply) {
+  unsigned long long c[kMaxGroup];
+  float v[kMaxGroup];
+  for (int t = 0; t < m; ++t) {
+    v[t] = load(ln.offset(line, g * m + t));
+    c[t] = (static_cast<unsigned long long>(abs_key(v[t])) << 32) | static_cast<unsigned>(t);
+  }
+  for (int t = 0; t < m; ++t) {
+    int rank = 0;
+    for (int s = 0; s < m; ++s) rank += c[s] < c[t];
+    apply(ln.offset(line, g * m + t), v[t], rank < m - n);
+  }
+}
+
+// Thread index -> (line, group), lines fastest when they are adjacent in memory (coalesced loads).
+__device__ __forceinline__ bool group_of_thread(const Lines& ln, int m, int64_t* line, int64_t* g) {
+  const int64_t groups = ln.len / m;
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (idx >= ln.count * groups) return false;
+  if (ln.line_stride == 1) {
+    *line = idx % ln.count;
+    *g = idx / ln.count;
+  } else {
+    *g = idx % groups;
+    *line = idx / groups;
+  }
+  return true;
+}
+
 }  // namespace gpu
 }  // namespace admm_sparse

@@ -1,0 +1,213 @@
+"""Quality mode: an ADMM that runs until its mask has settled, then refits the kept weights exactly, and
+optionally projects onto the Atlas card's keep-bit values inside the iteration (rounding in ADMM).
+
+After ALPS (Meng et al., NeurIPS 2024), written from the paper's description:
+- the normalised, damped Hessian Hd = Hn + δI is eigendecomposed once, Hd = Q Λ Qᵀ, so that
+  (Hd + ρI)⁻¹ = Q diag(1/(λ+ρ)) Qᵀ costs one GEMM for every new ρ;
+- ρ grows while the support still changes: every `check_every` iterations the fraction of the pruned
+  set that changed since the last check sets the step (larger change, larger step); the loop stops at the
+  first check where nothing changed, or at the iteration cap;
+- the kept weights are then refit on the final support: for every output row (a column of Wn) the exact
+  minimiser of (w - w0)ᵀ Hd (w - w0) with w zero off the support, i.e. Hd_SS w_S = (Hd w0)_S, solved for
+  all rows at once by a Jacobi-preconditioned conjugate gradient (one d_in x d_in GEMM per step).
+Everything runs in the normalised, transposed space of SPEC §2 (Wn = (W d)ᵀ, d_in x d_out).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from . import _ops
+from .keepbits import round_float16
+
+# Defaults chosen by the measurements in the module's tests/bench notes (see layer.py DEFAULT_OPTIONS).
+QUALITY_DEFAULTS = dict(quality_rho=0.3, quality_max_iters=300, quality_check_every=3, refit_iters=200,
+                        round_iters=20)
+
+
+@dataclass
+class QualityInfo:
+    iterations: int
+    final_rho: float
+    error_before_refit: float  # relative output error (undamped H) of the ADMM's projected iterate
+    error_after_refit: float  # ... after the exact refit on its support
+    round_iterations: int = 0
+
+
+def normalise(h_lower: torch.Tensor, weight: torch.Tensor):
+    """d, undamped normalised Hn (full symmetric) and Wn = (W d)ᵀ, as SPEC §2 step 1."""
+    d = h_lower.diagonal().sqrt() + 1e-8
+    hn = h_lower.tril() + h_lower.tril(-1).T
+    hn = hn / d[:, None] / d[None, :]
+    return d, hn, (weight.float() * d).T.contiguous()
+
+
+def pruned_set(v: torch.Tensor, k: int, structure: tuple[str, int, int]) -> torch.Tensor:
+    """The pruned entries of the iterate v (Wn layout, d_in x d_out) for a mask structure on W = vᵀ."""
+    kind, n, m = structure
+    if kind == "unstructured":
+        return _ops.prune_mask(v, k)
+    if kind == "per_row":
+        return _ops.prune_mask_rows(v.T, k // v.shape[1]).T
+    return _ops.prune_mask_nm(v.T, n, m).T
+
+
+def relative_error(hn: torch.Tensor, delta: torch.Tensor, dense: float) -> float:
+    """sqrt(tr(Δᵀ Hn Δ) / dense) for Δ in the normalised space (= ||X ΔWᵀ|| / ||X W0ᵀ||)."""
+    e = (delta * (hn @ delta)).sum(dtype=torch.float64).item()
+    return math.sqrt(max(e, 0.0) / dense) if dense > 0 else 0.0
+
+
+def pcg_on_support(a: torch.Tensor, rhs: torch.Tensor, support: torch.Tensor, x0: torch.Tensor, iters: int,
+                   tol: float = 1e-6) -> torch.Tensor:
+    """Solve A_SS x_S = rhs_S for every column at once (x zero off the support S of that column), A symmetric
+    positive definite, by conjugate gradients preconditioned with diag(A). Columns stop individually when
+    their residual falls below tol relative to their right-hand side."""
+    s = support.to(a.dtype)
+    x = x0 * s
+    dinv = (1.0 / a.diagonal()).unsqueeze(1)
+    r = (rhs - a @ x) * s
+    b_norm = (rhs * s).norm(dim=0).clamp_min(1e-30)
+    z = dinv * r
+    p = z
+    rz = (r * z).sum(0)
+    for _ in range(iters):
+        active = r.norm(dim=0) > tol * b_norm
+        if not bool(active.any()):
+            break
+        ap = (a @ p) * s
+        den = (p * ap).sum(0)
+        alpha = torch.where(active & (den > 0), rz / torch.where(den > 0, den, 1.0), 0.0)
+        x = x + alpha * p
+        r = r - alpha * ap
+        z = dinv * r
+        rz_new = (r * z).sum(0)
+        beta = torch.where(rz > 0, rz_new / torch.where(rz > 0, rz, 1.0), 0.0)
+        p = z + beta * p
+        rz = rz_new
+    return x
+
+
+def rho_step(changed_fraction: float) -> float:
+    """Multiplicative ρ increase for the fraction of the pruned set that changed since the last check."""
+    if changed_fraction > 0.1:
+        return 1.3
+    if changed_fraction > 0.01:
+        return 1.2
+    return 1.1
+
+
+def make_context(h_lower: torch.Tensor, weight: torch.Tensor, percdamp: float) -> dict:
+    """Normalisation, damping, B = Hd Wn0, the dense output energy and Hd's eigendecomposition (once)."""
+    d, hn, wn0 = normalise(h_lower, weight)
+    damping = percdamp * hn.diagonal().mean().item()
+    hd = hn.clone()
+    hd.diagonal().add_(damping)
+    b = hd @ wn0
+    dense = (wn0 * (hn @ wn0)).sum(dtype=torch.float64).item()
+    lam, q = torch.linalg.eigh(hd)
+    lam = lam.clamp_min(max(damping, 1e-12))  # Hd is positive definite up to rounding
+
+    def hinv(r):
+        return (q * (1.0 / (lam + r))) @ q.T
+
+    return dict(d=d, hn=hn, hd=hd, wn0=wn0, b=b, dense=dense, hinv=hinv, damping=damping, rho=1.0)
+
+
+def admm_quality(h_lower: torch.Tensor, weight: torch.Tensor, k: int, structure: tuple[str, int, int],
+                 percdamp: float, rho: float, max_iters: int, check_every: int, refit_iters: int,
+                 seed_candidate: torch.Tensor | None = None):
+    """Returns (Wn after refit, pruned mask in Wn layout, context for rounding, QualityInfo).
+    seed_candidate: the seed mode's pruned weight (W layout); its support, refit, is taken if better."""
+    ctx = make_context(h_lower, weight, percdamp)
+    hn, hd, wn0, b, dense, hinv = ctx["hn"], ctx["hd"], ctx["wn0"], ctx["b"], ctx["dense"], ctx["hinv"]
+    inv = hinv(rho)
+    wn, u = wn0.clone(), torch.zeros_like(wn0)
+    pruned_check = None
+    it = 0
+    pruned = None
+    while it < max_iters:
+        v = wn + u
+        pruned = pruned_set(v, k, structure)
+        z = v.masked_fill(pruned, 0.0)
+        u = v - z
+        wn = inv @ (b + rho * (z - u))
+        it += 1
+        if it % check_every == 0:
+            if pruned_check is not None:
+                changed = int((pruned != pruned_check).sum()) // 2  # swaps: as many left as entered
+                if changed == 0:
+                    break
+                step = rho_step(changed / max(k, 1))
+                rho *= step
+                u = u / step  # scaled dual: keep the unscaled multiplier when rho changes
+                inv = hinv(rho)
+            pruned_check = pruned
+    z = (wn + u).masked_fill(pruned, 0.0)
+    before = relative_error(hn, z - wn0, dense)
+    refit = pcg_on_support(hd, b, ~pruned, z, refit_iters)
+    after = relative_error(hn, refit - wn0, dense)
+    if after > before:  # never worse than the ADMM's own iterate (a refit cut short by the cap)
+        refit, after = z, before
+    if seed_candidate is not None:  # the seed's support, refit: kept when it is better (rarely, measured)
+        seed_pruned = (seed_candidate * ctx["d"]).T == 0
+        seed_refit = pcg_on_support(hd, b, ~seed_pruned, (seed_candidate * ctx["d"]).T, refit_iters)
+        seed_after = relative_error(hn, seed_refit - wn0, dense)
+        if seed_after < after:
+            refit, after, pruned = seed_refit, seed_after, seed_pruned
+    ctx["rho"] = rho
+    return refit, pruned, ctx, QualityInfo(it, rho, before, after)
+
+
+def keep_budget(numel: int, keep_proportion: float) -> int:
+    """How many off-grid (full-mantissa) entries SPEC §3's keep mask can hold: its index int(numel·p - 1) + 1."""
+    if keep_proportion <= 0:
+        return 0
+    pos = int(numel * keep_proportion - 1)
+    if pos < 0:
+        pos += numel
+    return min(pos + 1, numel)
+
+
+def project_atlas(wv: torch.Tensor, scaler: torch.Tensor, keep_bits: int, budget: int):
+    """Nearest Atlas-representable weight (W layout): the `budget` entries of largest SPEC §3 metric keep
+    their full float16 mantissa, the rest are rounded. Returns (float32 values, keep mask)."""
+    rounded = round_float16(wv, None, keep_bits).float()
+    metric = (wv.to(torch.float16).float() - rounded).abs_().mul_(scaler.float().sqrt()[None, :])
+    if budget > 0:
+        keep = ~_ops.prune_mask(metric, metric.numel() - budget)
+    else:
+        keep = torch.zeros_like(metric, dtype=torch.bool)
+    return round_float16(wv, keep, keep_bits).float(), keep
+
+
+def round_in_admm(wn: torch.Tensor, pruned: torch.Tensor, ctx: dict, scaler: torch.Tensor, keep_bits: int,
+                  keep_proportion: float, iters: int, refit_iters: int):
+    """ADMM with the projection onto Atlas-representable weights (pruned zeros fixed), then a refit of the
+    full-mantissa entries with all others fixed. Returns the W-layout float32 weight, exactly representable."""
+    d, hd, wn0, b, hinv = ctx["d"], ctx["hd"], ctx["wn0"], ctx["b"], ctx["hinv"]
+    rho = max(ctx["rho"], 1.0)
+    budget = keep_budget(wn.numel(), keep_proportion)
+    u = torch.zeros_like(wn)
+    inv = hinv(rho)
+    z = wn
+    for _ in range(iters):
+        v = (wn + u).masked_fill(pruned, 0.0)
+        zw, keep = project_atlas((v.T / d), scaler, keep_bits, budget)
+        z = (zw * d).T
+        u = (wn + u) - z
+        wn = inv @ (b + rho * (z - u))
+        rho *= 1.3
+        u = u / 1.3
+        inv = hinv(rho)
+    v = (wn + u).masked_fill(pruned, 0.0)
+    zw, keep = project_atlas((v.T / d), scaler, keep_bits, budget)
+    # Refit the full-mantissa entries with everything else fixed: Hd_KK x_K = (Hd (w0 - base))_K.
+    free = keep.T & ~pruned
+    base = ((zw * d).T).masked_fill(free, 0.0)
+    x = pcg_on_support(hd, b - hd @ base, free, (zw * d).T, refit_iters)
+    w = ((base + x).T / d)
+    final = round_float16(w, free.T, keep_bits).float()  # full mantissa on the free set; band rule applies
+    return final, iters
