@@ -44,7 +44,7 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
-        "model": ["transformers>=4.45", "gguf>=0.10", "accelerate", "safetensors", "pyyaml", "tqdm",
+        "model": ["transformers>=4.56", "gguf>=0.10", "accelerate", "safetensors", "pyyaml", "tqdm",
                   "gensim"],
         "test": ["pytest", "hypothesis"],
         "bench": ["matplotlib"],
