@@ -1,0 +1,490 @@
+"""Quality benchmark: ADMM against magnitude, Wanda and SparseGPT on the built-in model and text.
+
+Follows benchmarks/BENCHMARKS.md (the protocol is binding): SmolLM2-135M-Instruct in float32, the
+Wikipedia sample's calibration windows (64 x 512, seed 0) for every method, perplexity on the first
+100 non-overlapping 512-token held-out windows. Each method prunes the whole model block by block
+(admm_sparse.pipeline.prune_model); we report perplexity, the dense perplexity of the same run, the
+mean relative layer output error, wall time, threads and versions. A second table prunes a few single
+layers from the dense model's captured calibration inputs and measures their relative output error
+on held-out tokens.
+
+    python benchmarks/quality.py                 # full protocol; writes RESULTS.md and the plot
+    python benchmarks/quality.py --resume        # continue an interrupted full run
+    python benchmarks/quality.py --quick         # a few blocks and windows; writes nothing by default
+
+Results of every finished run go to a JSON file as soon as the run ends, so a long run can be
+resumed and partial results reported.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # run as a script from anywhere
+
+from benchmarks.baselines import (  # noqa: E402
+    MagnitudePruner,
+    SparseGPTPruner,
+    WandaPruner,
+    relative_output_error,
+)
+
+BEGIN, END = "<!-- quality:begin -->", "<!-- quality:end -->"
+RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
+FIGURE = ROOT / "benchmarks" / "figures" / "quality_ppl.png"
+JSON_OUT = ROOT / "benchmarks" / "results" / "quality.json"
+DENSE_REFERENCE_PPL = 20.41  # BENCHMARKS.md's check of the set-up
+
+
+@dataclass(frozen=True)
+class Run:
+    """One whole-model pruning run."""
+
+    method: str  # magnitude | wanda | sparsegpt | admm
+    sparsity: float  # n/m for an N:M pattern
+    nm: tuple[int, int] | None = None
+    keep_bits: int | None = None  # ADMM's keep-bit rounding; None = off
+
+    @property
+    def key(self) -> str:
+        pattern = f"{self.nm[0]}:{self.nm[1]}" if self.nm else f"{self.sparsity:g}"
+        return f"{self.method}-{pattern}" + ("-round" if self.keep_bits is not None else "")
+
+    @property
+    def pattern(self) -> str:
+        return f"{self.nm[0]}:{self.nm[1]}" if self.nm else f"{self.sparsity:g}"
+
+    @property
+    def series(self) -> str:
+        """The plot's line (method, structure and rounding)."""
+        name = {"magnitude": "Magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT", "admm": "ADMM"}[self.method]
+        return name + (" + keep-bit rounding" if self.keep_bits is not None else "")
+
+
+def _unstructured(method, ratios, keep_bits=None):
+    return [Run(method, r, None, keep_bits) for r in ratios]
+
+
+FULL_RUNS = (
+    [r for m in ("magnitude", "wanda", "sparsegpt") for r in _unstructured(m, (0.3, 0.5, 0.7)) + [Run(m, 0.5, (2, 4))]]
+    + _unstructured("admm", (0.3, 0.5, 0.7))
+    + _unstructured("admm", (0.3, 0.5), keep_bits=2)
+)
+# The order in which a full run works through them: the comparisons that matter most first, so a
+# run cut short still answers "does ADMM beat SparseGPT at 0.5 / 0.7".
+PRIORITY = ["sparsegpt-0.5", "admm-0.5", "sparsegpt-0.7", "admm-0.7", "wanda-0.5", "admm-0.5-round",
+            "magnitude-0.5", "wanda-0.7", "sparsegpt-2:4", "wanda-2:4", "admm-0.3", "sparsegpt-0.3",
+            "admm-0.3-round", "wanda-0.3", "magnitude-0.7", "magnitude-2:4", "magnitude-0.3"]
+QUICK_RUNS = [Run("magnitude", 0.5), Run("wanda", 0.5, (2, 4)), Run("sparsegpt", 0.5), Run("sparsegpt", 0.5, (2, 4)),
+              Run("admm", 0.5), Run("admm", 0.5, None, 2)]
+
+FULL_LAYERS = ["model.layers.0.self_attn.q_proj", "model.layers.10.mlp.up_proj",
+               "model.layers.20.self_attn.o_proj", "model.layers.29.mlp.down_proj"]
+QUICK_LAYERS = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
+
+
+# ---------------------------------------------------------------- pruners
+
+
+class AdmmBaseline:
+    """AdmmPruner with a fixed keep-bit setting, in the protocol prune_model expects."""
+
+    def __init__(self, layer: nn.Linear, keep_bits: int | None):
+        from admm_sparse.layer import AdmmPruner
+
+        self.pruner = AdmmPruner(layer)
+        self.keep_bits = keep_bits
+
+    def add_batch(self, inp):
+        self.pruner.add_batch(inp)
+
+    def fasterprune(self, sparse_ratio):
+        return self.pruner.fasterprune(sparse_ratio, keep_bits=self.keep_bits)
+
+    def free(self):
+        self.pruner.free()
+
+
+def make_pruner_factory(run: Run):
+    """make_pruner(name, layer) for the pipeline."""
+    if run.method == "admm":
+        return lambda name, layer: AdmmBaseline(layer, run.keep_bits)
+    cls = {"magnitude": MagnitudePruner, "wanda": WandaPruner, "sparsegpt": SparseGPTPruner}[run.method]
+    n, m = run.nm or (0, 0)
+    return lambda name, layer: cls(layer, n, m)
+
+
+# ---------------------------------------------------------------- the measurements
+
+
+def _perplexity(model, heldout, args) -> float:
+    from admm_sparse.evaluate import perplexity
+
+    return perplexity(model, heldout, seq_len=args.eval_seq_len, num_windows=args.eval_windows, progress=False)
+
+
+def _prune_model(model, calib, run: Run, args) -> list[dict]:
+    """Prune the model's blocks in place with `run`'s method; returns the per-layer report dicts."""
+    from admm_sparse.config import FloatSparseConfig
+    from admm_sparse.pipeline import prune_model
+
+    include = ["*"] if args.blocks is None else [f"model.layers.{i}.*" for i in range(args.blocks)]
+    config = FloatSparseConfig(sparse_ratio=run.sparsity, include=include)
+    return prune_model(model, calib, config, make_pruner=make_pruner_factory(run), progress=False)
+
+
+@torch.no_grad()
+def _heldout_grams(model, heldout, names, windows, seq_len, batch_size=4):
+    """X^T X (float64) of the dense model's inputs to each named layer on the first held-out windows."""
+    ids = heldout[: windows * seq_len].reshape(-1, seq_len)
+    grams = {}
+
+    def hook(module, inputs, name):
+        x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
+        grams[name] = grams.get(name, 0) + x.T @ x
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(lambda m, i, n=n: hook(m, i, n)) for n in names]
+    try:
+        for start in range(0, len(ids), batch_size):
+            model.model(input_ids=ids[start:start + batch_size], use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return grams
+
+
+@torch.no_grad()
+def _capture_inputs(model, windows, names, batch_size=4):
+    """The dense model's inputs to each named layer, one [1, seq, d_in] tensor per window."""
+    captured = {name: [] for name in names}
+    handles = [model.get_submodule(name).register_forward_pre_hook(
+        lambda module, inputs, name=name: captured[name].extend(inputs[0].detach().split(1)))
+        for name in names]
+    try:
+        for start in range(0, len(windows), batch_size):
+            model.model(input_ids=windows[start:start + batch_size], use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return captured
+
+
+def layer_row(dense_weights, calib_inputs, heldout_grams, run: Run) -> dict:
+    """Prune single layers from the dense model's calibration inputs; error on held-out tokens."""
+    row = {}
+    for name, W0 in dense_weights.items():
+        layer = nn.Linear(W0.shape[1], W0.shape[0], bias=False)
+        layer.weight.data.copy_(W0)
+        pruner = make_pruner_factory(run)(name, layer)
+        for x in calib_inputs[name]:
+            pruner.add_batch(x)
+        report = pruner.fasterprune(run.sparsity)
+        pruner.free()
+        row[name] = dict(heldout_error=relative_output_error(W0, layer.weight.detach(), heldout_grams[name]),
+                         calib_error=report.relative_error, seconds=report.seconds)
+    print(f"  layer table {run.key}: " + ", ".join(f"{v['heldout_error']:.4f}" for v in row.values()), flush=True)
+    return row
+
+
+# ---------------------------------------------------------------- report
+
+
+def _fmt_time(seconds):
+    return f"{seconds:.0f}" if seconds >= 10 else f"{seconds:.1f}"
+
+
+def _run_from_dict(d: dict) -> Run:
+    return Run(**{**d, "nm": tuple(d["nm"]) if d["nm"] else None})
+
+
+def render_markdown(results: dict, figure_link: str | None) -> str:
+    """The section between the quality markers; figure_link is relative to the markdown file."""
+    env, proto, dense = results["env"], results["protocol"], results["dense"]
+    runs = {key: _run_from_dict(r["run"]) for key, r in results["runs"].items()}
+    check = abs(dense["perplexity"] / DENSE_REFERENCE_PPL - 1)
+    on_protocol = (proto["eval_windows"], proto["eval_seq_len"]) == (100, 512)
+    lines = [
+        BEGIN,
+        "## Quality: perplexity after whole-model pruning (SmolLM2-135M-Instruct, Wikipedia sample)",
+        "",
+        "Written by `benchmarks/quality.py`; command(s): " + "; ".join(f"`{c}`" for c in results["commands"]) + ".",
+        "",
+        ("Protocol: BENCHMARKS.md. " if proto["full"] else "**Quick mode, not the BENCHMARKS.md protocol.** ")
+        + f"Calibration {proto['calib_windows']} x {proto['calib_seq_len']} tokens "
+        f"(seed 0), the same windows for every method; perplexity on {proto['eval_windows']} x "
+        f"{proto['eval_seq_len']} held-out windows; float32; "
+        f"{'all 30 blocks' if proto['blocks'] is None else 'the first %d blocks only' % proto['blocks']} pruned "
+        f"(7 Linear layers each; `lm_head` and embeddings never). torch {env['torch']}, transformers "
+        f"{env['transformers']}, {env['threads']} threads, {env['cpu']}; {env['date']}.",
+        "",
+        f"Dense perplexity of this run: **{dense['perplexity']:.2f}** "
+        + (f"(BENCHMARKS.md: 20.41; {'within' if check <= 0.005 else 'NOT within'} 0.5%)" if on_protocol
+           else "(a reduced evaluation: not comparable with BENCHMARKS.md figures)")
+        + f", eval {_fmt_time(dense['eval_seconds'])} s.",
+        "",
+        "| Method | Sparsity | Keep-bit rounding | Perplexity | x dense | Mean rel. layer error | "
+        "Achieved sparsity | Prune time (s) | Eval time (s) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    order = {run.key: i for i, run in enumerate(FULL_RUNS + QUICK_RUNS)}
+    for key in sorted(runs, key=lambda k: order.get(k, 99)):
+        run, r = runs[key], results["runs"][key]
+        lines.append(
+            f"| {run.series.split(' +')[0]} | {run.pattern} | {'on (2 bits)' if run.keep_bits is not None else 'off'} "
+            f"| {r['perplexity']:.2f} | {r['perplexity'] / dense['perplexity']:.2f} | {r['mean_relative_error']:.4f} "
+            f"| {r['achieved_sparsity']:.4f} | {_fmt_time(r['prune_seconds'])} | {_fmt_time(r['eval_seconds'])} |")
+    missing = [run.key for run in FULL_RUNS if run.key not in runs]
+    if missing and proto["full"]:
+        lines += ["", "Not run (time): " + ", ".join(f"`{k}`" for k in missing) + "."]
+    lines += ["", "Mean rel. layer error: mean over the pruned layers of ||(W - W') X^T|| / ||W X^T|| on the "
+              "calibration inputs each layer saw (outputs of the already pruned blocks before it). Magnitude, "
+              "Wanda and SparseGPT are `benchmarks/baselines.py`; ADMM is `admm_sparse.layer.AdmmPruner` with "
+              "the SPEC defaults (keep-bit rounding as stated). SparseGPT's unstructured variant prunes exactly "
+              "int(numel x sparsity) weights per layer, Wanda int(d_in x sparsity) per output row; N:M is "
+              "per group of 4 consecutive inputs of a row."]
+    if figure_link is not None:
+        lines += ["", f"![perplexity vs sparsity]({figure_link})"]
+    lines += ["", _verdict(results, runs)]
+
+    table = results.get("layers")
+    if table:
+        names = list(next(iter(table.values())).keys())
+        lines += [
+            "", "### Layer level: relative output error on held-out tokens",
+            "",
+            f"Each layer is pruned on its own from the dense model's inputs on the same calibration windows; "
+            f"error ||(W - W') X^T|| / ||W X^T|| with X the dense model's inputs to that layer on the first "
+            f"{results.get('layer_heldout_windows', '?')} held-out windows of {proto['eval_seq_len']} tokens.",
+            "",
+            "| Method | Sparsity | Rounding | " + " | ".join(f"`{n.replace('model.layers.', 'L')}`" for n in names) + " |",
+            "|---|---|---|" + "---|" * len(names),
+        ]
+        for key in sorted(table, key=lambda k: order.get(k, 99)):
+            run = runs.get(key) or next(r for r in FULL_RUNS + QUICK_RUNS if r.key == key)
+            cells = " | ".join(f"{table[key][n]['heldout_error']:.4f}" for n in names)
+            lines.append(f"| {run.series.split(' +')[0]} | {run.pattern} | "
+                         f"{'on' if run.keep_bits is not None else 'off'} | {cells} |")
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def _verdict(results, runs) -> str:
+    """Plain words on ADMM against SparseGPT at 0.5 and 0.7."""
+    parts = []
+    for s in ("0.5", "0.7"):
+        a, g = results["runs"].get(f"admm-{s}"), results["runs"].get(f"sparsegpt-{s}")
+        if a and g:
+            better = "beats" if a["perplexity"] < g["perplexity"] else "does NOT beat"
+            parts.append(f"at {s}, ADMM {better} SparseGPT (perplexity {a['perplexity']:.2f} vs {g['perplexity']:.2f}; "
+                         f"mean layer error {a['mean_relative_error']:.4f} vs {g['mean_relative_error']:.4f})")
+        else:
+            parts.append(f"at {s}, not both measured")
+    return "**ADMM vs SparseGPT:** " + "; ".join(parts) + "."
+
+
+def write_section(path: Path, section: str) -> None:
+    """Replace the text between the quality markers, or append it; other sections are left alone."""
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        text = head + section + rest.split(END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+STYLE = {"Magnitude": ("tab:gray", "-"), "Wanda": ("tab:orange", "-"), "SparseGPT": ("tab:red", "-"),
+         "ADMM": ("tab:blue", "-"), "ADMM + keep-bit rounding": ("tab:cyan", "--")}
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dense = results["dense"]["perplexity"]
+    series: dict[str, list] = {}
+    nm_points = []
+    for r in results["runs"].values():
+        run = _run_from_dict(r["run"])
+        (nm_points if run.nm else series.setdefault(run.series, [(0.0, dense)])).append(
+            (run.sparsity, r["perplexity"], run.series) if run.nm else (run.sparsity, r["perplexity"]))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, pts in sorted(series.items(), key=lambda kv: list(STYLE).index(kv[0])):
+        pts.sort()
+        color, ls = STYLE[name]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=color, ls=ls, label=name)
+    for i, (s, ppl, name) in enumerate(sorted(nm_points, key=lambda p: list(STYLE).index(p[2]))):
+        ax.plot([s + 0.012 * (i - 1)], [ppl], marker="s", mfc="none", ms=8, ls="none", color=STYLE[name][0],
+                label=f"{name} 2:4")
+    ax.axhline(dense, color="grey", ls=":", lw=1, label=f"dense {dense:.2f}")
+    ax.set_yscale("log")
+    ax.set_xlabel("sparsity (2:4 drawn at 0.5, open squares)")
+    ax.set_ylabel("held-out perplexity (log scale)")
+    proto = results["protocol"]
+    ax.set_title(f"SmolLM2-135M, calib {proto['calib_windows']}x{proto['calib_seq_len']}, "
+                 f"eval {proto['eval_windows']}x{proto['eval_seq_len']}", fontsize=10)
+    ax.legend(fontsize=7)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- main
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="2 blocks, 16x128 calibration, 4x128 eval, 6 runs")
+    p.add_argument("--runs", help="whole-model runs to do, comma-separated keys (e.g. sparsegpt-0.5,admm-0.7,"
+                                  "wanda-2:4), or 'none'; default all. The layer table covers every run of the mode")
+    p.add_argument("--layer-windows", type=int, help="held-out windows for the layer table (default 16; quick 4)")
+    p.add_argument("--resume", action="store_true", help="keep the runs already in --json (same protocol)")
+    p.add_argument("--json", type=Path, help=f"results file (default {JSON_OUT.relative_to(ROOT)}; quick: none)")
+    p.add_argument("--write", action=argparse.BooleanOptionalAction, default=None,
+                   help="write RESULTS.md and the figure (default: on for a full run, off with --quick)")
+    p.add_argument("--results-md", type=Path, default=RESULTS_MD)
+    p.add_argument("--figure", type=Path, default=FIGURE)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-layer-table", dest="layer_table", action="store_false")
+    args = p.parse_args(argv)
+    quick = args.quick
+    args.calib_windows, args.calib_seq_len = (16, 128) if quick else (64, 512)
+    args.eval_windows, args.eval_seq_len = (4, 128) if quick else (100, 512)
+    args.blocks = 2 if quick else None
+    args.layers = QUICK_LAYERS if quick else FULL_LAYERS
+    all_runs = QUICK_RUNS if quick else sorted(FULL_RUNS, key=lambda r: PRIORITY.index(r.key))
+    args.table_runs = all_runs
+    if args.layer_windows is None:
+        args.layer_windows = 4 if quick else 16
+    if args.runs == "none":
+        all_runs = []
+    elif args.runs:
+        by_key = {r.key: r for r in FULL_RUNS + QUICK_RUNS}
+        unknown = [k for k in args.runs.split(",") if k not in by_key]
+        if unknown:
+            p.error(f"unknown run(s) {unknown}; known: {', '.join(by_key)}")
+        all_runs = [by_key[k] for k in args.runs.split(",")]
+    args.run_list = all_runs
+    if args.write is None:
+        args.write = not quick
+    if args.json is None and not quick:
+        args.json = JSON_OUT
+    return args
+
+
+def run_benchmark(args, argv) -> dict:
+    import transformers
+
+    from admm_sparse.builtin import load_builtin
+
+    torch.set_num_threads(args.threads)
+    command = "python benchmarks/quality.py" + ("" if not argv else " " + shlex.join(argv))
+    protocol = dict(calib_windows=args.calib_windows, calib_seq_len=args.calib_seq_len, eval_windows=args.eval_windows,
+                    eval_seq_len=args.eval_seq_len, blocks=args.blocks, full=not args.quick)
+    results = None
+    if args.resume and args.json and args.json.exists():
+        results = json.loads(args.json.read_text())
+        if results["protocol"] != protocol:
+            raise SystemExit(f"{args.json} holds another protocol ({results['protocol']}); drop --resume")
+    if results is None:
+        results = dict(protocol=protocol, commands=[], runs={}, layers={}, dense=None)
+    if command not in results["commands"]:
+        results["commands"].append(command)
+    results["env"] = dict(torch=torch.__version__, transformers=transformers.__version__,
+                          threads=torch.get_num_threads(), cpu=platform.processor() or platform.machine(),
+                          python=platform.python_version(), date=time.strftime("%Y-%m-%d"))
+
+    def save():
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(results, indent=1))
+
+    t0 = time.perf_counter()
+    data = load_builtin(num_calib=args.calib_windows, seq_len=args.calib_seq_len)
+    model = data.model
+    print(f"loaded in {time.perf_counter() - t0:.0f} s: calibration {tuple(data.calib.shape)}, "
+          f"held-out stream {data.heldout.numel()} tokens", flush=True)
+    dense_state = copy.deepcopy(model.state_dict())
+    dense_weights = {n: model.get_submodule(n).weight.detach().clone() for n in args.layers}
+
+    want_table = args.layer_table and any(r.key not in results["layers"] for r in args.table_runs)
+    if results["dense"] is None:
+        t = time.perf_counter()
+        ppl = _perplexity(model, data.heldout, args)
+        results["dense"] = dict(perplexity=ppl, eval_seconds=time.perf_counter() - t)
+        print(f"dense perplexity {ppl:.3f} ({results['dense']['eval_seconds']:.0f} s)", flush=True)
+        save()
+    for run in args.run_list:
+        if run.key in results["runs"]:
+            continue
+        model.load_state_dict(dense_state)
+        t = time.perf_counter()
+        reports = _prune_model(model, data.calib, run, args)
+        prune_s = time.perf_counter() - t
+        t = time.perf_counter()
+        ppl = _perplexity(model, data.heldout, args)
+        eval_s = time.perf_counter() - t
+        numel = sum(math.prod(r["shape"]) for r in reports)
+        results["runs"][run.key] = dict(
+            run=asdict(run), perplexity=ppl, prune_seconds=prune_s, eval_seconds=eval_s, layers=len(reports),
+            mean_relative_error=sum(r["relative_error"] for r in reports) / len(reports),
+            achieved_sparsity=sum(r["sparsity"] * math.prod(r["shape"]) for r in reports) / numel,
+            threads=torch.get_num_threads(),
+        )
+        print(f"{run.key}: perplexity {ppl:.3f}, mean layer error "
+              f"{results['runs'][run.key]['mean_relative_error']:.4f}, prune {prune_s:.0f} s, eval {eval_s:.0f} s",
+              flush=True)
+        save()
+    model.load_state_dict(dense_state)
+
+    if want_table:  # after the whole-model runs, which matter more if time runs out
+        t = time.perf_counter()
+        grams = _heldout_grams(model, data.heldout, args.layers, args.layer_windows, args.eval_seq_len)
+        results["layer_heldout_windows"] = args.layer_windows
+        inputs = _capture_inputs(model, data.calib, args.layers)
+        for run in args.table_runs:
+            if run.key not in results["layers"]:
+                results["layers"][run.key] = layer_row(dense_weights, inputs, grams, run)
+                save()
+        del inputs
+        print(f"layer table in {time.perf_counter() - t:.0f} s", flush=True)
+        save()
+    return results
+
+
+def main(argv=None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    results = run_benchmark(args, argv)
+    if args.write:
+        plot(results, args.figure)
+        link = Path(os.path.relpath(args.figure, args.results_md.parent)).as_posix()
+        write_section(args.results_md, render_markdown(results, link))
+        print(f"wrote {args.results_md} and {args.figure}")
+    else:
+        print(render_markdown(results, None))
+    return results
+
+
+if __name__ == "__main__":
+    main()

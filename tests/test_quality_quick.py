@@ -1,0 +1,98 @@
+"""The quality harness (benchmarks/quality.py): its report writing, and a --quick run on the real model."""
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is not an installed package
+
+from benchmarks import quality  # noqa: E402
+
+
+def fake_results(full=True):
+    run = lambda method, s, nm=None, kb=None, ppl=30.0, err=0.1: dict(  # noqa: E731
+        run=dict(method=method, sparsity=s, nm=list(nm) if nm else None, keep_bits=kb), perplexity=ppl,
+        prune_seconds=100.0, eval_seconds=50.0, layers=210, mean_relative_error=err, achieved_sparsity=s, threads=2)
+    return dict(
+        protocol=dict(calib_windows=64, calib_seq_len=512, eval_windows=100, eval_seq_len=512, blocks=None, full=full),
+        commands=["python benchmarks/quality.py"],
+        env=dict(torch="2.13.0", transformers="5", threads=2, cpu="x86_64", python="3.11", date="2026-01-01"),
+        dense=dict(perplexity=20.40, eval_seconds=140.0),
+        runs={
+            "sparsegpt-0.5": run("sparsegpt", 0.5, ppl=25.0, err=0.08),
+            "admm-0.5": run("admm", 0.5, ppl=24.0, err=0.07),
+            "sparsegpt-2:4": run("sparsegpt", 0.5, (2, 4), ppl=40.0),
+            "admm-0.5-round": run("admm", 0.5, kb=2, ppl=24.5),
+            "magnitude-0.7": run("magnitude", 0.7, ppl=5000.0),
+        },
+        layers={"admm-0.5": {"model.layers.0.self_attn.q_proj": dict(heldout_error=0.05, calib_error=0.04, seconds=1)}},
+        layer_heldout_windows=16,
+    )
+
+
+def test_markdown_names_everything_and_states_the_verdict():
+    md = quality.render_markdown(fake_results(), "figures/quality_ppl.png")
+    assert md.startswith(quality.BEGIN) and md.endswith(quality.END)
+    assert "`python benchmarks/quality.py`" in md and "2.13.0" in md and "2 threads" in md
+    assert "**20.40** (BENCHMARKS.md: 20.41; within 0.5%)" in md
+    assert "| ADMM | 0.5 | on (2 bits) | 24.50 |" in md and "| SparseGPT | 2:4 | off | 40.00 |" in md
+    assert "at 0.5, ADMM beats SparseGPT (perplexity 24.00 vs 25.00" in md
+    assert "at 0.7, not both measured" in md
+    assert "Not run (time):" in md and "`wanda-0.3`" in md
+    assert "![perplexity vs sparsity](figures/quality_ppl.png)" in md
+    assert "| ADMM | 0.5 | off | 0.0500 |" in md and "first 16 held-out windows" in md  # the layer table
+    quick = quality.render_markdown(fake_results(full=False), None)
+    assert "Quick mode, not the BENCHMARKS.md protocol" in quick and "Not run" not in quick
+
+
+def test_write_section_only_touches_its_markers(tmp_path):
+    path = tmp_path / "RESULTS.md"
+    quality.write_section(path, f"{quality.BEGIN}\nfirst\n{quality.END}")
+    assert path.read_text().startswith("# Benchmark results")
+    other = "\n<!-- speed:begin -->\nspeed table\n<!-- speed:end -->\n"
+    path.write_text(path.read_text() + other)
+    quality.write_section(path, f"{quality.BEGIN}\nsecond\n{quality.END}")
+    text = path.read_text()
+    assert "second" in text and "first" not in text and "speed table" in text
+    assert text.count(quality.BEGIN) == 1
+
+
+def test_plot_writes_a_png(tmp_path):
+    out = tmp_path / "figs" / "q.png"
+    quality.plot(fake_results(), out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_arguments():
+    quick = quality.parse_args(["--quick"])
+    assert not quick.write and quick.json is None and quick.blocks == 2
+    full = quality.parse_args(["--runs", "admm-0.7,sparsegpt-2:4"])
+    assert full.write and full.json == quality.JSON_OUT and (full.eval_windows, full.eval_seq_len) == (100, 512)
+    assert [r.key for r in full.run_list] == ["admm-0.7", "sparsegpt-2:4"]
+    assert len(full.table_runs) == len(quality.FULL_RUNS) == 17
+    assert quality.parse_args(["--runs", "none"]).run_list == []
+    with pytest.raises(SystemExit):
+        quality.parse_args(["--runs", "admm-0.9"])
+
+
+@pytest.mark.slow
+def test_quick_run_end_to_end(tmp_path, monkeypatch):
+    """--quick on the real model and text: every run finishes with sane numbers and nothing is written."""
+    calls = []
+    monkeypatch.setattr(quality, "write_section", lambda *a: calls.append("md"))
+    monkeypatch.setattr(quality, "plot", lambda *a: calls.append("png"))
+    out = tmp_path / "q.json"
+    results = quality.main(["--quick", "--threads", "1", "--json", str(out)])  # as the rest of the suite
+    assert calls == [] and out.exists()
+    assert math.isfinite(results["dense"]["perplexity"]) and results["dense"]["perplexity"] > 1
+    assert set(results["runs"]) == {r.key for r in quality.QUICK_RUNS}
+    for key, r in results["runs"].items():
+        assert math.isfinite(r["perplexity"]) and r["perplexity"] > 1, key
+        assert r["layers"] == 14 and r["achieved_sparsity"] == pytest.approx(0.5, abs=1e-3), key
+        assert 0 < r["mean_relative_error"] < 1, key
+    assert set(results["layers"]) == set(results["runs"])
+    for row in results["layers"].values():
+        assert set(row) == set(quality.QUICK_LAYERS)
+        assert all(0 < v["heldout_error"] < 1.5 for v in row.values())
