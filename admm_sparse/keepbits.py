@@ -19,11 +19,26 @@ _MAG = 0x7FFF
 _INF = 0x7C00
 
 
+# Elements per slice of the elementwise rounding: bounds its int32 temporaries to a few MiB whatever
+# the layer's size (they were ~6 full-size int32 copies at once).
+_SLICE = 1 << 20
+
+
 def round_float16(w: torch.Tensor, keep: torch.Tensor | None = None, keep_bits: int = 2) -> torch.Tensor:
     """Round w (any float dtype) to keep_bits mantissa bits in float16; entries where keep is True keep
     their full mantissa. The small-exponent band (-15 < e < keep_bits - 10) snaps to 1 or 2 everywhere."""
     if not 0 <= keep_bits <= 10:
         raise ValueError(f"keep_bits must be in [0, 10], got {keep_bits}")
+    flat_w = w.reshape(-1)
+    flat_keep = None if keep is None else keep.reshape(-1)
+    out = torch.empty(flat_w.shape, dtype=torch.float16, device=w.device)
+    for start in range(0, flat_w.numel(), _SLICE):
+        part = slice(start, start + _SLICE)
+        out[part] = _round_slice(flat_w[part], None if flat_keep is None else flat_keep[part], keep_bits)
+    return out.view(w.shape)
+
+
+def _round_slice(w: torch.Tensor, keep: torch.Tensor | None, keep_bits: int) -> torch.Tensor:
     bits = w.to(torch.float16).view(torch.int16).to(torch.int32) & 0xFFFF
     sign = bits & _SIGN
     mag = bits & _MAG

@@ -97,3 +97,12 @@ def test_apply_keepbits_keeps_zeros_and_dtype():
     assert out.dtype == torch.bfloat16
     assert (out[:, ::3] == 0).all()
     assert int((out == 0).sum()) >= int((w == 0).sum())
+
+
+def test_round_in_slices_equals_one_pass(monkeypatch):
+    keep = torch.rand(ALL_FLOAT16.shape, generator=torch.Generator().manual_seed(5)) < 0.3
+    whole = keepbits.round_float16(ALL_FLOAT16, keep)
+    monkeypatch.setattr(keepbits, "_SLICE", 1000)  # many slices, a ragged last one
+    grid = ALL_FLOAT16[:63489].view(-1, 3)[:, :2]  # a non-contiguous 2-D view
+    sliced = keepbits.round_float16(grid, keep[:63489].view(-1, 3)[:, :2])
+    assert torch.equal(sliced, whole[:63489].view(-1, 3)[:, :2])
