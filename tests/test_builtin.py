@@ -57,17 +57,8 @@ def test_missing_package_says_how_to_install(monkeypatch):
         builtin.builtin_model_file()
 
 
-@pytest.fixture()
-def one_thread():
-    """On a CPU shared with other work, two torch threads stall at every parallel op; one thread runs steadily."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.slow
-def test_real_smollm2_protocol_and_two_pruned_blocks(one_thread):
+def test_real_smollm2_protocol_and_two_pruned_blocks():
     """The real model: protocol streams, a cheap dense-perplexity invariant, and ADMM on blocks 0-1."""
     from admm_sparse.config import FloatSparseConfig
     from admm_sparse.evaluate import perplexity

@@ -14,14 +14,6 @@ from admm_sparse.export import atlas
 from test_export import TEXT, tiny_model, tiny_tokenizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a busy CPU every parallel op can stall for a time slice."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):

@@ -16,14 +16,6 @@ from admm_sparse.pipeline import prune_model
 TEXT = "The quick brown fox jumps over the lazy dog; pruning keeps the large weights. " * 20
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a busy CPU every parallel op can stall for a time slice."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def tiny_tokenizer():
     from tokenizers import ByteLevelBPETokenizer

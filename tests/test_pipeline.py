@@ -22,14 +22,6 @@ CONFIGS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a busy CPU every parallel op can stall for a time slice."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def tiny_model(family="llama", layers=2, seed=0):
     """A randomly initialised causal LM of a few blocks: seconds to prune, no download."""
