@@ -240,7 +240,9 @@ def render_markdown(results: dict, figure_link: str | None) -> str:
         "Achieved sparsity | Prune time (s) | Eval time (s) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    order = {run.key: i for i, run in enumerate(FULL_RUNS + QUICK_RUNS)}
+    order = {}
+    for run in FULL_RUNS + QUICK_RUNS:
+        order.setdefault(run.key, len(order))
     for key in sorted(runs, key=lambda k: order.get(k, 99)):
         run, r = runs[key], results["runs"][key]
         lines.append(
@@ -255,7 +257,8 @@ def render_markdown(results: dict, figure_link: str | None) -> str:
               "Wanda and SparseGPT are `benchmarks/baselines.py`; ADMM is `admm_sparse.layer.AdmmPruner` with "
               "the SPEC defaults (keep-bit rounding as stated). SparseGPT's unstructured variant prunes exactly "
               "int(numel x sparsity) weights per layer, Wanda int(d_in x sparsity) per output row; N:M is "
-              "per group of 4 consecutive inputs of a row."]
+              "per group of 4 consecutive inputs of a row. Times are wall-clock seconds on a 2-core machine "
+              "that other jobs may share: they vary with its load and compare rows only roughly."]
     if figure_link is not None:
         lines += ["", f"![perplexity vs sparsity]({figure_link})"]
     lines += ["", _verdict(results, runs)]
