@@ -17,10 +17,10 @@ from .keepbits import apply_keepbits
 # mask structure ("unstructured": the seed's global selection; "per_row"; "N:M" such as "2:4").
 # mode="quality" (admm_sparse.quality): ADMM until the mask settles + exact refit; its own knobs below, and
 # percdamp 0.01 unless given (measured better than 0.1 there). round_in_admm None: on in quality mode when
-# keep_bits is set.
+# keep_bits is set; it rounds with error compensation on the solver's support (quality.round_with_feedback).
 DEFAULT_OPTIONS = dict(keep_bits=2, keep_proportion=0.02, percdamp=0.1, prune_iters=15, iters=20, rho=1.0,
                        mask_structure="unstructured", mode="seed", round_in_admm=None, quality_rho=0.1,
-                       quality_max_iters=300, quality_check_every=3, refit_iters=200, round_iters=20)
+                       quality_max_iters=300, quality_check_every=3, refit_iters=200)
 QUALITY_PERCDAMP = 0.01
 MODES = ("seed", "quality")
 DEFAULT_SPARSE_RATIO = 0.3
@@ -39,12 +39,13 @@ class PruneReport:
     mode: str = "seed"
     mask_structure: str = "unstructured"
     # quality mode only: ADMM iterations, final rho, relative output error (before keep-bit rounding) of the
-    # ADMM's projected iterate and after the refit on its support; rounding-in-ADMM iterations.
+    # ADMM's projected iterate and after the refit on its support.
+    # round_in_admm only: relative output error of the solver's weight before it was rounded.
     iterations: int | None = None
     final_rho: float | None = None
     error_before_refit: float | None = None
     error_after_refit: float | None = None
-    round_iterations: int | None = None
+    error_before_rounding: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -137,9 +138,9 @@ def check_options(options: dict) -> dict:
         raise ValueError(f"round_in_admm must be True, False or None (auto), got {opts['round_in_admm']!r}")
     if opts["round_in_admm"] and opts["keep_bits"] is None:
         raise ValueError("round_in_admm=True needs keep_bits (it rounds to the keep-bit grid)")
-    for name in ("quality_max_iters", "quality_check_every", "refit_iters", "round_iters"):
+    for name in ("quality_max_iters", "quality_check_every", "refit_iters"):
         v = opts[name]
-        if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name in ("refit_iters", "round_iters") else 1):
+        if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "refit_iters" else 1):
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
     if not (math.isfinite(opts["quality_rho"]) and opts["quality_rho"] > 0):
         raise ValueError(f"quality_rho must be finite and > 0, got {opts['quality_rho']}")
@@ -251,7 +252,7 @@ class AdmmPruner:
         from . import quality
 
         parsed = parse_mask_structure(structure)
-        if opts["mode"] == "seed":  # the seed's ADMM, then rounding inside ADMM on its support
+        if opts["mode"] == "seed":  # the seed's ADMM, then rounding with compensation on its support
             seed_w, _, _ = _ops.admm_prune(self.H, old.float(), k, opts["percdamp"], opts["rho"], opts["iters"],
                                            opts["prune_iters"], native_structure(structure))
             ctx = quality.make_context(self.H, old.float(), opts["percdamp"])
@@ -267,14 +268,15 @@ class AdmmPruner:
             wn, pruned, ctx, info = quality.admm_quality(
                 self.H, old.float(), k, parsed, opts["percdamp"], opts["quality_rho"], opts["quality_max_iters"],
                 opts["quality_check_every"], opts["refit_iters"], seed_candidate=seed_w)
+        error_before_rounding = None
         if opts["round_in_admm"]:
             if not torch.isfinite((wn.T / ctx["d"]).to(torch.float16)).all():
                 raise ValueError("the pruned weight has values beyond float16's range, which keep-bit rounding "
                                  "(float16 for the Atlas card) cannot represent; pass keep_bits=None")
-            w, rounds = quality.round_in_admm(wn, pruned, ctx, self.scaler, opts["keep_bits"],
-                                              opts["keep_proportion"], opts["round_iters"], opts["refit_iters"])
+            w = quality.round_with_feedback(wn, pruned, ctx, opts["keep_bits"], opts["keep_proportion"],
+                                            opts["refit_iters"])
             new = w.to(old.dtype)
-            info.round_iterations = rounds
+            error_before_rounding = info.error_after_refit
         else:
             new = (wn.T / ctx["d"]).to(old.dtype)
         if not torch.isfinite(new).all():
@@ -283,7 +285,7 @@ class AdmmPruner:
         dense = torch.tensor(ctx["dense"] * 1.0)
         extra = dict(iterations=info.iterations, final_rho=info.final_rho,
                      error_before_refit=info.error_before_refit, error_after_refit=info.error_after_refit,
-                     round_iterations=info.round_iterations if opts["round_in_admm"] else None)
+                     error_before_rounding=error_before_rounding)
         return new, damping, dense, extra
 
     def free(self) -> None:
