@@ -58,39 +58,62 @@ class Run:
     sparsity: float  # n/m for an N:M pattern
     nm: tuple[int, int] | None = None
     keep_bits: int | None = None  # ADMM's keep-bit rounding; None = off
+    mode: str = "seed"  # ADMM's mode: seed | quality
+    round_in_admm: bool = False  # ADMM: rounding with compensation inside the solver instead of post hoc
 
     @property
     def key(self) -> str:
-        pattern = f"{self.nm[0]}:{self.nm[1]}" if self.nm else f"{self.sparsity:g}"
-        return f"{self.method}-{pattern}" + ("-round" if self.keep_bits is not None else "")
+        mode = "-quality" if self.mode == "quality" else ""
+        rounding = "" if self.keep_bits is None else "-round-in-admm" if self.round_in_admm else "-round"
+        return f"{self.method}{mode}-{self.pattern}{rounding}"
 
     @property
     def pattern(self) -> str:
         return f"{self.nm[0]}:{self.nm[1]}" if self.nm else f"{self.sparsity:g}"
 
     @property
-    def series(self) -> str:
-        """The plot's line (method, structure and rounding)."""
+    def method_name(self) -> str:
         name = {"magnitude": "Magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT", "admm": "ADMM"}[self.method]
-        return name + (" + keep-bit rounding" if self.keep_bits is not None else "")
+        return name + (" quality" if self.mode == "quality" else "")
+
+    @property
+    def rounding(self) -> str:
+        return "off" if self.keep_bits is None else "in ADMM" if self.round_in_admm else "post hoc"
+
+    @property
+    def series(self) -> str:
+        """The plot's line (method, mode and rounding)."""
+        return self.method_name + ("" if self.keep_bits is None else f" + rounding {self.rounding}")
 
 
-def _unstructured(method, ratios, keep_bits=None):
-    return [Run(method, r, None, keep_bits) for r in ratios]
+def _unstructured(method, ratios, **kw):
+    return [Run(method, r, None, **kw) for r in ratios]
+
+
+def _nm(method, patterns=((2, 4), (4, 8)), **kw):
+    return [Run(method, n / m, (n, m), **kw) for n, m in patterns]
 
 
 FULL_RUNS = (
-    [r for m in ("magnitude", "wanda", "sparsegpt") for r in _unstructured(m, (0.3, 0.5, 0.7)) + [Run(m, 0.5, (2, 4))]]
+    [r for m in ("magnitude", "wanda", "sparsegpt") for r in _unstructured(m, (0.3, 0.5, 0.7)) + _nm(m, ((2, 4),))]
     + _unstructured("admm", (0.3, 0.5, 0.7))
     + _unstructured("admm", (0.3, 0.5), keep_bits=2)
+    # issue 7: quality mode, ADMM's N:M, 0.8, rounding inside ADMM; the baselines' 4:8
+    + _unstructured("admm", (0.8,)) + _unstructured("admm", (0.5, 0.7, 0.8), mode="quality")
+    + _nm("admm") + _nm("admm", mode="quality") + _nm("sparsegpt", ((4, 8),)) + _nm("wanda", ((4, 8),))
+    + _unstructured("admm", (0.3, 0.5), keep_bits=2, round_in_admm=True)
 )
 # The order in which a full run works through them: the comparisons that matter most first, so a
 # run cut short still answers "does ADMM beat SparseGPT at 0.5 / 0.7".
 PRIORITY = ["sparsegpt-0.5", "admm-0.5", "sparsegpt-0.7", "admm-0.7", "wanda-0.5", "admm-0.5-round",
             "magnitude-0.5", "wanda-0.7", "sparsegpt-2:4", "wanda-2:4", "admm-0.3", "sparsegpt-0.3",
-            "admm-0.3-round", "wanda-0.3", "magnitude-0.7", "magnitude-2:4", "magnitude-0.3"]
+            "admm-0.3-round", "wanda-0.3", "magnitude-0.7", "magnitude-2:4", "magnitude-0.3",
+            "admm-quality-0.7", "admm-2:4", "admm-0.3-round-in-admm", "admm-quality-0.5", "admm-quality-2:4",
+            "admm-0.5-round-in-admm", "admm-0.8", "admm-quality-0.8", "sparsegpt-4:8", "wanda-4:8", "admm-4:8",
+            "admm-quality-4:8"]
 QUICK_RUNS = [Run("magnitude", 0.5), Run("wanda", 0.5, (2, 4)), Run("sparsegpt", 0.5), Run("sparsegpt", 0.5, (2, 4)),
-              Run("admm", 0.5), Run("admm", 0.5, None, 2)]
+              Run("admm", 0.5), Run("admm", 0.5, None, 2), Run("admm", 0.5, (2, 4), mode="quality"),
+              Run("admm", 0.5, None, 2, round_in_admm=True)]
 
 FULL_LAYERS = ["model.layers.0.self_attn.q_proj", "model.layers.10.mlp.up_proj",
                "model.layers.20.self_attn.o_proj", "model.layers.29.mlp.down_proj"]
@@ -101,19 +124,20 @@ QUICK_LAYERS = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj
 
 
 class AdmmBaseline:
-    """AdmmPruner with a fixed keep-bit setting, in the protocol prune_model expects."""
+    """AdmmPruner with a run's options, in the protocol prune_model expects."""
 
-    def __init__(self, layer: nn.Linear, keep_bits: int | None):
+    def __init__(self, layer: nn.Linear, run: Run):
         from admm_sparse.layer import AdmmPruner
 
         self.pruner = AdmmPruner(layer)
-        self.keep_bits = keep_bits
+        self.options = dict(keep_bits=run.keep_bits, mode=run.mode, round_in_admm=run.round_in_admm,
+                            mask_structure=run.pattern if run.nm else "unstructured")
 
     def add_batch(self, inp):
         self.pruner.add_batch(inp)
 
     def fasterprune(self, sparse_ratio):
-        return self.pruner.fasterprune(sparse_ratio, keep_bits=self.keep_bits)
+        return self.pruner.fasterprune(sparse_ratio, **self.options)
 
     def free(self):
         self.pruner.free()
@@ -122,7 +146,7 @@ class AdmmBaseline:
 def make_pruner_factory(run: Run):
     """make_pruner(name, layer) for the pipeline."""
     if run.method == "admm":
-        return lambda name, layer: AdmmBaseline(layer, run.keep_bits)
+        return lambda name, layer: AdmmBaseline(layer, run)
     cls = {"magnitude": MagnitudePruner, "wanda": WandaPruner, "sparsegpt": SparseGPTPruner}[run.method]
     n, m = run.nm or (0, 0)
     return lambda name, layer: cls(layer, n, m)
@@ -236,7 +260,7 @@ def render_markdown(results: dict, figure_link: str | None) -> str:
            else "(a reduced evaluation: not comparable with BENCHMARKS.md figures)")
         + f", eval {_fmt_time(dense['eval_seconds'])} s.",
         "",
-        "| Method | Sparsity | Keep-bit rounding | Perplexity | x dense | Mean rel. layer error | "
+        "| Method | Sparsity | Keep-bit rounding (2 bits) | Perplexity | x dense | Mean rel. layer error | "
         "Achieved sparsity | Prune time (s) | Eval time (s) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -246,7 +270,7 @@ def render_markdown(results: dict, figure_link: str | None) -> str:
     for key in sorted(runs, key=lambda k: order.get(k, 99)):
         run, r = runs[key], results["runs"][key]
         lines.append(
-            f"| {run.series.split(' +')[0]} | {run.pattern} | {'on (2 bits)' if run.keep_bits is not None else 'off'} "
+            f"| {run.method_name} | {run.pattern} | {run.rounding} "
             f"| {r['perplexity']:.2f} | {r['perplexity'] / dense['perplexity']:.2f} | {r['mean_relative_error']:.4f} "
             f"| {r['achieved_sparsity']:.4f} | {_fmt_time(r['prune_seconds'])} | {_fmt_time(r['eval_seconds'])} |")
     missing = [run.key for run in FULL_RUNS if run.key not in runs]
@@ -255,9 +279,10 @@ def render_markdown(results: dict, figure_link: str | None) -> str:
     lines += ["", "Mean rel. layer error: mean over the pruned layers of ||(W - W') X^T|| / ||W X^T|| on the "
               "calibration inputs each layer saw (outputs of the already pruned blocks before it). Magnitude, "
               "Wanda and SparseGPT are `benchmarks/baselines.py`; ADMM is `admm_sparse.layer.AdmmPruner` with "
-              "the SPEC defaults (keep-bit rounding as stated). SparseGPT's unstructured variant prunes exactly "
-              "int(numel x sparsity) weights per layer, Wanda int(d_in x sparsity) per output row; N:M is "
-              "per group of 4 consecutive inputs of a row. Times are wall-clock seconds on a 2-core machine "
+              "the SPEC defaults (keep-bit rounding as stated: post hoc is the SPEC's, in ADMM is "
+              "`round_in_admm=True`), ADMM quality is `mode=\"quality\"` with its defaults. SparseGPT's "
+              "unstructured variant prunes exactly int(numel x sparsity) weights per layer, Wanda "
+              "int(d_in x sparsity) per output row; N:M is per group of M consecutive inputs of a row. Times are wall-clock seconds on a 2-core machine "
               "that other jobs may share: they vary with its load and compare rows only roughly."]
     if figure_link is not None:
         lines += ["", f"![perplexity vs sparsity]({figure_link})"]
@@ -279,8 +304,7 @@ def render_markdown(results: dict, figure_link: str | None) -> str:
         for key in sorted(table, key=lambda k: order.get(k, 99)):
             run = runs.get(key) or next(r for r in FULL_RUNS + QUICK_RUNS if r.key == key)
             cells = " | ".join(f"{table[key][n]['heldout_error']:.4f}" for n in names)
-            lines.append(f"| {run.series.split(' +')[0]} | {run.pattern} | "
-                         f"{'on' if run.keep_bits is not None else 'off'} | {cells} |")
+            lines.append(f"| {run.method_name} | {run.pattern} | {run.rounding} | {cells} |")
     lines.append(END)
     return "\n".join(lines)
 
@@ -296,7 +320,38 @@ def _verdict(results, runs) -> str:
                          f"mean layer error {a['mean_relative_error']:.4f} vs {g['mean_relative_error']:.4f})")
         else:
             parts.append(f"at {s}, not both measured")
-    return "**ADMM vs SparseGPT:** " + "; ".join(parts) + "."
+    return "**ADMM vs SparseGPT:** " + "; ".join(parts) + ".\n\n" + _targets(results["runs"])
+
+
+def _targets(r: dict) -> str:
+    """Issue 7's targets on this benchmark, met or missed, with the numbers."""
+    def ppl(key):
+        return r[key]["perplexity"] if key in r else None
+
+    def line(what, keys, check, numbers):
+        if any(k not in r for k in keys):
+            return f"- {what}: not measured (needs {', '.join(f'`{k}`' for k in keys if k not in r)})."
+        return f"- {what}: **{'met' if check() else 'missed'}** ({numbers()})."
+
+    lines = ["**Targets (issue 7):**",
+             line("quality mode at 0.7 at most 0.8x the seed mode's perplexity", ["admm-quality-0.7", "admm-0.7"],
+                  lambda: ppl("admm-quality-0.7") <= 0.8 * ppl("admm-0.7"),
+                  lambda: f"{ppl('admm-quality-0.7'):.2f} vs {ppl('admm-0.7'):.2f}: "
+                          f"{ppl('admm-quality-0.7') / ppl('admm-0.7'):.2f}x"),
+             line("ADMM 2:4 below SparseGPT 2:4", ["admm-2:4", "sparsegpt-2:4"],
+                  lambda: ppl("admm-2:4") < ppl("sparsegpt-2:4"),
+                  lambda: f"{ppl('admm-2:4'):.2f} vs {ppl('sparsegpt-2:4'):.2f}"
+                          + (f"; quality mode {ppl('admm-quality-2:4'):.2f}" if "admm-quality-2:4" in r else "")),
+             line("rounding inside ADMM at most half the perplexity cost of post-hoc rounding at 0.3",
+                  ["admm-0.3", "admm-0.3-round", "admm-0.3-round-in-admm"],
+                  lambda: ppl("admm-0.3-round-in-admm") - ppl("admm-0.3") <= 0.5 * (ppl("admm-0.3-round") - ppl("admm-0.3")),
+                  lambda: f"cost {ppl('admm-0.3-round-in-admm') - ppl('admm-0.3'):+.2f} vs "
+                          f"{ppl('admm-0.3-round') - ppl('admm-0.3'):+.2f} over {ppl('admm-0.3'):.2f}"),
+             line("quality mode's pruning time at most 3x the seed mode's (0.7)", ["admm-quality-0.7", "admm-0.7"],
+                  lambda: r["admm-quality-0.7"]["prune_seconds"] <= 3 * r["admm-0.7"]["prune_seconds"],
+                  lambda: f"{r['admm-quality-0.7']['prune_seconds']:.0f} s vs {r['admm-0.7']['prune_seconds']:.0f} s "
+                          "whole-model pruning, forward passes included; times vary with the machine's load")]
+    return "\n".join(lines)
 
 
 def write_section(path: Path, section: str) -> None:
@@ -312,7 +367,10 @@ def write_section(path: Path, section: str) -> None:
 
 
 STYLE = {"Magnitude": ("tab:gray", "-"), "Wanda": ("tab:orange", "-"), "SparseGPT": ("tab:red", "-"),
-         "ADMM": ("tab:blue", "-"), "ADMM + keep-bit rounding": ("tab:cyan", "--")}
+         "ADMM": ("tab:blue", "-"), "ADMM quality": ("tab:green", "-"),
+         "ADMM + rounding post hoc": ("tab:cyan", "--"), "ADMM + rounding in ADMM": ("navy", ":"),
+         "ADMM quality + rounding in ADMM": ("tab:olive", ":")}
+NM_MARKERS = {"2:4": "s", "4:8": "D"}
 
 
 def plot(results: dict, path: Path) -> None:
@@ -326,24 +384,27 @@ def plot(results: dict, path: Path) -> None:
     nm_points = []
     for r in results["runs"].values():
         run = _run_from_dict(r["run"])
-        (nm_points if run.nm else series.setdefault(run.series, [(0.0, dense)])).append(
-            (run.sparsity, r["perplexity"], run.series) if run.nm else (run.sparsity, r["perplexity"]))
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+        if run.nm:
+            nm_points.append((run, r["perplexity"]))
+        else:
+            series.setdefault(run.series, [(0.0, dense)]).append((run.sparsity, r["perplexity"]))
+    fig, ax = plt.subplots(figsize=(7.5, 5))
     for name, pts in sorted(series.items(), key=lambda kv: list(STYLE).index(kv[0])):
         pts.sort()
         color, ls = STYLE[name]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=color, ls=ls, label=name)
-    for i, (s, ppl, name) in enumerate(sorted(nm_points, key=lambda p: list(STYLE).index(p[2]))):
-        ax.plot([s + 0.012 * (i - 1)], [ppl], marker="s", mfc="none", ms=8, ls="none", color=STYLE[name][0],
-                label=f"{name} 2:4")
+    nm_points.sort(key=lambda p: (p[0].pattern, list(STYLE).index(p[0].series)))
+    for i, (run, ppl) in enumerate(nm_points):  # all N:M patterns sit at 0.5; spread them a little
+        ax.plot([run.sparsity + 0.01 * (i - len(nm_points) / 2)], [ppl], marker=NM_MARKERS.get(run.pattern, "^"),
+                mfc="none", ms=7, ls="none", color=STYLE[run.series][0], label=f"{run.series} {run.pattern}")
     ax.axhline(dense, color="grey", ls=":", lw=1, label=f"dense {dense:.2f}")
     ax.set_yscale("log")
-    ax.set_xlabel("sparsity (2:4 drawn at 0.5, open squares)")
+    ax.set_xlabel("sparsity (N:M drawn near 0.5: 2:4 open squares, 4:8 open diamonds)")
     ax.set_ylabel("held-out perplexity (log scale)")
     proto = results["protocol"]
     ax.set_title(f"SmolLM2-135M, calib {proto['calib_windows']}x{proto['calib_seq_len']}, "
                  f"eval {proto['eval_windows']}x{proto['eval_seq_len']}", fontsize=10)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6, ncol=2)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -357,7 +418,7 @@ def plot(results: dict, path: Path) -> None:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="2 blocks, 16x128 calibration, 4x128 eval, 6 runs")
+    p.add_argument("--quick", action="store_true", help="2 blocks, 16x128 calibration, 4x128 eval, 8 runs")
     p.add_argument("--runs", help="whole-model runs to do, comma-separated keys (e.g. sparsegpt-0.5,admm-0.7,"
                                   "wanda-2:4), or 'none'; default all. The layer table covers every run of the mode")
     p.add_argument("--layer-windows", type=int, help="held-out windows for the layer table (default 16; quick 4)")

@@ -12,9 +12,9 @@ from benchmarks import quality  # noqa: E402
 
 
 def fake_results(full=True):
-    run = lambda method, s, nm=None, kb=None, ppl=30.0, err=0.1: dict(  # noqa: E731
-        run=dict(method=method, sparsity=s, nm=list(nm) if nm else None, keep_bits=kb), perplexity=ppl,
-        prune_seconds=100.0, eval_seconds=50.0, layers=210, mean_relative_error=err, achieved_sparsity=s, threads=2)
+    run = lambda method, s, nm=None, kb=None, ppl=30.0, err=0.1, secs=100.0, **kw: dict(  # noqa: E731
+        run=dict(method=method, sparsity=s, nm=list(nm) if nm else None, keep_bits=kb, **kw), perplexity=ppl,
+        prune_seconds=secs, eval_seconds=50.0, layers=210, mean_relative_error=err, achieved_sparsity=s, threads=2)
     return dict(
         protocol=dict(calib_windows=64, calib_seq_len=512, eval_windows=100, eval_seq_len=512, blocks=None, full=full),
         commands=["python benchmarks/quality.py"],
@@ -26,6 +26,12 @@ def fake_results(full=True):
             "sparsegpt-2:4": run("sparsegpt", 0.5, (2, 4), ppl=40.0),
             "admm-0.5-round": run("admm", 0.5, kb=2, ppl=24.5),
             "magnitude-0.7": run("magnitude", 0.7, ppl=5000.0),
+            "admm-0.7": run("admm", 0.7, ppl=100.0),
+            "admm-quality-0.7": run("admm", 0.7, ppl=79.0, secs=350.0, mode="quality"),
+            "admm-2:4": run("admm", 0.5, (2, 4), ppl=41.0),
+            "admm-0.3": run("admm", 0.3, ppl=22.0),
+            "admm-0.3-round": run("admm", 0.3, kb=2, ppl=24.0),
+            "admm-0.3-round-in-admm": run("admm", 0.3, kb=2, ppl=23.2, round_in_admm=True),
         },
         layers={"admm-0.5": {"model.layers.0.self_attn.q_proj": dict(heldout_error=0.05, calib_error=0.04, seconds=1)}},
         layer_heldout_windows=16,
@@ -37,9 +43,15 @@ def test_markdown_names_everything_and_states_the_verdict():
     assert md.startswith(quality.BEGIN) and md.endswith(quality.END)
     assert "`python benchmarks/quality.py`" in md and "2.13.0" in md and "2 threads" in md
     assert "**20.40** (BENCHMARKS.md: 20.41; within 0.5%)" in md
-    assert "| ADMM | 0.5 | on (2 bits) | 24.50 |" in md and "| SparseGPT | 2:4 | off | 40.00 |" in md
+    assert "| ADMM | 0.5 | post hoc | 24.50 |" in md and "| SparseGPT | 2:4 | off | 40.00 |" in md
+    assert "| ADMM quality | 0.7 | off | 79.00 |" in md and "| ADMM | 0.3 | in ADMM | 23.20 |" in md
     assert "at 0.5, ADMM beats SparseGPT (perplexity 24.00 vs 25.00" in md
     assert "at 0.7, not both measured" in md
+    # issue 7's targets: each met or missed with its numbers
+    assert "0.8x the seed mode's perplexity: **met** (79.00 vs 100.00: 0.79x)" in md
+    assert "ADMM 2:4 below SparseGPT 2:4: **missed** (41.00 vs 40.00)" in md
+    assert "post-hoc rounding at 0.3: **missed** (cost +1.20 vs +2.00 over 22.00)" in md
+    assert "at most 3x the seed mode's (0.7): **missed** (350 s vs 100 s" in md
     assert "Not run (time):" in md and "`wanda-0.3`" in md
     assert "![perplexity vs sparsity](figures/quality_ppl.png)" in md
     assert "| ADMM | 0.5 | off | 0.0500 |" in md and "first 16 held-out windows" in md  # the layer table
@@ -71,8 +83,12 @@ def test_arguments():
     full = quality.parse_args(["--runs", "admm-0.7,sparsegpt-2:4"])
     assert full.write and full.json == quality.JSON_OUT and (full.eval_windows, full.eval_seq_len) == (100, 512)
     assert [r.key for r in full.run_list] == ["admm-0.7", "sparsegpt-2:4"]
-    assert len(full.table_runs) == len(quality.FULL_RUNS) == 17
+    assert len(full.table_runs) == len(quality.FULL_RUNS) == 29
+    assert len({r.key for r in quality.FULL_RUNS}) == 29  # keys are unique
     assert quality.parse_args(["--runs", "none"]).run_list == []
+    picked = quality.parse_args(["--runs", "admm-quality-2:4,admm-0.3-round-in-admm,wanda-4:8"]).run_list
+    assert [(r.mode, r.nm, r.keep_bits, r.round_in_admm) for r in picked] == [
+        ("quality", (2, 4), None, False), ("seed", None, 2, True), ("seed", (4, 8), None, False)]
     with pytest.raises(SystemExit):
         quality.parse_args(["--runs", "admm-0.9"])
 
