@@ -107,8 +107,8 @@ FULL_RUNS = (
 # run cut short still answers "does ADMM beat SparseGPT at 0.5 / 0.7".
 PRIORITY = ["sparsegpt-0.5", "admm-0.5", "sparsegpt-0.7", "admm-0.7", "wanda-0.5", "admm-0.5-round",
             "magnitude-0.5", "wanda-0.7", "sparsegpt-2:4", "wanda-2:4", "admm-0.3", "sparsegpt-0.3",
-            "admm-0.3-round", "wanda-0.3", "magnitude-0.7", "magnitude-2:4", "magnitude-0.3",
-            "admm-quality-0.7", "admm-2:4", "admm-0.3-round-in-admm", "admm-quality-0.5", "admm-quality-2:4",
+            "admm-0.3-round", "admm-0.3-round-in-admm", "admm-quality-0.7", "admm-2:4", "wanda-0.3",
+            "magnitude-0.7", "magnitude-2:4", "magnitude-0.3", "admm-quality-0.5", "admm-quality-2:4",
             "admm-0.5-round-in-admm", "admm-0.8", "admm-quality-0.8", "sparsegpt-4:8", "wanda-4:8", "admm-4:8",
             "admm-quality-4:8"]
 QUICK_RUNS = [Run("magnitude", 0.5), Run("wanda", 0.5, (2, 4)), Run("sparsegpt", 0.5), Run("sparsegpt", 0.5, (2, 4)),
