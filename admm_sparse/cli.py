@@ -9,6 +9,7 @@ All the work is done by library functions; this file only wires arguments to the
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import signal
 import sys
@@ -23,6 +24,7 @@ from .calib import calibration_windows, read_texts, tokenize, windows_from_file
 from .config import FloatSparseConfig, load_config
 from .evaluate import perplexity
 from .export import FORMATS, check_output, export_model
+from .layer import MODES, parse_mask_structure
 from .pipeline import find_block_stack, format_table, plan, prune_model, summarize
 
 # Windows of --seq-len tokens. A user's model gets the BENCHMARKS.md protocol's 64 calibration and 100
@@ -49,6 +51,14 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prune", parents=[common], help="prune a model's Linear layers and export it")
     p.add_argument("--config", type=Path, help="float_sparse YAML (default: sparse_ratio 0.3, include *, exclude none)")
+    p.add_argument("--sparse-ratio", type=float, help="fraction of weights to prune; overrides the config's")
+    p.add_argument("--mask-structure", help="unstructured (default), per_row, or N:M such as 2:4 (sparsity 1 - N/M); "
+                   "overrides the config's")
+    p.add_argument("--mode", choices=MODES, help="seed (default: the original algorithm) or quality (ADMM until "
+                   "the mask settles, then an exact refit; slower); overrides the config's")
+    p.add_argument("--round-in-admm", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep-bit rounding with error compensation inside the solver instead of after it "
+                   "(default: on in quality mode only); overrides the config's")
     p.add_argument("--calib", type=Path, help="calibration text: a text file or JSONL with a \"text\" field "
                    "(default: the built-in Wikipedia calibration articles)")
     p.add_argument("--num-samples", type=int, help=f"calibration windows of --seq-len tokens (default "
@@ -109,13 +119,27 @@ def _dry_run(model, config) -> int:
     for name, layer in selected.items():
         print(f"{name:<50} {layer.out_features:>6} x {layer.in_features:<6} {str(layer.weight.dtype):>15}")
     where = f"in the block stack '{stack[0]}'" if stack else "(no block stack: one pass over the whole model)"
-    print(f"{len(selected)} of {total} nn.Linear layers would be pruned to sparse_ratio {config.sparse_ratio} {where}")
+    print(f"{len(selected)} of {total} nn.Linear layers would be pruned to sparse_ratio {config.sparse_ratio:g} "
+          f"({config.mask_structure}, {config.mode} mode) {where}")
     return 0
+
+
+def _config(args) -> FloatSparseConfig:
+    """The YAML config (or the default one) with the command line's overrides."""
+    config = load_config(args.config) if args.config else FloatSparseConfig()
+    changes = {key: getattr(args, key) for key in ("sparse_ratio", "mask_structure", "mode", "round_in_admm")
+               if getattr(args, key) is not None}
+    if not changes:
+        return config
+    if "mask_structure" in changes and "sparse_ratio" not in changes:
+        if parse_mask_structure(changes["mask_structure"])[0] == "N:M":
+            changes["sparse_ratio"] = None  # N:M fixes the ratio; the config's own would contradict it
+    return dataclasses.replace(config, **changes)
 
 
 def cmd_prune(args) -> int:
     start = time.perf_counter()
-    config = load_config(args.config) if args.config else FloatSparseConfig()
+    config = _config(args)
     kind = "model" if args.model else "builtin"
     args.num_samples = SAMPLES[kind] if args.num_samples is None else args.num_samples
     args.eval_windows = EVAL_WINDOWS[kind] if args.eval_windows is None else args.eval_windows

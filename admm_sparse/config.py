@@ -7,6 +7,10 @@ spec:
       sparse_ratio: 0.3        # 0.0 <= ratio < 1.0
       include: ["*"]           # shell-style wildcards on full module names
       exclude: ["*self_attn*"] # exclude wins over include
+      # admm_sparse's extensions (the original tool has none of these; the defaults are the seed's):
+      mask_structure: "unstructured"  # or "per_row", or "N:M" such as "2:4" (sparse_ratio is then 1 - N/M)
+      mode: "seed"                    # or "quality": ADMM until the mask settles, then an exact refit
+      round_in_admm: null             # keep-bit rounding with compensation; null = on in quality mode only
 ```
 Every mistake is a ConfigError naming the file and the key.
 """
@@ -20,7 +24,7 @@ import yaml
 PROCESSOR_TYPE = "float_sparse"
 # Descriptive top-level keys of the original tool's files; accepted and ignored.
 _IGNORED_TOP_KEYS = {"apiversion", "metadata"}
-_PROCESSOR_KEYS = {"type", "sparse_ratio", "include", "exclude"}
+_PROCESSOR_KEYS = {"type", "sparse_ratio", "include", "exclude", "mask_structure", "mode", "round_in_admm"}
 
 
 class ConfigError(ValueError):
@@ -41,18 +45,46 @@ def _check_ratio(value, where: str) -> float:
     return float(value)
 
 
+def _check_pruner_options(structure, mode, round_in_admm, where: str) -> None:
+    from .layer import check_options
+
+    for key, value in (("mask_structure", structure), ("mode", mode), ("round_in_admm", round_in_admm)):
+        try:
+            check_options({key: value})
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{where}{key}: {exc}") from None
+
+
 @dataclass
 class FloatSparseConfig:
-    """One float_sparse processor: prune the selected nn.Linear layers to `sparse_ratio` zeros."""
+    """One float_sparse processor: prune the selected nn.Linear layers to `sparse_ratio` zeros.
 
-    sparse_ratio: float = 0.3
+    sparse_ratio None means the seed's 0.3, or 1 - N/M for an "N:M" mask_structure (an explicit ratio must
+    then agree); after construction it holds the resolved number."""
+
+    sparse_ratio: float | None = None
     include: list[str] = field(default_factory=lambda: ["*"])
     exclude: list[str] = field(default_factory=list)
+    mask_structure: str = "unstructured"
+    mode: str = "seed"
+    round_in_admm: bool | None = None
 
     def __post_init__(self):
-        self.sparse_ratio = _check_ratio(self.sparse_ratio, "sparse_ratio")
+        from .layer import resolve_sparse_ratio
+
+        if self.sparse_ratio is not None:
+            self.sparse_ratio = _check_ratio(self.sparse_ratio, "sparse_ratio")
         self.include = _check_patterns(self.include, "include")
         self.exclude = _check_patterns(self.exclude, "exclude")
+        _check_pruner_options(self.mask_structure, self.mode, self.round_in_admm, "")
+        try:
+            self.sparse_ratio = resolve_sparse_ratio(self.sparse_ratio, self.mask_structure)
+        except ValueError as exc:
+            raise ConfigError(f"sparse_ratio: {exc}") from None
+
+    def pruner_options(self) -> dict:
+        """The options this config gives the ADMM pruner's fasterprune."""
+        return dict(mask_structure=self.mask_structure, mode=self.mode, round_in_admm=self.round_in_admm)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -86,11 +118,20 @@ def parse_config(data, source: str = "<config>") -> FloatSparseConfig:
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(_PROCESSOR_KEYS)}")
     defaults = FloatSparseConfig()
-    return FloatSparseConfig(
-        sparse_ratio=_check_ratio(entry.get("sparse_ratio", defaults.sparse_ratio), f"{where}.sparse_ratio"),
-        include=_check_patterns(entry.get("include", defaults.include), f"{where}.include"),
-        exclude=_check_patterns(entry.get("exclude", defaults.exclude), f"{where}.exclude"),
-    )
+    ratio = entry.get("sparse_ratio")
+    structure = entry.get("mask_structure", defaults.mask_structure)
+    mode = entry.get("mode", defaults.mode)
+    round_in_admm = entry.get("round_in_admm", defaults.round_in_admm)
+    _check_pruner_options(structure, mode, round_in_admm, f"{where}.")
+    try:
+        return FloatSparseConfig(
+            sparse_ratio=None if ratio is None else _check_ratio(ratio, f"{where}.sparse_ratio"),
+            include=_check_patterns(entry.get("include", defaults.include), f"{where}.include"),
+            exclude=_check_patterns(entry.get("exclude", defaults.exclude), f"{where}.exclude"),
+            mask_structure=structure, mode=mode, round_in_admm=round_in_admm,
+        )
+    except ConfigError as exc:  # only the ratio against the structure is left to check
+        raise ConfigError(f"{where}.{exc}") from None
 
 
 def load_config(path: str | Path) -> FloatSparseConfig:

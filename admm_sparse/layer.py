@@ -134,7 +134,7 @@ def check_options(options: dict) -> dict:
     parse_mask_structure(opts["mask_structure"])
     if opts["mode"] not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {opts['mode']!r}")
-    if opts["round_in_admm"] not in (None, True, False):
+    if opts["round_in_admm"] is not None and not isinstance(opts["round_in_admm"], bool):
         raise ValueError(f"round_in_admm must be True, False or None (auto), got {opts['round_in_admm']!r}")
     if opts["round_in_admm"] and opts["keep_bits"] is None:
         raise ValueError("round_in_admm=True needs keep_bits (it rounds to the keep-bit grid)")
@@ -159,11 +159,15 @@ def _check_finite(t: torch.Tensor, what: str) -> None:
 class AdmmPruner:
     """The seed tool's class: add_batch() the layer's inputs, then fasterprune(sparse_ratio).
 
+    Options given here (see fasterprune) are the defaults of this pruner's fasterprune calls.
+
     Statistics are float32 on the layer's device; the Hessian keeps only its lower triangle (the
     upper one is never read), so per-layer statistics from several processes can simply be summed.
     """
 
-    def __init__(self, layer: nn.Module):
+    def __init__(self, layer: nn.Module, **options):
+        check_options(options)
+        self.options = options
         if not isinstance(layer, nn.Linear):
             raise TypeError(f"AdmmPruner prunes nn.Linear modules only, got {type(layer).__name__}")
         if layer.weight.numel() == 0:
@@ -198,7 +202,7 @@ class AdmmPruner:
         """Prune the layer's weight in place; options: keep_bits, keep_proportion, percdamp, prune_iters,
         iters, rho, mask_structure (the seed's defaults in DEFAULT_OPTIONS). sparse_ratio None means 0.3, or
         1 - N/M for an "N:M" mask_structure (which an explicit sparse_ratio must then equal)."""
-        opts = check_options(options)
+        opts = check_options({**self.options, **options})
         structure = opts["mask_structure"]
         sparse_ratio = resolve_sparse_ratio(sparse_ratio, structure)
         check_structure_fits(structure, (self.rows, self.columns))

@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import FloatSparseConfig
-from .layer import AdmmPruner
+from .layer import AdmmPruner, parse_mask_structure
 from .select import select_linears
 
 # make_pruner(name, layer) -> object with add_batch(inp), fasterprune(sparse_ratio) -> report, free().
@@ -28,9 +28,10 @@ from .select import select_linears
 PrunerFactory = Callable[[str, nn.Linear], Any]
 
 
-def admm_pruner_factory(name: str, layer: nn.Linear) -> AdmmPruner:
-    """The default pruner: the ADMM pruner of SPEC §1-3 with its default options."""
-    return AdmmPruner(layer)
+def admm_pruner_factory(config: FloatSparseConfig) -> PrunerFactory:
+    """The default pruner: the ADMM pruner of SPEC §1-3 with the config's mask structure and mode."""
+    options = config.pruner_options()
+    return lambda name, layer: AdmmPruner(layer, **options)
 
 
 # ---------------------------------------------------------------- which layers
@@ -66,8 +67,15 @@ def candidate_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def plan(model: nn.Module, config: FloatSparseConfig) -> dict[str, nn.Linear]:
-    """The nn.Linear layers the config selects, by full name, in model order (warns about unused patterns)."""
-    return select_linears(candidate_modules(model), config.include, config.exclude)
+    """The nn.Linear layers the config selects, by full name, in model order (warns about unused patterns).
+    An "N:M" mask_structure leaves out, with a warning, layers whose in_features M does not divide."""
+    selected = select_linears(candidate_modules(model), config.include, config.exclude)
+    kind, _, m = parse_mask_structure(config.mask_structure)
+    misfits = [name for name, layer in selected.items() if kind == "N:M" and layer.in_features % m]
+    if misfits:
+        warnings.warn(f"mask_structure {config.mask_structure!r} needs in_features divisible by {m}; left dense: "
+                      f"{misfits}", stacklevel=2)
+    return {name: layer for name, layer in selected.items() if name not in misfits}
 
 
 # ---------------------------------------------------------------- calibration plumbing
@@ -221,11 +229,11 @@ def prune_model(model: nn.Module, calib: torch.Tensor | Iterable[torch.Tensor], 
 
     calib: token windows [num_samples, seq_len] (or a list of [batch, seq_len] tensors), fed in batches of
     batch_size. device: where each block runs (default: where the model is); the model stays where it is.
-    make_pruner: PrunerFactory, default the ADMM pruner. A selected layer that no calibration token reaches
-    (an MoE expert, an unused branch) is left dense, with a warning.
+    make_pruner: PrunerFactory, default the ADMM pruner with the config's options. A selected layer that
+    no calibration token reaches (an MoE expert, an unused branch) is left dense, with a warning.
     """
     config = config or FloatSparseConfig()
-    make_pruner = make_pruner or admm_pruner_factory
+    make_pruner = make_pruner or admm_pruner_factory(config)
     selected = plan(model, config)
     if not selected:
         return []

@@ -54,7 +54,8 @@ def test_prune_atlas_end_to_end(model_dir, files, tmp_path, capsys):
     table = [line for line in stdout.splitlines() if line.startswith("model.")]
     assert len(table) == 6 and all(".mlp." in line for line in table)
     summary = json.loads(stdout.strip().splitlines()[-1])
-    assert summary["config"] == {"sparse_ratio": 0.4, "include": ["*"], "exclude": ["*self_attn*"]}
+    assert summary["config"] == {"sparse_ratio": 0.4, "include": ["*"], "exclude": ["*self_attn*"],
+                                 "mask_structure": "unstructured", "mode": "seed", "round_in_admm": None}
     assert summary["summary"]["layers"] == 6
     assert summary["perplexity"]["windows"] == 3 and summary["perplexity"]["before"] > 1
 
@@ -90,6 +91,39 @@ def test_prune_hf_round_trip_and_eval_command(model_dir, files, tmp_path, capsys
                  "--no-progress", "--device", "cpu"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["windows"] == 2 and result["perplexity"] > 1
+
+
+def test_mask_structure_and_mode_flags_override_the_config(model_dir, files, tmp_path, capsys):
+    out = tmp_path / "nm"
+    assert prune(model_dir, files, out, "--mask-structure", "2:4", "--mode", "quality") == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # 2:4 fixes the ratio at 0.5: the config's 0.4 gives way; its exclude stays
+    assert summary["config"] == {"sparse_ratio": 0.5, "include": ["*"], "exclude": ["*self_attn*"],
+                                 "mask_structure": "2:4", "mode": "quality", "round_in_admm": None}
+    report = json.loads((out / "prune_report.json").read_text())
+    assert len(report["layers"]) == 6 and all(r["mode"] == "quality" for r in report["layers"])
+    tensors = load_file(out / "quant_model_weights.safetensors")
+    for name in (f"model.layers.{i}.mlp.{p}.weight" for i in range(2) for p in ("gate_proj", "up_proj", "down_proj")):
+        w = tensors[name]
+        groups = (w != 0).reshape(w.shape[0], -1, 4).sum(-1)
+        assert (groups <= 2).all() and int((w == 0).sum()) >= w.numel() // 2, name  # the export keeps 2:4 exactly
+
+
+def test_n_m_that_does_not_divide_a_layer_leaves_it_dense_with_a_warning(model_dir, files, tmp_path, capsys):
+    # gate/up have 32 inputs, down 64: 32:64 fits only down_proj
+    with pytest.warns(UserWarning, match=r"in_features divisible by 64; left dense: .*gate_proj"):
+        assert prune(model_dir, files, tmp_path / "out", "--mask-structure", "32:64", "--format", "hf") == 0
+    report = json.loads((tmp_path / "out" / "prune_report.json").read_text())
+    assert [r["name"] for r in report["layers"]] == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+
+
+@pytest.mark.parametrize("flags,message", [(["--mask-structure", "2-4"], "mask_structure"),
+                                           (["--mask-structure", "2:4", "--sparse-ratio", "0.3"], "contradicts"),
+                                           (["--sparse-ratio", "1.0"], "sparse_ratio")])
+def test_bad_structure_flags_exit_2(model_dir, files, tmp_path, capsys, flags, message):
+    out = tmp_path / "out"
+    assert prune(model_dir, files, out, *flags) == 2
+    assert message in capsys.readouterr().err and not out.exists()
 
 
 def test_dry_run_lists_layers_and_writes_nothing(model_dir, files, tmp_path, capsys):

@@ -174,6 +174,16 @@ def test_explicit_device_and_pruner_options_round_trip():
     assert next(model.parameters()).device.type == "cpu"
 
 
+def test_config_options_reach_the_pruner():
+    model = tiny_model()
+    rows = prune_model(model, token_windows(4, 64), FloatSparseConfig(0.5, ["*mlp*"], mask_structure="per_row"),
+                       progress=False)
+    assert len(rows) == 6 and all(r["mask_structure"] == "per_row" for r in rows)
+    for name in (r["name"] for r in rows):
+        w = model.get_submodule(name).weight
+        assert ((w == 0).sum(1) == int(w.shape[1] * 0.5)).all(), name  # every row pruned alike
+
+
 class PlainBlock(nn.Module):
     def __init__(self):
         super().__init__()
