@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from . import _ops
+
 _SIGN = 0x8000
 _MAG = 0x7FFF
 _INF = 0x7C00
@@ -72,14 +74,16 @@ def keep_mask(w: torch.Tensor, scaler: torch.Tensor, keep_bits: int = 2, keep_pr
     if keep_proportion <= 0:
         return torch.zeros(w.shape, dtype=torch.bool, device=w.device)
     metric = (w.float() - round_float16(w, None, keep_bits).float()).abs_().mul_(scaler.float().sqrt()[None, :])
-    flat = metric.flatten()
-    # The seed takes sorted_descending[int(numel * p - 1)] with Python indexing; kthvalue finds that
-    # element in O(numel) instead of a full sort.
-    pos = int(flat.numel() * keep_proportion - 1)
+    # The seed takes sorted_descending[int(numel * p - 1)] with Python indexing. The native O(numel)
+    # selection marks the numel - pos - 1 smallest entries; the threshold is the least of the rest (no
+    # sort, and none of kthvalue's full-size copies).
+    numel = metric.numel()
+    pos = int(numel * keep_proportion - 1)
     if pos < 0:
-        pos += flat.numel()
-    pos = min(pos, flat.numel() - 1)
-    threshold = torch.kthvalue(flat, flat.numel() - pos).values
+        pos += numel
+    pos = min(pos, numel - 1)
+    below = _ops.prune_mask(metric, numel - pos - 1)
+    threshold = metric[~below].min()
     return metric >= threshold
 
 

@@ -297,10 +297,21 @@ class AdmmPruner:
         self.scaler = None
 
 
-def quadratic_trace(h_lower: torch.Tensor, a: torch.Tensor) -> float:
-    """tr(A H Aᵀ) for the symmetric H stored in h_lower's lower triangle: 2·tr(A L Aᵀ) − Σ diag(H)·colsum(A²)."""
-    left = (a @ h_lower.tril()).mul_(a).sum(dtype=torch.float64)
-    diag = (h_lower.diagonal().double() * a.double().square().sum(0)).sum()
+def quadratic_trace(h_lower: torch.Tensor, a: torch.Tensor, block: int = 512) -> float:
+    """tr(A H Aᵀ) for the symmetric H given by its lower triangle L (the upper one is never read):
+    2·tr(A L Aᵀ) − Σ diag(H)·colsum(A²), over blocks of L's columns. Only the lower triangle is multiplied
+    (half a GEMM) and no d_in x d_in temporary is made."""
+    n = h_lower.shape[0]
+    left = torch.zeros((), dtype=torch.float64, device=a.device)
+    diag = torch.zeros((), dtype=torch.float64, device=a.device)
+    for c0 in range(0, n, block):
+        c1 = min(c0 + block, n)
+        a_block = a[:, c0:c1]
+        part = a_block @ h_lower[c0:c1, c0:c1].tril()  # the diagonal block's lower triangle
+        if c1 < n:
+            part.addmm_(a[:, c1:], h_lower[c1:, c0:c1])  # the column block below it
+        left += part.mul_(a_block).sum(dtype=torch.float64)
+        diag += (h_lower.diagonal()[c0:c1].double() * a_block.square().sum(0, dtype=torch.float64)).sum()
     return (2 * left - diag).item()
 
 

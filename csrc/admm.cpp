@@ -70,17 +70,22 @@ std::tuple<at::Tensor, at::Tensor> damped_cholesky_inverse(const at::Tensor& mat
   double extra = 0.0;
   at::Tensor factor = at::empty_like(matrix, at::MemoryFormat::Contiguous);
   at::Tensor info = at::empty({}, matrix.options().dtype(at::kInt));
+  // LAPACK works on column-major data: factor holds the matrix transposed, so that factor.t() is the
+  // matrix itself laid out column-major, and both LAPACK calls run in place on it (a row-major buffer
+  // would cost ATen a temporary n x n copy in each). The lower triangle read is the matrix's own, as in
+  // the reference, even where rounding left the matrix not exactly symmetric.
+  at::Tensor factor_cm = factor.t();
   for (int attempt = 0;; ++attempt) {
-    factor.copy_(matrix);
+    factor_cm.copy_(matrix);
     factor.diagonal().add_(shift + extra);
     // In place: the factor overwrites the copy, then its inverse overwrites the factor (one n x n buffer).
-    at::linalg_cholesky_ex_out(factor, info, factor);
+    at::linalg_cholesky_ex_out(factor_cm, info, factor_cm);
     if (info.item<int>() == 0) break;
     TORCH_CHECK(attempt < kMaxRetries, "damped_cholesky_inverse: matrix is not positive definite even with ",
                 shift + extra, " added to its diagonal");
     extra = extra == 0.0 ? std::max(1e-6 * mean_diag, 1e-10) : extra * 10.0;
   }
-  at::cholesky_inverse_out(factor, factor);
+  at::cholesky_inverse_out(factor_cm, factor_cm);  // symmetric: factor holds the same inverse
   return {factor, at::full({}, shift + extra, matrix.options())};
 }
 
@@ -140,6 +145,23 @@ void check_prune_mask_args(const at::Tensor& values, int64_t k) {
   TORCH_CHECK(k >= 0 && k <= values.numel(), "prune_mask: k must be in [0, ", values.numel(), "], got ", k);
 }
 
+namespace {
+
+// sum(a * b) accumulated in float64, a and b contiguous of one shape: blocks of ~1M elements, so that no
+// full-size product is materialised.
+at::Tensor dot_float64(const at::Tensor& a, const at::Tensor& b) {
+  const at::Tensor flat_a = a.reshape(-1), flat_b = b.reshape(-1);
+  const int64_t n = flat_a.numel(), block = int64_t{1} << 20;
+  at::Tensor total = at::zeros({}, a.options().dtype(at::kDouble));
+  for (int64_t start = 0; start < n; start += block) {
+    const int64_t len = std::min(block, n - start);
+    total.add_(at::mul(flat_a.narrow(0, start, len), flat_b.narrow(0, start, len)).sum(at::kDouble));
+  }
+  return total;
+}
+
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> admm_prune_with(const at::Tensor& hessian, const at::Tensor& weight, int64_t k,
                                                    double percdamp, double rho, int64_t iters,
                                                    int64_t prune_iters, const std::string& structure,
@@ -157,24 +179,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> admm_prune_with(const at::Tensor&
   TORCH_CHECK(std::isfinite(percdamp) && percdamp >= 0, "percdamp must be finite and >= 0, got ", percdamp);
   TORCH_CHECK(std::isfinite(rho) && rho > 0, "rho must be finite and > 0, got ", rho);
 
-  // 1. d = sqrt(diag H) + 1e-8; Hn = H / d_i / d_j made symmetric from the lower triangle; Wn = (W d)^T.
+  // 1. d = sqrt(diag H) + 1e-8; Hn = H / d_i / d_j made symmetric from the lower triangle.
   const at::Tensor d = hessian.diagonal().sqrt().add_(1e-8);
   at::Tensor hn = hessian.tril();
   hn.add_(hessian.tril(-1).t());
   hn.div_(d.unsqueeze(1)).div_(d.unsqueeze(0));
-  at::Tensor wn = (weight * d).t().contiguous();
-  // 2-3. Damping, then B = Hn Wn with the damped Hn.
+  // 2. Damping.
   // float32 product, as the reference's tensor * scalar rounds it: keeps the two bitwise comparable.
   const double damping = static_cast<float>(percdamp) * hn.diagonal().mean().item<float>();
   hn.diagonal().add_(damping);
-  at::Tensor b = at::mm(hn, wn);
-  // Wn^T Hn Wn = W H W^T, so the dense output energy comes from B for one elementwise pass.
-  const at::Tensor dense_energy = (wn * b).sum(at::kDouble).sub_(damping * wn.square().sum(at::kDouble));
-  // 4. Hinv = (Hn + rho I)^-1, retried with more damping if needed.
+  // 4. (first, while the d_in x d_out buffers do not exist yet, to keep the peak memory down)
+  //    Hinv = (Hn + rho I)^-1, retried with more damping if needed.
   at::Tensor hinv, shift_used;
   std::tie(hinv, shift_used) = damped_cholesky_inverse(hn, rho);
-  hn.reset();
   const double extra_damping = shift_used.item<double>() - rho;
+  // 3. Wn = (W d)^T; B = Hn Wn with the damped Hn.
+  at::Tensor wn = (weight * d).t().contiguous();
+  at::Tensor b = at::mm(hn, wn);
+  hn.reset();
+  // Wn^T Hn Wn = W H W^T, so the dense output energy comes from B for one elementwise pass.
+  const at::Tensor dense_energy = dot_float64(wn, b).sub_(damping * dot_float64(wn, wn));
 
   // 5. The loop: one fused projection pass and one GEMM per iteration.
   at::Tensor u = at::zeros_like(wn);
