@@ -122,6 +122,17 @@ def test_round_in_admm_default_on_in_quality_mode_and_not_worse():
     assert errs[False] <= errs[True] * 1.001, errs
 
 
+@pytest.mark.parametrize("mode", ["seed", "quality"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_rounding_with_compensation_beats_post_hoc_rounding(mode, seed):
+    x = inputs("correlated", 800, 128, seed)
+    errs = {}
+    for round_in_admm in (False, True):
+        layer = make_layer(96, 128, seed=seed)
+        errs[round_in_admm] = admm_sparse.prune_linear(layer, x, 0.3, mode=mode, round_in_admm=round_in_admm).relative_error
+    assert errs[True] < errs[False], errs
+
+
 def assert_rejected(match, exc=ValueError, **kw):
     layer = make_layer(8, 16)
     w0 = layer.weight.detach().clone()
