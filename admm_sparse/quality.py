@@ -23,7 +23,6 @@ from . import _ops
 from .keepbits import round_float16
 
 ROUND_PERCDAMP = 0.1  # damping of the rounding compensation (measured: 0.1 beats 0.01 and 0.3)
-DESCENT_PASSES = 2  # coordinate-descent passes after it (measured: ~10 points more of the rounding cost saved)
 
 
 @dataclass
@@ -191,9 +190,7 @@ def round_with_feedback(wn: torch.Tensor, pruned: torch.Tensor, ctx: dict, keep_
     the paper): inputs are rounded one at a time, most energetic first, and each rounding error is pushed
     onto the inputs not yet rounded through the Cholesky factor of Hd⁻¹, so later inputs absorb it. The
     full-mantissa set is fixed up front: the entries of largest normalised rounding error. The compensation
-    uses the Hessian damped by ROUND_PERCDAMP whatever the solver used (measured better than less damping).
-    A few passes of coordinate descent on the grid (descend_on_grid) then undo what the greedy order got
-    wrong."""
+    uses the Hessian damped by ROUND_PERCDAMP whatever the solver used (measured better than less damping)."""
     d = ctx["d"]
     hd = ctx["hn"].clone()
     hd.diagonal().add_(ROUND_PERCDAMP * hd.diagonal().mean())
@@ -224,50 +221,9 @@ def round_with_feedback(wn: torch.Tensor, pruned: torch.Tensor, ctx: dict, keep_
         w[b1:] -= u[b0:b1, b1:].T @ err
     rounded = torch.empty_like(w)
     rounded[order] = w
-    free = keep & ~pruned
-    rounded = descend_on_grid(rounded, ctx["wn0"], hd, d, pruned | keep, keep_bits, DESCENT_PASSES)
 
     # Refit the full-mantissa entries with everything else fixed: Hd_KK x_K = (Hd (w0 - base))_K.
+    free = keep & ~pruned
     base = rounded.masked_fill(free, 0.0)
     x = pcg_on_support(hd, hd @ ctx["wn0"] - hd @ base, free, rounded, refit_iters)
     return round_float16((base + x).T / d, free.T, keep_bits).float()
-
-
-def grid_neighbours(v: torch.Tensor, keep_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The keep-bit grid values next to v (W space, already on the grid): one step smaller and one step
-    larger in magnitude, same sign. One grid step is 2^(10 - keep_bits) in the float16 bit pattern, and
-    adding it carries into the exponent as the grid does."""
-    bits = v.to(torch.float16).view(torch.int16).to(torch.int32)
-    sign, mag = bits & 0x8000, bits & 0x7FFF
-    step = 1 << (10 - keep_bits)
-
-    def to_float(b):
-        return b.to(torch.int16).view(torch.float16).float()
-
-    return to_float((mag - step).clamp_min(0) | sign), to_float((mag + step) | sign)
-
-
-def descend_on_grid(wn: torch.Tensor, wn0: torch.Tensor, hd: torch.Tensor, d: torch.Tensor, frozen: torch.Tensor,
-                    keep_bits: int, passes: int) -> torch.Tensor:
-    """Coordinate descent of (w - w0)ᵀ Hd (w - w0) over the grid: input by input, every free entry moves to a
-    neighbouring grid value where that lowers the objective (the exact change for a step δ is
-    2δ·g + δ²·Hd_jj with g = Hd (w - w0), kept up to date by a rank-one update). frozen: Wn-layout mask of
-    entries that stay. Works in the normalised space; returns the new Wn."""
-    wn = wn.clone()
-    g = hd @ (wn - wn0)
-    for _ in range(passes):
-        for j in range(wn.shape[0]):
-            current = wn[j] / d[j]
-            best_delta = torch.zeros_like(current)
-            best_gain = torch.zeros_like(current)
-            for candidate in grid_neighbours(current, keep_bits):
-                valid = (torch.isfinite(candidate) & ~frozen[j]
-                         & (round_float16(candidate, None, keep_bits).float() == candidate))
-                delta = (candidate - current) * d[j]
-                gain = 2 * delta * g[j] + delta * delta * hd[j, j]
-                better = valid & (gain < best_gain)
-                best_delta = torch.where(better, delta, best_delta)
-                best_gain = torch.where(better, gain, best_gain)
-            wn[j] += best_delta
-            g.addr_(hd[:, j], best_delta)
-    return wn

@@ -133,24 +133,6 @@ def test_rounding_with_compensation_beats_post_hoc_rounding(mode, seed):
     assert errs[True] < errs[False], errs
 
 
-@pytest.mark.parametrize("keep_bits", [0, 2, 5, 10])
-def test_grid_neighbours_are_the_adjacent_grid_values(keep_bits):
-    every_f16 = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.float16)
-    grid = torch.unique(keepbits.round_float16(every_f16[torch.isfinite(every_f16)], None, keep_bits).float())
-    grid = grid[torch.isfinite(grid) & (grid > 0)]  # sorted positive grid values
-    down, up = quality.grid_neighbours(grid, keep_bits)
-    for sign in (1.0, -1.0):  # the same on the negative side, mirrored
-        d_s, u_s = quality.grid_neighbours(sign * grid, keep_bits)
-        torch.testing.assert_close(d_s, sign * down, rtol=0, atol=0)
-        torch.testing.assert_close(u_s, sign * up, rtol=0, atol=0)
-    on_grid = lambda c: torch.isfinite(c) & (keepbits.round_float16(c, None, keep_bits).float() == c)  # noqa: E731
-    ok_up, ok_down = on_grid(up), on_grid(down) & (down > 0)
-    # where a neighbour is a grid value (the only ones the descent takes), it is the next one in order
-    assert torch.equal(up[:-1][ok_up[:-1]], grid[1:][ok_up[:-1]])
-    assert torch.equal(down[1:][ok_down[1:]], grid[:-1][ok_down[1:]])
-    assert ok_up.float().mean() > 0.8 and ok_down.float().mean() > 0.8
-
-
 def assert_rejected(match, exc=ValueError, **kw):
     layer = make_layer(8, 16)
     w0 = layer.weight.detach().clone()
