@@ -112,3 +112,11 @@ def test_quick_run_end_to_end(tmp_path, monkeypatch):
     for row in results["layers"].values():
         assert set(row) == set(quality.QUICK_LAYERS)
         assert all(0 < v["heldout_error"] < 1.5 for v in row.values())
+
+
+def test_rounding_benchmark_runs():
+    from benchmarks import bench_rounding
+
+    text = bench_rounding.main(["--size", "64", "--ratio", "0.5"])
+    assert text.count("| seed |") == 3 and text.count("| quality |") == 3
+    assert "seed mode: rounding in the solver saves" in text
