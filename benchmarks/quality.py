@@ -172,38 +172,34 @@ def _prune_model(model, calib, run: Run, args) -> list[dict]:
 
 
 @torch.no_grad()
-def _heldout_grams(model, heldout, names, windows, seq_len, batch_size=4):
-    """X^T X (float64) of the dense model's inputs to each named layer on the first held-out windows."""
-    ids = heldout[: windows * seq_len].reshape(-1, seq_len)
-    grams = {}
-
-    def hook(module, inputs, name):
-        x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
-        grams[name] = grams.get(name, 0) + x.T @ x
-
-    handles = [model.get_submodule(n).register_forward_pre_hook(lambda m, i, n=n: hook(m, i, n)) for n in names]
-    try:
-        for start in range(0, len(ids), batch_size):
-            model.model(input_ids=ids[start:start + batch_size], use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    return grams
-
-
-@torch.no_grad()
-def _capture_inputs(model, windows, names, batch_size=4):
-    """The dense model's inputs to each named layer, one [1, seq, d_in] tensor per window."""
-    captured = {name: [] for name in names}
-    handles = [model.get_submodule(name).register_forward_pre_hook(
-        lambda module, inputs, name=name: captured[name].extend(inputs[0].detach().split(1)))
-        for name in names]
+def _feed_with_pre_hooks(model, windows, names, on_input, batch_size=4) -> None:
+    """Run the model's trunk over the windows with on_input(name, layer_input) hooked before each named layer."""
+    handles = [model.get_submodule(n).register_forward_pre_hook(lambda m, i, n=n: on_input(n, i[0].detach()))
+               for n in names]
     try:
         for start in range(0, len(windows), batch_size):
             model.model(input_ids=windows[start:start + batch_size], use_cache=False)
     finally:
         for h in handles:
             h.remove()
+
+
+def _heldout_grams(model, heldout, names, windows, seq_len) -> dict:
+    """X^T X (float64) of the dense model's inputs to each named layer on the first held-out windows."""
+    grams = {}
+
+    def add(name, x):
+        x = x.reshape(-1, x.shape[-1]).double()
+        grams[name] = grams.get(name, 0) + x.T @ x
+
+    _feed_with_pre_hooks(model, heldout[: windows * seq_len].reshape(-1, seq_len), names, add)
+    return grams
+
+
+def _capture_inputs(model, windows, names) -> dict:
+    """The dense model's inputs to each named layer, one [1, seq, d_in] tensor per window."""
+    captured = {name: [] for name in names}
+    _feed_with_pre_hooks(model, windows, names, lambda name, x: captured[name].extend(x.split(1)))
     return captured
 
 
