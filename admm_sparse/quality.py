@@ -225,5 +225,5 @@ def round_with_feedback(wn: torch.Tensor, pruned: torch.Tensor, ctx: dict, keep_
     # Refit the full-mantissa entries with everything else fixed: Hd_KK x_K = (Hd (w0 - base))_K.
     free = keep & ~pruned
     base = rounded.masked_fill(free, 0.0)
-    x = pcg_on_support(hd, hd @ ctx["wn0"] - hd @ base, free, rounded, refit_iters)
+    x = pcg_on_support(hd, hd @ (ctx["wn0"] - base), free, rounded, refit_iters)
     return round_float16((base + x).T / d, free.T, keep_bits).float()
