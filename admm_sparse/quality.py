@@ -168,18 +168,6 @@ def keep_budget(numel: int, keep_proportion: float) -> int:
     return min(pos + 1, numel)
 
 
-def project_atlas(wv: torch.Tensor, scaler: torch.Tensor, keep_bits: int, budget: int):
-    """Nearest Atlas-representable weight (W layout): the `budget` entries of largest SPEC §3 metric keep
-    their full float16 mantissa, the rest are rounded. Returns (float32 values, keep mask)."""
-    rounded = round_float16(wv, None, keep_bits).float()
-    metric = (wv.to(torch.float16).float() - rounded).abs_().mul_(scaler.float().sqrt()[None, :])
-    if budget > 0:
-        keep = ~_ops.prune_mask(metric, metric.numel() - budget)
-    else:
-        keep = torch.zeros_like(metric, dtype=torch.bool)
-    return round_float16(wv, keep, keep_bits).float(), keep
-
-
 def round_with_feedback(wn: torch.Tensor, pruned: torch.Tensor, ctx: dict, keep_bits: int, keep_proportion: float,
                         refit_iters: int, block: int = 128) -> torch.Tensor:
     """Round the solver's weight onto the Atlas card's values (pruned zeros, at most the keep budget of
