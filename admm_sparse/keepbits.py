@@ -71,9 +71,14 @@ def _round_slice(w: torch.Tensor, keep: torch.Tensor | None, keep_bits: int) -> 
 def keep_mask(w: torch.Tensor, scaler: torch.Tensor, keep_bits: int = 2, keep_proportion: float = 0.02) -> torch.Tensor:
     """True where the rounding error, weighted by sqrt(scaler) per input channel, is among the largest
     keep_proportion of w (ties at the threshold are all kept, as in the seed)."""
+    return _keep_mask(w, round_float16(w, None, keep_bits), scaler, keep_proportion)
+
+
+def _keep_mask(w: torch.Tensor, rounded: torch.Tensor, scaler: torch.Tensor, keep_proportion: float) -> torch.Tensor:
+    """keep_mask, given w rounded without keep."""
     if keep_proportion <= 0:
         return torch.zeros(w.shape, dtype=torch.bool, device=w.device)
-    metric = (w.float() - round_float16(w, None, keep_bits).float()).abs_().mul_(scaler.float().sqrt()[None, :])
+    metric = (w.float() - rounded.float()).abs_().mul_(scaler.float().sqrt()[None, :])
     # The seed takes sorted_descending[int(numel * p - 1)] with Python indexing. The native O(numel)
     # selection marks the numel - pos - 1 smallest entries; the threshold is the least of the rest (no
     # sort, and none of kthvalue's full-size copies).
@@ -89,5 +94,9 @@ def keep_mask(w: torch.Tensor, scaler: torch.Tensor, keep_bits: int = 2, keep_pr
 
 def apply_keepbits(w: torch.Tensor, scaler: torch.Tensor, keep_bits: int = 2, keep_proportion: float = 0.02) -> torch.Tensor:
     """SPEC §3 final weight: rounded except at the keep mask, cast back to w's dtype."""
-    keep = keep_mask(w, scaler, keep_bits, keep_proportion)
-    return round_float16(w, keep, keep_bits).to(w.dtype)
+    rounded = round_float16(w, None, keep_bits)
+    keep = _keep_mask(w, rounded, scaler, keep_proportion)
+    # The rounding is elementwise: redo only the kept few (keep_proportion) with their mantissa kept,
+    # instead of a second pass over the whole weight.
+    rounded[keep] = round_float16(w[keep], torch.ones_like(keep[keep]), keep_bits)
+    return rounded.to(w.dtype)

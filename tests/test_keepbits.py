@@ -99,6 +99,22 @@ def test_apply_keepbits_keeps_zeros_and_dtype():
     assert int((out == 0).sum()) >= int((w == 0).sum())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("keep_proportion", [0.0, 0.02, 0.5, 1.0])
+def test_apply_keepbits_matches_reference_bit_for_bit(dtype, keep_proportion):
+    # apply_keepbits rounds the kept entries separately; the reference rounds everything in one call.
+    g = torch.Generator().manual_seed(3)
+    w = (torch.randn(70, 90, generator=g) * torch.logspace(-6, 1, 90)).to(dtype)  # subnormals and band values
+    w[:, ::4] = 0
+    scaler = torch.rand(90, generator=g) + 0.1
+    out = keepbits.apply_keepbits(w, scaler, 2, keep_proportion)
+    keep = ref.keep_mask(w, scaler, 2, keep_proportion) if keep_proportion > 0 else None
+    expected = ref.keepbit_round(w, keep, 2).to(dtype)
+    assert out.dtype == dtype
+    assert torch.equal(out, expected)  # == also treats the reference's -0.0 as our +0.0
+    assert not torch.signbit(out[out == 0]).any()
+
+
 def test_round_in_slices_equals_one_pass(monkeypatch):
     keep = torch.rand(ALL_FLOAT16.shape, generator=torch.Generator().manual_seed(5)) < 0.3
     whole = keepbits.round_float16(ALL_FLOAT16, keep)
