@@ -12,16 +12,20 @@ import argparse
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-import admm_sparse
-from admm_sparse import reference
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
+import admm_sparse  # noqa: E402
+from admm_sparse import reference  # noqa: E402
+from benchmarks.results_md import RESULTS_MD, write_section  # noqa: E402
 BEGIN, END = "<!-- core:begin -->", "<!-- core:end -->"
 
 
@@ -110,14 +114,7 @@ def table(rows: list[dict], args) -> str:
 
 def write_results(text: str, command: str) -> None:
     block = f"{BEGIN}\n## CPU: prune_linear vs reference and the GEMM floor\n\nCommand: `{command}`\n\n{text}\n{END}"
-    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    if BEGIN in old and END in old:
-        new = old[: old.index(BEGIN)] + block + old[old.index(END) + len(END):]
-    else:
-        new = old.rstrip() + "\n\n" + block + "\n"
-    tmp = RESULTS.with_suffix(".tmp")
-    tmp.write_text(new)
-    tmp.replace(RESULTS)
+    write_section(RESULTS_MD, block, BEGIN, END)
 
 
 def main() -> None:

@@ -42,9 +42,9 @@ from benchmarks.baselines import (  # noqa: E402
     WandaPruner,
     relative_output_error,
 )
+from benchmarks.results_md import RESULTS_MD, write_section  # noqa: E402
 
 BEGIN, END = "<!-- quality:begin -->", "<!-- quality:end -->"
-RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
 FIGURE = ROOT / "benchmarks" / "figures" / "quality_ppl.png"
 JSON_OUT = ROOT / "benchmarks" / "results" / "quality.json"
 DENSE_REFERENCE_PPL = 20.41  # BENCHMARKS.md's check of the set-up
@@ -350,18 +350,6 @@ def _targets(r: dict) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace the text between the quality markers, or append it; other sections are left alone."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-
-
 STYLE = {"Magnitude": ("tab:gray", "-"), "Wanda": ("tab:orange", "-"), "SparseGPT": ("tab:red", "-"),
          "ADMM": ("tab:blue", "-"), "ADMM quality": ("tab:green", "-"),
          "ADMM + rounding post hoc": ("tab:cyan", "--"), "ADMM + rounding in ADMM": ("navy", ":"),
@@ -539,7 +527,7 @@ def main(argv=None) -> dict:
     if args.write:
         plot(results, args.figure)
         link = Path(os.path.relpath(args.figure, args.results_md.parent)).as_posix()
-        write_section(args.results_md, render_markdown(results, link))
+        write_section(args.results_md, render_markdown(results, link), BEGIN, END)
         print(f"wrote {args.results_md} and {args.figure}")
     else:
         print(render_markdown(results, None))

@@ -9,6 +9,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is not an installed package
 
 from benchmarks import quality  # noqa: E402
+from benchmarks.results_md import write_section  # noqa: E402
 
 
 def fake_results(full=True):
@@ -61,14 +62,15 @@ def test_markdown_names_everything_and_states_the_verdict():
 
 def test_write_section_only_touches_its_markers(tmp_path):
     path = tmp_path / "RESULTS.md"
-    quality.write_section(path, f"{quality.BEGIN}\nfirst\n{quality.END}")
+    write_section(path, f"{quality.BEGIN}\nfirst\n{quality.END}", quality.BEGIN, quality.END)
     assert path.read_text().startswith("# Benchmark results")
     other = "\n<!-- speed:begin -->\nspeed table\n<!-- speed:end -->\n"
     path.write_text(path.read_text() + other)
-    quality.write_section(path, f"{quality.BEGIN}\nsecond\n{quality.END}")
+    write_section(path, f"{quality.BEGIN}\nsecond\n{quality.END}", quality.BEGIN, quality.END)
     text = path.read_text()
     assert "second" in text and "first" not in text and "speed table" in text
     assert text.count(quality.BEGIN) == 1
+    assert not list(tmp_path.glob("*.tmp")), "written atomically, no temporary left"
 
 
 def test_plot_writes_a_png(tmp_path):
@@ -120,3 +122,13 @@ def test_rounding_benchmark_runs():
     text = bench_rounding.main(["--size", "64", "--ratio", "0.5"])
     assert text.count("| seed |") == 3 and text.count("| quality |") == 3
     assert "seed mode: rounding in the solver saves" in text
+
+
+def test_quality_knob_benchmark_runs():
+    from benchmarks import tune_quality
+
+    text = tune_quality.main(["--quick"])
+    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| setting")]
+    assert [r.split(" | ")[0] for r in rows] == ["| seed mode", "| quality, defaults"]
+    assert rows[0].split(" | ")[2] == "1.000"  # the seed is its own baseline
+    assert 0 < float(rows[1].split(" | ")[1]) < 1
