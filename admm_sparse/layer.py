@@ -5,6 +5,7 @@ import math
 import time
 import warnings
 from collections.abc import Iterable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -18,9 +19,10 @@ from .keepbits import apply_keepbits
 # mode="quality" (admm_sparse.quality): ADMM until the mask settles + exact refit; its own knobs below, and
 # percdamp 0.01 unless given (measured better than 0.1 there). round_in_admm None: on in quality mode when
 # keep_bits is set; it rounds with error compensation on the solver's support (quality.round_with_feedback).
+# allow_tf32: CUDA float32 GEMMs in TF32 (faster, less exact); off by default whatever torch's global setting.
 DEFAULT_OPTIONS = dict(keep_bits=2, keep_proportion=0.02, percdamp=0.1, prune_iters=15, iters=20, rho=1.0,
                        mask_structure="unstructured", mode="seed", round_in_admm=None, quality_rho=0.1,
-                       quality_max_iters=300, quality_check_every=3, refit_iters=200)
+                       quality_max_iters=300, quality_check_every=3, refit_iters=200, allow_tf32=False)
 QUALITY_PERCDAMP = 0.01
 MODES = ("seed", "quality")
 DEFAULT_SPARSE_RATIO = 0.3
@@ -136,6 +138,8 @@ def check_options(options: dict) -> dict:
         raise ValueError(f"mode must be one of {MODES}, got {opts['mode']!r}")
     if opts["round_in_admm"] is not None and not isinstance(opts["round_in_admm"], bool):
         raise ValueError(f"round_in_admm must be True, False or None (auto), got {opts['round_in_admm']!r}")
+    if not isinstance(opts["allow_tf32"], bool):
+        raise ValueError(f"allow_tf32 must be True or False, got {opts['allow_tf32']!r}")
     if opts["round_in_admm"] and opts["keep_bits"] is None:
         raise ValueError("round_in_admm=True needs keep_bits (it rounds to the keep-bit grid)")
     for name in ("quality_max_iters", "quality_check_every", "refit_iters"):
@@ -149,6 +153,30 @@ def check_options(options: dict) -> dict:
     if opts["round_in_admm"] is None:
         opts["round_in_admm"] = opts["mode"] == "quality" and opts["keep_bits"] is not None
     return opts
+
+
+@contextmanager
+def float32_matmuls(allow_tf32: bool):
+    """CUDA float32 GEMMs in full float32 (the default: parity with the CPU path and the SPEC) or, opted in,
+    in TF32, whatever the caller's global setting; that setting is restored afterwards (CPU GEMMs ignore it)."""
+    matmul = torch.backends.cuda.matmul
+    try:
+        old = matmul.fp32_precision  # torch >= 2.9; mixing it with the legacy flag is an error there
+    except AttributeError:
+        old = None
+    if old is None:
+        old_flag = matmul.allow_tf32
+        matmul.allow_tf32 = allow_tf32
+        try:
+            yield
+        finally:
+            matmul.allow_tf32 = old_flag
+        return
+    matmul.fp32_precision = "tf32" if allow_tf32 else "ieee"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = old
 
 
 def _check_finite(t: torch.Tensor, what: str) -> None:
@@ -194,13 +222,15 @@ class AdmmPruner:
             raise ValueError(f"calibration input of shape {tuple(inp.shape)} holds no tokens")
         _check_finite(inp, "the calibration input")
         batch = inp.shape[0] if inp.dim() >= 3 else 1
-        _ops.accumulate_stats(self.H, self.scaler, inp.to(self.H.device), self.nsamples, batch)
+        with float32_matmuls(self.options.get("allow_tf32", False)):
+            _ops.accumulate_stats(self.H, self.scaler, inp.to(self.H.device), self.nsamples, batch)
         self.nsamples += batch
         self.tokens += inp.numel() // self.columns
 
     def fasterprune(self, sparse_ratio: float | None = None, **options) -> PruneReport:
         """Prune the layer's weight in place; options: keep_bits, keep_proportion, percdamp, prune_iters,
-        iters, rho, mask_structure (the seed's defaults in DEFAULT_OPTIONS). sparse_ratio None means 0.3, or
+        iters, rho, mask_structure, mode, round_in_admm, allow_tf32 and quality mode's knobs (defaults in
+        DEFAULT_OPTIONS: the seed's). sparse_ratio None means 0.3, or
         1 - N/M for an "N:M" mask_structure (which an explicit sparse_ratio must then equal)."""
         opts = check_options({**self.options, **options})
         structure = opts["mask_structure"]
@@ -219,20 +249,9 @@ class AdmmPruner:
         start = time.perf_counter()
         old = weight.detach()
         k = pruned_count((self.rows, self.columns), sparse_ratio, structure)
-        extra = {}
-        if opts["mode"] == "seed" and not opts["round_in_admm"]:
-            pruned, damping, dense_energy = _ops.admm_prune(self.H, old.float(), k, opts["percdamp"], opts["rho"],
-                                                            opts["iters"], opts["prune_iters"],
-                                                            native_structure(structure))
-            new = pruned.to(old.dtype)
-        else:
-            new, damping, dense_energy, extra = self._prune_quality(old, k, structure, opts)
-        if opts["keep_bits"] is not None and not opts["round_in_admm"]:
-            if not torch.isfinite(new.to(torch.float16)).all():
-                raise ValueError("the pruned weight has values beyond float16's range, which keep-bit rounding "
-                                 "(float16 for the Atlas card) cannot represent; pass keep_bits=None")
-            new = apply_keepbits(new, self.scaler, opts["keep_bits"], opts["keep_proportion"])
-        delta_energy = quadratic_trace(self.H, new.float() - old.float())
+        with float32_matmuls(opts["allow_tf32"]):
+            new, damping, dense_energy, extra = self._prune(old, k, structure, opts)
+            delta_energy = quadratic_trace(self.H, new.float() - old.float())
         weight.data.copy_(new)
         if weight.is_cuda:
             torch.cuda.synchronize(weight.device)
@@ -250,6 +269,23 @@ class AdmmPruner:
             mask_structure=structure,
             **extra,
         )
+
+    def _prune(self, old: torch.Tensor, k: int, structure: str, opts: dict):
+        """The new weight (old's dtype), dampings, dense output energy and quality-mode report fields."""
+        extra = {}
+        if opts["mode"] == "seed" and not opts["round_in_admm"]:
+            pruned, damping, dense_energy = _ops.admm_prune(self.H, old.float(), k, opts["percdamp"], opts["rho"],
+                                                            opts["iters"], opts["prune_iters"],
+                                                            native_structure(structure))
+            new = pruned.to(old.dtype)
+        else:
+            new, damping, dense_energy, extra = self._prune_quality(old, k, structure, opts)
+        if opts["keep_bits"] is not None and not opts["round_in_admm"]:
+            if not torch.isfinite(new.to(torch.float16)).all():
+                raise ValueError("the pruned weight has values beyond float16's range, which keep-bit rounding "
+                                 "(float16 for the Atlas card) cannot represent; pass keep_bits=None")
+            new = apply_keepbits(new, self.scaler, opts["keep_bits"], opts["keep_proportion"])
+        return new, damping, dense_energy, extra
 
     def _prune_quality(self, old: torch.Tensor, k: int, structure: str, opts: dict):
         """Quality mode (and/or rounding inside ADMM): see admm_sparse.quality."""
@@ -321,12 +357,12 @@ def prune_linear(layer: nn.Module, X, sparse_ratio: float | None = None, **optio
     equal 1 - N/M). Returns a PruneReport (achieved sparsity, relative output error on X, seconds, damping)."""
     opts = check_options(options)
     resolve_sparse_ratio(sparse_ratio, opts["mask_structure"])
-    pruner = AdmmPruner(layer)
+    pruner = AdmmPruner(layer, **options)
     check_structure_fits(opts["mask_structure"], (pruner.rows, pruner.columns))
     batches: Iterable[torch.Tensor] = [X] if isinstance(X, torch.Tensor) else X
     for inp in batches:
         pruner.add_batch(inp)
     try:
-        return pruner.fasterprune(sparse_ratio, **options)
+        return pruner.fasterprune(sparse_ratio)
     finally:
         pruner.free()

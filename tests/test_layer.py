@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import admm_sparse
+from admm_sparse import layer as layer_module
 from admm_sparse import reference as ref
 
 
@@ -162,3 +163,28 @@ def test_weight_beyond_float16_range_with_rounding():
         layer.weight[0, 0] = 1e6
     assert_rejected(layer, calib((50, 8)), ValueError, "float16")
     admm_sparse.prune_linear(layer, calib((50, 8)), 0.3, keep_bits=None)  # fine without rounding
+
+
+def test_allow_tf32_is_checked_and_torch_setting_restored(monkeypatch):
+    x = torch.randn(64, 16)
+    with pytest.raises(ValueError, match="allow_tf32 must be True or False"):
+        admm_sparse.prune_linear(nn.Linear(16, 8), x, 0.3, allow_tf32="yes")
+    matmul = torch.backends.cuda.matmul
+    seen = []
+    original = layer_module.AdmmPruner._prune
+
+    def spy(self, *args, **kwargs):
+        seen.append(matmul.fp32_precision)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(layer_module.AdmmPruner, "_prune", spy)
+    before = matmul.fp32_precision
+    try:
+        for caller_setting in ("tf32", "ieee"):
+            matmul.fp32_precision = caller_setting
+            for allow in (False, True):
+                admm_sparse.prune_linear(nn.Linear(16, 8), x, 0.3, allow_tf32=allow)
+                assert seen.pop() == ("tf32" if allow else "ieee")  # in force while pruning
+                assert matmul.fp32_precision == caller_setting  # the caller's setting is back
+    finally:
+        matmul.fp32_precision = before
