@@ -9,8 +9,9 @@ Per layer shape (weight out x in; ratio 0.3, random weights, `tokens` random cal
 - GEMM floor: what no implementation of SPEC section 2 can beat on this card, 20 float32 GEMMs
   Hinv[in, in] @ RHS[in, out] plus one Cholesky inverse of an in x in matrix; the achieved fraction
   is floor / admm op.
-Then the admm op for every Linear of one LLaMA-2-7B decoder block (synthetic H = X^T X).
-TF32 is off (SPEC: float32). Times are medians of `repeats` runs after one warm-up, with
+Then the admm op for every Linear of one LLaMA-2-7B decoder block (synthetic H = X^T X), and the effect
+of the opt-in allow_tf32=True on prune_linear's time and relative output error at 4096x4096.
+TF32 is off (SPEC: float32) except in that last table. Times are medians of `repeats` runs after one warm-up, with
 torch.cuda.synchronize() around each run.
 """
 from __future__ import annotations
@@ -111,6 +112,25 @@ def bench_layer(d_out: int, d_in: int, args, reference) -> dict:
     return row
 
 
+def tf32_effect(args) -> list[str]:
+    """prune_linear at 4096x4096 with allow_tf32 False / True: time and relative output error."""
+    import admm_sparse
+
+    w0 = random_weight(4096, 4096, seed=1)
+    x = calibration(args.tokens, 4096, seed=2)
+    layer = torch.nn.Linear(4096, 4096, bias=False, device="cuda")
+    lines = []
+    for allow in (False, True):
+        reports = []
+
+        def run():
+            reports.append(admm_sparse.prune_linear(layer, x, RATIO, allow_tf32=allow))
+
+        t = median_seconds(run, args.repeats, setup=lambda: (layer.weight.data.copy_(w0), ())[1])
+        lines.append(f"| {allow} | {ms(t)} | {reports[-1].relative_error:.6f} |")
+    return lines
+
+
 def ms(t: float | None) -> str:
     return "-" if t is None else f"{t * 1e3:.1f}"
 
@@ -180,6 +200,10 @@ def main() -> int:
             floor_total += f
             print(f"| {name} | {d_out}x{d_in} | {ms(t)} | {ms(f)} | {f / t:.0%} |", flush=True)
         print(f"| **block** | | **{ms(total)}** | **{ms(floor_total)}** | **{floor_total / total:.0%}** |")
+    print("\nallow_tf32 (prune_linear, 4096x4096, keep-bit rounding on):\n")
+    print("| allow_tf32 | prune_linear ms | relative output error |")
+    print("|---|---:|---:|")
+    print("\n".join(tf32_effect(args)))
     print(f"\nCard: {card}")
     return 0
 

@@ -362,3 +362,29 @@ def test_opcheck_cuda_structured():
     torch.library.opcheck(torch.ops.admm_sparse.prune_mask_nm.default, (torch.randn(33, 16, device=DEV), 2, 4))
     torch.library.opcheck(torch.ops.admm_sparse.admm_prune.default,
                           (h.to(DEV), w.to(DEV), 40 * 24, 0.1, 1.0, 6, 4, "2:4"))
+
+
+def test_allow_tf32_option():
+    """Default: exact float32 GEMMs even where the caller turned TF32 on; opted in: TF32, a close result."""
+    import admm_sparse
+    from torch import nn
+
+    x = torch.randn(2048, 512, generator=gen(7)).to(DEV)
+    w = torch.randn(256, 512, generator=gen(8))
+
+    def prune(allow_tf32, global_tf32):
+        torch.backends.cuda.matmul.allow_tf32 = global_tf32
+        try:
+            layer = nn.Linear(512, 256, bias=False).to(DEV)
+            layer.weight.data.copy_(w)
+            report = admm_sparse.prune_linear(layer, x, 0.5, keep_bits=None, allow_tf32=allow_tf32)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = False
+        return layer.weight.detach().cpu(), report
+
+    exact, exact_report = prune(False, False)
+    same, _ = prune(False, True)
+    torch.testing.assert_close(same, exact, rtol=1e-6, atol=1e-7)  # the global flag changed nothing
+    fast, fast_report = prune(True, False)
+    assert not torch.equal(fast, exact), "allow_tf32=True should change the GEMMs' rounding"
+    assert abs(fast_report.relative_error - exact_report.relative_error) < 0.05 * exact_report.relative_error
