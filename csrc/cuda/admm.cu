@@ -86,6 +86,11 @@ __global__ void __launch_bounds__(kThreads) mask_nm_kernel(PlainLoad load, bool*
   gpu::select_group(load, ln, line, g, n, m, [&](int64_t i, float, bool selected) { out[i] = selected; });
 }
 
+// One block per line: the grid's x dimension holds at most 2^31 - 1 blocks.
+void check_line_grid(int64_t lines) {
+  TORCH_CHECK(lines < (int64_t(1) << 31), "too many rows for the per-row selection (", lines, ")");
+}
+
 unsigned group_grid(const gpu::Lines& ln, int64_t m) {
   const int64_t threads = ln.count * (ln.len / m);
   TORCH_CHECK(gpu::ceil_div(threads, kThreads) < (int64_t(1) << 31), "too many N:M groups (", threads, ")");
@@ -123,6 +128,7 @@ void project_cuda(const at::Tensor& wn, at::Tensor& u, const at::Tensor& b, at::
   const gpu::Lines columns{wn.size(1), wn.size(0), 1, wn.size(1)};  // output rows of W
   if (reselect && spec.kind == Structure::kPerRow) {
     if (columns.count == 0) return;
+    check_line_grid(columns.count);
     project_rows_kernel<<<static_cast<unsigned>(columns.count), kThreads, 0, stream>>>(wn_p, u_p, b_p, rhs_p, rho_f,
                                                                                       columns, spec.row_k);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -172,6 +178,7 @@ at::Tensor prune_mask_rows_cuda(const at::Tensor& values, int64_t k) {
   if (v.numel() == 0) return mask;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const gpu::Lines ln = rows_of(v);
+  check_line_grid(ln.count);
   mask_rows_kernel<<<static_cast<unsigned>(ln.count), kThreads, 0, stream>>>(PlainLoad{v.data_ptr<float>()},
                                                                             mask.data_ptr<bool>(), ln, k);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
