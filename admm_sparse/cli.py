@@ -59,6 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--round-in-admm", action=argparse.BooleanOptionalAction, default=None,
                    help="keep-bit rounding with error compensation inside the solver instead of after it "
                    "(default: on in quality mode only); overrides the config's")
+    p.add_argument("--allow-tf32", action=argparse.BooleanOptionalAction, default=None,
+                   help="on a GPU, float32 GEMMs in TF32: faster, less exact (default: off); overrides the config's")
     p.add_argument("--calib", type=Path, help="calibration text: a text file or JSONL with a \"text\" field "
                    "(default: the built-in Wikipedia calibration articles)")
     p.add_argument("--num-samples", type=int, help=f"calibration windows of --seq-len tokens (default "
@@ -127,7 +129,8 @@ def _dry_run(model, config) -> int:
 def _config(args) -> FloatSparseConfig:
     """The YAML config (or the default one) with the command line's overrides."""
     config = load_config(args.config) if args.config else FloatSparseConfig()
-    changes = {key: getattr(args, key) for key in ("sparse_ratio", "mask_structure", "mode", "round_in_admm")
+    changes = {key: getattr(args, key)
+               for key in ("sparse_ratio", "mask_structure", "mode", "round_in_admm", "allow_tf32")
                if getattr(args, key) is not None}
     if not changes:
         return config

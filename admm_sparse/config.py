@@ -11,6 +11,7 @@ spec:
       mask_structure: "unstructured"  # or "per_row", or "N:M" such as "2:4" (sparse_ratio is then 1 - N/M)
       mode: "seed"                    # or "quality": ADMM until the mask settles, then an exact refit
       round_in_admm: null             # keep-bit rounding with compensation; null = on in quality mode only
+      allow_tf32: false               # CUDA float32 GEMMs in TF32 (faster, less exact)
 ```
 Every mistake is a ConfigError naming the file and the key.
 """
@@ -24,7 +25,8 @@ import yaml
 PROCESSOR_TYPE = "float_sparse"
 # Descriptive top-level keys of the original tool's files; accepted and ignored.
 _IGNORED_TOP_KEYS = {"apiversion", "metadata"}
-_PROCESSOR_KEYS = {"type", "sparse_ratio", "include", "exclude", "mask_structure", "mode", "round_in_admm"}
+_PROCESSOR_KEYS = {"type", "sparse_ratio", "include", "exclude", "mask_structure", "mode", "round_in_admm",
+                   "allow_tf32"}
 
 
 class ConfigError(ValueError):
@@ -45,10 +47,10 @@ def _check_ratio(value, where: str) -> float:
     return float(value)
 
 
-def _check_pruner_options(structure, mode, round_in_admm, where: str) -> None:
+def _check_pruner_options(options: dict, where: str) -> None:
     from .layer import check_options
 
-    for key, value in (("mask_structure", structure), ("mode", mode), ("round_in_admm", round_in_admm)):
+    for key, value in options.items():
         try:
             check_options({key: value})
         except (TypeError, ValueError) as exc:
@@ -68,6 +70,7 @@ class FloatSparseConfig:
     mask_structure: str = "unstructured"
     mode: str = "seed"
     round_in_admm: bool | None = None
+    allow_tf32: bool = False
 
     def __post_init__(self):
         from .layer import resolve_sparse_ratio
@@ -76,7 +79,7 @@ class FloatSparseConfig:
             self.sparse_ratio = _check_ratio(self.sparse_ratio, "sparse_ratio")
         self.include = _check_patterns(self.include, "include")
         self.exclude = _check_patterns(self.exclude, "exclude")
-        _check_pruner_options(self.mask_structure, self.mode, self.round_in_admm, "")
+        _check_pruner_options(self.pruner_options(), "")
         try:
             self.sparse_ratio = resolve_sparse_ratio(self.sparse_ratio, self.mask_structure)
         except ValueError as exc:
@@ -84,7 +87,8 @@ class FloatSparseConfig:
 
     def pruner_options(self) -> dict:
         """The options this config gives the ADMM pruner's fasterprune."""
-        return dict(mask_structure=self.mask_structure, mode=self.mode, round_in_admm=self.round_in_admm)
+        return dict(mask_structure=self.mask_structure, mode=self.mode, round_in_admm=self.round_in_admm,
+                    allow_tf32=self.allow_tf32)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -119,16 +123,14 @@ def parse_config(data, source: str = "<config>") -> FloatSparseConfig:
         raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(_PROCESSOR_KEYS)}")
     defaults = FloatSparseConfig()
     ratio = entry.get("sparse_ratio")
-    structure = entry.get("mask_structure", defaults.mask_structure)
-    mode = entry.get("mode", defaults.mode)
-    round_in_admm = entry.get("round_in_admm", defaults.round_in_admm)
-    _check_pruner_options(structure, mode, round_in_admm, f"{where}.")
+    options = {key: entry.get(key, value) for key, value in defaults.pruner_options().items()}
+    _check_pruner_options(options, f"{where}.")
     try:
         return FloatSparseConfig(
             sparse_ratio=None if ratio is None else _check_ratio(ratio, f"{where}.sparse_ratio"),
             include=_check_patterns(entry.get("include", defaults.include), f"{where}.include"),
             exclude=_check_patterns(entry.get("exclude", defaults.exclude), f"{where}.exclude"),
-            mask_structure=structure, mode=mode, round_in_admm=round_in_admm,
+            **options,
         )
     except ConfigError as exc:  # only the ratio against the structure is left to check
         raise ConfigError(f"{where}.{exc}") from None

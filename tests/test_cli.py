@@ -55,7 +55,8 @@ def test_prune_atlas_end_to_end(model_dir, files, tmp_path, capsys):
     assert len(table) == 6 and all(".mlp." in line for line in table)
     summary = json.loads(stdout.strip().splitlines()[-1])
     assert summary["config"] == {"sparse_ratio": 0.4, "include": ["*"], "exclude": ["*self_attn*"],
-                                 "mask_structure": "unstructured", "mode": "seed", "round_in_admm": None}
+                                 "mask_structure": "unstructured", "mode": "seed", "round_in_admm": None,
+                                 "allow_tf32": False}
     assert summary["summary"]["layers"] == 6
     assert summary["perplexity"]["windows"] == 3 and summary["perplexity"]["before"] > 1
 
@@ -99,7 +100,8 @@ def test_mask_structure_and_mode_flags_override_the_config(model_dir, files, tmp
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     # 2:4 fixes the ratio at 0.5: the config's 0.4 gives way; its exclude stays
     assert summary["config"] == {"sparse_ratio": 0.5, "include": ["*"], "exclude": ["*self_attn*"],
-                                 "mask_structure": "2:4", "mode": "quality", "round_in_admm": None}
+                                 "mask_structure": "2:4", "mode": "quality", "round_in_admm": None,
+                                 "allow_tf32": False}
     report = json.loads((out / "prune_report.json").read_text())
     assert len(report["layers"]) == 6 and all(r["mode"] == "quality" for r in report["layers"])
     tensors = load_file(out / "quant_model_weights.safetensors")
@@ -107,6 +109,12 @@ def test_mask_structure_and_mode_flags_override_the_config(model_dir, files, tmp
         w = tensors[name]
         groups = (w != 0).reshape(w.shape[0], -1, 4).sum(-1)
         assert (groups <= 2).all() and int((w == 0).sum()) >= w.numel() // 2, name  # the export keeps 2:4 exactly
+
+
+def test_allow_tf32_flag_reaches_the_config(model_dir, files, tmp_path, capsys):
+    assert prune(model_dir, files, tmp_path / "out", "--allow-tf32", "--format", "hf") == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["config"]["allow_tf32"] is True  # a no-op on this CPU, passed to every layer's pruner
 
 
 def test_n_m_that_does_not_divide_a_layer_leaves_it_dense_with_a_warning(model_dir, files, tmp_path, capsys):

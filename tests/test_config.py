@@ -23,7 +23,8 @@ def test_load_good_file(tmp_path):
     cfg = load_config(write(tmp_path, GOOD))
     assert cfg == FloatSparseConfig(0.5, ["*mlp*"], ["*self_attn*"])
     assert cfg.to_dict() == {"sparse_ratio": 0.5, "include": ["*mlp*"], "exclude": ["*self_attn*"],
-                             "mask_structure": "unstructured", "mode": "seed", "round_in_admm": None}
+                             "mask_structure": "unstructured", "mode": "seed", "round_in_admm": None,
+                             "allow_tf32": False}
 
 
 def test_defaults_match_spec():
@@ -39,9 +40,10 @@ def test_integer_ratio_and_descriptive_top_keys_accepted():
 
 def test_extension_keys(tmp_path):
     cfg = load_config(write(tmp_path, GOOD.replace("sparse_ratio: 0.5", 'mask_structure: "2:4"\n      mode: quality\n'
-                                                   '      round_in_admm: false')))
+                                                   '      round_in_admm: false\n      allow_tf32: true')))
     assert (cfg.sparse_ratio, cfg.mask_structure, cfg.mode, cfg.round_in_admm) == (0.5, "2:4", "quality", False)
-    assert cfg.pruner_options() == {"mask_structure": "2:4", "mode": "quality", "round_in_admm": False}
+    assert cfg.pruner_options() == {"mask_structure": "2:4", "mode": "quality", "round_in_admm": False,
+                                    "allow_tf32": True}
     assert FloatSparseConfig(mask_structure="1:4").sparse_ratio == 0.75  # N:M implies the ratio
     assert FloatSparseConfig(0.75, mask_structure="1:4").sparse_ratio == 0.75  # an agreeing ratio is fine
     assert FloatSparseConfig(0.6, mask_structure="per_row").sparse_ratio == 0.6
@@ -75,6 +77,7 @@ BAD = {
                               "sparse_ratio"),
     "unknown mode": ("spec:\n  process: [{type: float_sparse, mode: fast}]\n", "mode"),
     "round_in_admm not a bool": ("spec:\n  process: [{type: float_sparse, round_in_admm: 'yes'}]\n", "round_in_admm"),
+    "allow_tf32 not a bool": ("spec:\n  process: [{type: float_sparse, allow_tf32: 1}]\n", "allow_tf32"),
 }
 
 
@@ -95,7 +98,8 @@ def test_missing_file(tmp_path):
 
 @pytest.mark.parametrize("kwargs", [dict(sparse_ratio=2), dict(sparse_ratio="0.3"), dict(include="*"),
                                     dict(exclude=[None]), dict(mask_structure="2:5:1"), dict(mode="Quality"),
-                                    dict(mask_structure="2:4", sparse_ratio=0.3), dict(round_in_admm=1)])
+                                    dict(mask_structure="2:4", sparse_ratio=0.3), dict(round_in_admm=1),
+                                    dict(allow_tf32=None)])
 def test_python_config_is_validated(kwargs):
     with pytest.raises(ConfigError):
         FloatSparseConfig(**kwargs)
