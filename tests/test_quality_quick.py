@@ -53,6 +53,7 @@ def test_markdown_names_everything_and_states_the_verdict():
     assert "ADMM 2:4 below SparseGPT 2:4: **missed** (41.00 vs 40.00)" in md
     assert "post-hoc rounding at 0.3: **missed** (cost +1.20 vs +2.00 over 22.00)" in md
     assert "at most 3x the seed mode's (0.7): **missed** (350 s vs 100 s" in md
+    assert "quality mode's perplexity divided by the seed mode's, per pattern: 0.7 0.79x." in md
     assert "Not run (time):" in md and "`wanda-0.3`" in md
     assert "![perplexity vs sparsity](figures/quality_ppl.png)" in md
     assert "| ADMM | 0.5 | off | 0.0500 |" in md and "first 16 held-out windows" in md  # the layer table
