@@ -209,13 +209,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> admm_prune_with(const at::Tensor&
   }
   // 6. Z = (Wn + U) * mask, where the pruned set is exactly the entries whose U has a non-zero bit
   //    pattern (see ProjectFn); then undo the normalisation. Buffers are released as soon as they
-  //    are dead so the output does not raise the peak.
-  const at::Tensor pruned = u.view(at::kInt).ne(0);
-  wn.add_(u);
-  u.reset();
+  //    are dead (the loop's first, before the mask exists) so the output does not raise the peak.
   rhs.reset();
   b.reset();
   hinv.reset();
+  const at::Tensor pruned = u.view(at::kInt).ne(0);
+  wn.add_(u);
+  u.reset();
   wn.masked_fill_(pruned, 0.0);
   at::Tensor out = at::empty({weight.size(0), d_in}, weight.options());
   at::div_out(out, wn.t(), d);
