@@ -9,6 +9,7 @@ inverse, measured on the same machine.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import platform
 import statistics
@@ -45,9 +46,21 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def track_live_memory() -> bool:
+    """Make resident memory follow the live tensors (glibc only): with a fixed mmap threshold every block
+    of 1 MiB or more is mapped on allocation and unmapped on free. By default glibc raises the threshold
+    as blocks are freed and then serves large blocks from a heap it keeps, so the peak below would depend
+    on what ran before (it read 30 MiB one run and 128 MiB another for the same 2048 layer)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return libc.mallopt(-3, 1 << 20) == 1  # M_MMAP_THRESHOLD
+
+
 def peak_extra_bytes(fn) -> int | None:
     """Peak resident memory that fn adds on top of what is resident when it starts (Linux only):
-    /proc/self/clear_refs resets the high-water mark."""
+    /proc/self/clear_refs resets the high-water mark. Meaningful after track_live_memory()."""
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
@@ -99,7 +112,10 @@ def table(rows: list[dict], args) -> str:
     lines = [
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPUs; {args.tokens} calibration tokens, ratio {args.ratio}, keep-bit rounding on; "
-        f"median of {args.repeats} runs (reference: {args.ref_repeats}).",
+        f"median of {args.repeats} runs (reference: {args.ref_repeats}). Peak memory: resident memory prune_linear "
+        "adds (H and the calibration input's statistics included, the input itself not), "
+        + ("with glibc mapping every block of 1 MiB or more on its own, so that it follows the live tensors."
+           if args.live_memory else "glibc's default heap (may reuse memory freed earlier: a lower bound)."),
         "",
         "| layer (out x in) | prune_linear s | reference s | speed-up | GEMM floor s | prune_linear / floor "
         "| peak extra memory MiB | budget 2·d_in²+4·d_in·d_out MiB |",
@@ -127,6 +143,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--write", action="store_true", help="store the table in benchmarks/RESULTS.md")
     args = parser.parse_args()
+    args.live_memory = track_live_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = []
