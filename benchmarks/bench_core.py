@@ -5,6 +5,7 @@ inverse, measured on the same machine.
 
     python benchmarks/bench_core.py                     # 1024, 2048, 4096; prints a markdown table
     python benchmarks/bench_core.py --write             # and stores it in benchmarks/RESULTS.md
+    python benchmarks/bench_core.py --sizes 4096 --phases   # where the time goes, step by step
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import ctypes
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -85,7 +87,8 @@ def gemm_floor(d_out: int, d_in: int, repeats: int) -> float:
     return median_seconds(run, repeats)
 
 
-def bench(d_out: int, d_in: int, tokens: int, ratio: float, repeats: int, ref_repeats: int) -> dict:
+def _setup(d_out: int, d_in: int, tokens: int, ratio: float):
+    """The layer, its calibration input, and prune_linear on a fresh copy of the weight."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(tokens, d_in, generator=g)
     layer = nn.Linear(d_in, d_out, bias=False)
@@ -96,14 +99,26 @@ def bench(d_out: int, d_in: int, tokens: int, ratio: float, repeats: int, ref_re
             layer.weight.copy_(w0)
         admm_sparse.prune_linear(layer, x, ratio)
 
-    def ref():
-        reference.prune_linear(w0, [x], ratio)
+    return x, w0, ours
 
+
+def peak_in_subprocess(d_out: int, d_in: int, tokens: int, ratio: float) -> int | None:
+    """The peak measured in a fresh process with live-memory tracking: a fixed mmap threshold costs
+    page faults on every large allocation, which would slow the timed runs here."""
+    cmd = [sys.executable, __file__, "--peak-of", str(d_out), str(d_in), "--tokens", str(tokens), "--ratio", str(ratio),
+           "--threads", str(torch.get_num_threads())]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()
+    return None if not out or out[-1] == "None" else int(out[-1])
+
+
+def bench(d_out: int, d_in: int, tokens: int, ratio: float, repeats: int, ref_repeats: int) -> dict:
+    x, w0, ours = _setup(d_out, d_in, tokens, ratio)
     ours()  # warm-up (thread pools, allocator)
     t_ours = median_seconds(ours, repeats)
-    peak = peak_extra_bytes(ours)
-    t_ref = median_seconds(ref, ref_repeats)
+    t_ref = median_seconds(lambda: reference.prune_linear(w0, [x], ratio), ref_repeats)
     t_floor = gemm_floor(d_out, d_in, repeats)
+    del x, w0, ours
+    peak = peak_in_subprocess(d_out, d_in, tokens, ratio)
     budget = 4 * (2 * d_in * d_in + 4 * d_in * d_out)
     return dict(shape=f"{d_out}x{d_in}", ours=t_ours, ref=t_ref, floor=t_floor, peak=peak, budget=budget)
 
@@ -113,9 +128,8 @@ def table(rows: list[dict], args) -> str:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPUs; {args.tokens} calibration tokens, ratio {args.ratio}, keep-bit rounding on; "
         f"median of {args.repeats} runs (reference: {args.ref_repeats}). Peak memory: resident memory prune_linear "
-        "adds (H and the calibration input's statistics included, the input itself not), "
-        + ("with glibc mapping every block of 1 MiB or more on its own, so that it follows the live tensors."
-           if args.live_memory else "glibc's default heap (may reuse memory freed earlier: a lower bound)."),
+        "adds (H included, the calibration input itself not), measured in a fresh process where glibc maps every "
+        "block of 1 MiB or more on its own, so that resident memory follows the live tensors.",
         "",
         "| layer (out x in) | prune_linear s | reference s | speed-up | GEMM floor s | prune_linear / floor "
         "| peak extra memory MiB | budget 2·d_in²+4·d_in·d_out MiB |",
@@ -125,6 +139,45 @@ def table(rows: list[dict], args) -> str:
         peak = "n/a" if r["peak"] is None else f"{r['peak'] / 2**20:.0f}"
         lines.append(f"| {r['shape']} | {r['ours']:.2f} | {r['ref']:.2f} | {r['ref'] / r['ours']:.2f}x "
                      f"| {r['floor']:.2f} | {r['ours'] / r['floor']:.2f} | {peak} | {r['budget'] / 2**20:.0f} |")
+    return "\n".join(lines)
+
+
+def phases(size: int, tokens: int, ratio: float, repeats: int) -> str:
+    """Where prune_linear's time goes at one size: each step timed alone (median), against the floor's parts."""
+    from admm_sparse import _ops
+    from admm_sparse.keepbits import apply_keepbits
+    from admm_sparse.layer import quadratic_trace
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, size, generator=g)
+    w0 = torch.randn(size, size, generator=g) / size**0.5
+    h, scaler = torch.zeros(size, size), torch.zeros(size)
+    k = int(size * size * ratio)
+    a, out = torch.randn(size, size, generator=g), torch.empty(size, size)
+    steps = {
+        "statistics (X^T X, lower triangle)": lambda: (h.zero_(), scaler.zero_(), _ops.accumulate_stats(h, scaler, x, 0, 1)),
+        "admm_prune op (20 iterations)": lambda: _ops.admm_prune(h, w0, k, 0.1, 1.0, 20, 15, "unstructured"),
+        "admm_prune op (1 iteration)": lambda: _ops.admm_prune(h, w0, k, 0.1, 1.0, 1, 1, "unstructured"),
+        "one GEMM d_in x d_in x d_out": lambda: torch.mm(a, a, out=out),
+        "damped Cholesky inverse": lambda: _ops.damped_cholesky_inverse(h, 1.0),
+        "k-smallest mask (prune_mask)": lambda: _ops.prune_mask(a, k),
+    }
+    lines = [f"{size}x{size}, {tokens} tokens, ratio {ratio}, {torch.get_num_threads()} threads, median of {repeats}:",
+             "", "| step | seconds |", "|---|---|"]
+    timed = {}
+    for name, fn in steps.items():
+        fn()  # warm-up, and h holds the statistics for the steps after the first
+        timed[name] = median_seconds(fn, repeats)
+        lines.append(f"| {name} | {timed[name]:.3f} |")
+    pruned = _ops.admm_prune(h, w0, k, 0.1, 1.0, 20, 15, "unstructured")[0]
+    for name, fn in {"keep-bit rounding (SPEC §3)": lambda: apply_keepbits(pruned, scaler, 2, 0.02),
+                     "error report (tr ΔHΔᵀ, half a GEMM)": lambda: quadratic_trace(h, pruned - w0)}.items():
+        timed[name] = median_seconds(fn, repeats)
+        lines.append(f"| {name} | {timed[name]:.3f} |")
+    per_iter = (timed["admm_prune op (20 iterations)"] - timed["admm_prune op (1 iteration)"]) / 19
+    gemm = timed["one GEMM d_in x d_in x d_out"]
+    lines += ["", f"Per ADMM iteration: {per_iter:.3f} s, of which the GEMM {gemm:.3f} s and the projection pass "
+              f"(select, project, dual, right-hand side) {per_iter - gemm:.3f} s."]
     return "\n".join(lines)
 
 
@@ -142,10 +195,22 @@ def main() -> None:
     parser.add_argument("--ref-repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--write", action="store_true", help="store the table in benchmarks/RESULTS.md")
+    parser.add_argument("--phases", action="store_true", help="instead, time prune_linear's steps one by one "
+                        "at each size (prints; nothing is written)")
+    parser.add_argument("--peak-of", type=int, nargs=2, metavar=("D_OUT", "D_IN"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    args.live_memory = track_live_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.peak_of:  # the child of peak_in_subprocess
+        tracked = track_live_memory()
+        ours = _setup(*args.peak_of, args.tokens, args.ratio)[2]
+        ours()
+        print(peak_extra_bytes(ours) if tracked else None)
+        return
+    if args.phases:
+        for size in args.sizes:
+            print(phases(size, args.tokens, args.ratio, args.repeats), flush=True)
+        return
     rows = []
     for size in args.sizes:
         rows.append(bench(size, size, args.tokens, args.ratio, args.repeats, args.ref_repeats))
@@ -153,7 +218,6 @@ def main() -> None:
     text = table(rows, args)
     print(text)
     if args.write:
-        import sys
         write_results(text, "python " + " ".join(["benchmarks/bench_core.py", *sys.argv[1:]]))
 
 
