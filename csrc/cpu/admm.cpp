@@ -23,19 +23,14 @@ void project_cpu(const at::Tensor& wn, at::Tensor& u, const at::Tensor& b, at::T
   // V is recomputed (Wn + U) in every pass instead of being stored: the passes are memory bound
   // either way, and this keeps the working set at four d_in x d_out buffers.
   const auto v_key = [&](int64_t i) { return cpu::abs_key(w_p[i] + u_p[i]); };
+  // The float ops of the reference, one rounding each (the build disables FMA contraction), without
+  // branches so that the loops over it can be vectorised.
   const auto write = [&](int64_t i, bool pruned) {
     const float v = w_p[i] + u_p[i];
-    // The float ops of the reference, one rounding each (the build disables FMA contraction).
-    if (pruned) {
-      u_p[i] = v == 0.0f ? -0.0f : v;
-      rhs_p[i] = b_p[i] + rho_f * (-v);
-    } else {
-      u_p[i] = 0.0f;
-      rhs_p[i] = b_p[i] + rho_f * v;
-    }
+    u_p[i] = pruned ? (v == 0.0f ? -0.0f : v) : 0.0f;
+    rhs_p[i] = b_p[i] + rho_f * (pruned ? -v : v);
   };
 
-  const int64_t num_chunks = (n + cpu::kChunk - 1) / cpu::kChunk;
   // Output rows of W are the columns of Wn [d_in, d_out].
   const cpu::Lines columns{wn.size(1), wn.size(0), 1, wn.size(1)};
   if (reselect && spec.kind == Structure::kPerRow) {
@@ -43,11 +38,7 @@ void project_cpu(const at::Tensor& wn, at::Tensor& u, const at::Tensor& b, at::T
   } else if (reselect && spec.kind == Structure::kNM) {
     cpu::select_n_of_m(columns, spec.n, spec.m, v_key, write);
   } else if (reselect) {
-    const cpu::Selection sel = cpu::find_k_smallest(n, k, v_key);
-    at::parallel_for(0, num_chunks, 1, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c)
-        sel.apply_chunk(c, c * cpu::kChunk, std::min(n, (c + 1) * cpu::kChunk), v_key, write);
-    });
+    cpu::apply_selection(cpu::find_k_smallest(n, k, v_key), n, v_key, write);
   } else {
     at::parallel_for(0, n, cpu::kChunk, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
@@ -67,13 +58,7 @@ at::Tensor prune_mask_cpu(const at::Tensor& values, int64_t k) {
   bool* m_p = mask.data_ptr<bool>();
   const int64_t n = v.numel();
   const auto key = [&](int64_t i) { return cpu::abs_key(v_p[i]); };
-  const cpu::Selection sel = cpu::find_k_smallest(n, k, key);
-  const int64_t num_chunks = (n + cpu::kChunk - 1) / cpu::kChunk;
-  at::parallel_for(0, num_chunks, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c)
-      sel.apply_chunk(c, c * cpu::kChunk, std::min(n, (c + 1) * cpu::kChunk), key,
-                      [&](int64_t i, bool selected) { m_p[i] = selected; });
-  });
+  cpu::apply_selection(cpu::find_k_smallest(n, k, key), n, key, [&](int64_t i, bool selected) { m_p[i] = selected; });
   return mask;
 }
 

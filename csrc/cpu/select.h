@@ -25,8 +25,23 @@ constexpr int64_t kChunk = int64_t(1) << 16;
 struct Selection {
   uint32_t threshold = 0;          // key of the k-th smallest entry
   std::vector<int64_t> tie_quota;  // per chunk: how many entries equal to threshold are selected
+  std::vector<int64_t> ties;       // per chunk: how many entries equal to threshold there are
   bool none = false;               // k == 0
   bool all = false;                // k == n
+
+  // In most chunks the ties at the threshold are all selected or none is: then "selected" is simply
+  // key < limit, with no per-element bookkeeping (a loop the compiler can vectorise). Returns false
+  // for a chunk that takes only some of its ties (walk it with apply_chunk).
+  // Keys are |v|'s bits, at most 0x7fffffff, so every limit fits in 32 bits.
+  bool uniform_limit(int64_t c, uint32_t& limit) const {
+    if (none || all) {
+      limit = all ? 0x80000000u : 0u;
+      return true;
+    }
+    if (tie_quota[c] != 0 && tie_quota[c] != ties[c]) return false;
+    limit = threshold + (tie_quota[c] != 0 ? 1u : 0u);
+    return true;
+  }
 
   // Walks chunk `c` in index order; call `apply(i, selected)` for each i in [begin, end).
   template <class KeyAt, class Apply>
@@ -94,8 +109,10 @@ Selection find_k_smallest(int64_t n, int64_t k, KeyAt key_at) {
     if (last) {
       // `remaining` entries equal to the threshold are selected, the lowest indices first.
       sel.tie_quota.resize(num_chunks);
+      sel.ties.resize(num_chunks);
       for (int64_t c = 0; c < num_chunks; ++c) {
-        const int64_t take = std::min(remaining, hist[c * bins + bin]);
+        sel.ties[c] = hist[c * bins + bin];
+        const int64_t take = std::min(remaining, sel.ties[c]);
         sel.tie_quota[c] = take;
         remaining -= take;
       }
@@ -103,6 +120,25 @@ Selection find_k_smallest(int64_t n, int64_t k, KeyAt key_at) {
   }
   sel.threshold = static_cast<uint32_t>(prefix);
   return sel;
+}
+
+// Calls apply(i, selected) for every i in [0, n), in parallel over the chunks. Chunks that take all or
+// none of their threshold ties (nearly all of them) run a plain loop over key_at(i) < limit, which the
+// compiler can vectorise when apply is branch-free.
+template <class KeyAt, class Apply>
+void apply_selection(const Selection& sel, int64_t n, KeyAt key_at, Apply apply) {
+  const int64_t num_chunks = (n + kChunk - 1) / kChunk;
+  at::parallel_for(0, num_chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t begin = c * kChunk, end = std::min(n, (c + 1) * kChunk);
+      uint32_t limit;
+      if (sel.uniform_limit(c, limit)) {
+        for (int64_t i = begin; i < end; ++i) apply(i, key_at(i) < limit);
+      } else {
+        sel.apply_chunk(c, begin, end, key_at, apply);
+      }
+    }
+  });
 }
 
 }  // namespace admm_sparse::cpu
