@@ -57,7 +57,8 @@ def structured_mask(values: torch.Tensor, k: int, structure: str = "unstructured
 def admm_prune(hessian: torch.Tensor, weight: torch.Tensor, k: int, percdamp: float = 0.1, rho: float = 1.0,
                iters: int = 20, prune_iters: int = 15, structure: str = "unstructured") -> torch.Tensor:
     """SPEC §2. hessian: full symmetric [d_in, d_in]; weight: [d_out, d_in]. Returns the float32 pruned weight.
-    structure: the mask's shape on W (the iterate here is Wn = (W d)ᵀ, so it is selected on Vᵀ)."""
+    structure: the mask's shape on W (the iterate here is Wn = (W d)ᵀ, so a structured mask is selected on
+    Vᵀ). Unstructured ties (SPEC: "broken deterministically") go to the lowest flat index of V, as natively."""
     d = hessian.diagonal().sqrt() + 1e-8
     hn = hessian / d[:, None] / d[None, :]
     wn = (weight.float() * d).T
@@ -70,7 +71,8 @@ def admm_prune(hessian: torch.Tensor, weight: torch.Tensor, k: int, percdamp: fl
     for it in range(iters):
         v = wn + u
         if it < prune_iters:
-            mask = (~structured_mask(v.T, k, structure).T).float()
+            pruned = prune_mask(v, k) if structure == "unstructured" else structured_mask(v.T, k, structure).T
+            mask = (~pruned).float()
         z = v * mask
         u = v - z
         wn = hinv @ (b + rho * (z - u))

@@ -161,6 +161,22 @@ def test_admm_prune_exactly_k_zeros_and_lower_triangle_only(ratio):
     assert_same_pruning(out, ref.admm_prune(h, w, k), h, k)
 
 
+def test_admm_prune_ties_across_several_chunks():
+    # 200 x 400 = 80000 entries: two 64K-element chunks of the CPU select, with few distinct |W|, so that some
+    # chunks take all their ties at the threshold, one takes part of them and some none. The diagonal Hessian
+    # decouples the entries: equal |W| stay exactly equal |V| through all iterations, so the masks depend on
+    # the tie-break alone (lowest flat index of the iterate Wn) and must agree exactly with the reference's.
+    w = torch.randint(-3, 4, (200, 400), generator=torch.Generator().manual_seed(4)).float() * 0.5
+    h = torch.eye(400) * 2.0
+    for ratio in (0.2, 0.5, 0.9):
+        k = int(w.numel() * ratio)
+        out, _, _ = _ops.admm_prune(h, w, k, 0.1, 1.0, 20, 15)
+        expected = ref.admm_prune(h, w, k)
+        assert int((out == 0).sum()) == k
+        assert torch.equal(out == 0, expected == 0)
+        torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+
+
 def test_admm_prune_rejects_bad_arguments():
     h, w = admm_case(4, 6, 20, 0)
     with pytest.raises(RuntimeError, match="prune_iters"):
