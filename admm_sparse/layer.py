@@ -194,7 +194,7 @@ class AdmmPruner:
     """
 
     def __init__(self, layer: nn.Module, **options):
-        check_options(options)
+        self.allow_tf32 = check_options(options)["allow_tf32"]  # for add_batch's statistics GEMMs
         self.options = options
         if not isinstance(layer, nn.Linear):
             raise TypeError(f"AdmmPruner prunes nn.Linear modules only, got {type(layer).__name__}")
@@ -222,7 +222,7 @@ class AdmmPruner:
             raise ValueError(f"calibration input of shape {tuple(inp.shape)} holds no tokens")
         _check_finite(inp, "the calibration input")
         batch = inp.shape[0] if inp.dim() >= 3 else 1
-        with float32_matmuls(self.options.get("allow_tf32", False)):
+        with float32_matmuls(self.allow_tf32):
             _ops.accumulate_stats(self.H, self.scaler, inp.to(self.H.device), self.nsamples, batch)
         self.nsamples += batch
         self.tokens += inp.numel() // self.columns
