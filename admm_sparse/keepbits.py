@@ -98,5 +98,6 @@ def apply_keepbits(w: torch.Tensor, scaler: torch.Tensor, keep_bits: int = 2, ke
     keep = _keep_mask(w, rounded, scaler, keep_proportion)
     # The rounding is elementwise: redo only the kept few (keep_proportion) with their mantissa kept,
     # instead of a second pass over the whole weight.
-    rounded[keep] = round_float16(w[keep], torch.ones_like(keep[keep]), keep_bits)
+    kept = w[keep]
+    rounded[keep] = round_float16(kept, torch.ones(kept.shape, dtype=torch.bool, device=w.device), keep_bits)
     return rounded.to(w.dtype)
