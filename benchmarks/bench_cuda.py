@@ -119,6 +119,11 @@ def tf32_effect(args) -> list[str]:
     w0 = random_weight(4096, 4096, seed=1)
     x = calibration(args.tokens, 4096, seed=2)
     layer = torch.nn.Linear(4096, 4096, bias=False, device="cuda")
+
+    def fresh_layer():
+        layer.weight.data.copy_(w0)
+        return ()
+
     lines = []
     for allow in (False, True):
         reports = []
@@ -126,7 +131,7 @@ def tf32_effect(args) -> list[str]:
         def run():
             reports.append(admm_sparse.prune_linear(layer, x, RATIO, allow_tf32=allow))
 
-        t = median_seconds(run, args.repeats, setup=lambda: (layer.weight.data.copy_(w0), ())[1])
+        t = median_seconds(run, args.repeats, setup=fresh_layer)
         lines.append(f"| {allow} | {ms(t)} | {reports[-1].relative_error:.6f} |")
     return lines
 

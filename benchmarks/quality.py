@@ -347,8 +347,8 @@ def _targets(r: dict) -> str:
                   lambda: r["admm-quality-0.7"]["prune_seconds"] <= 3 * r["admm-0.7"]["prune_seconds"],
                   lambda: f"{r['admm-quality-0.7']['prune_seconds']:.0f} s vs {r['admm-0.7']['prune_seconds']:.0f} s "
                           "whole-model pruning, forward passes included; times vary with the machine's load")]
-    ratios = [f"{key[len('admm-quality-'):]} {ppl(key) / ppl('admm-' + key[len('admm-quality-'):]):.2f}x"
-              for key in r if key.startswith("admm-quality-") and "admm-" + key[len("admm-quality-"):] in r]
+    patterns = [key.removeprefix("admm-quality-") for key in r if key.startswith("admm-quality-")]
+    ratios = [f"{p} {ppl('admm-quality-' + p) / ppl('admm-' + p):.2f}x" for p in patterns if "admm-" + p in r]
     if ratios:
         lines.append("- not a target: quality mode's perplexity divided by the seed mode's, per pattern: "
                      f"{', '.join(ratios)}.")

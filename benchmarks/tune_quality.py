@@ -48,7 +48,7 @@ SETTINGS = [
 
 def main(argv=None) -> str:
     from admm_sparse.builtin import load_builtin
-    from admm_sparse.layer import AdmmPruner
+    from admm_sparse.layer import DEFAULT_OPTIONS, AdmmPruner
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ratio", type=float, default=0.7)
@@ -75,7 +75,7 @@ def main(argv=None) -> str:
     lines = [f"ratio {args.ratio}, {len(layers)} layers, {args.threads} thread(s), torch {torch.__version__}. Each layer "
              f"pruned on its own from the dense model's inputs ({windows} x {seq_len} calibration tokens), keep-bit "
              f"rounding off; error ||(W - W') X^T|| / ||W X^T|| on the first {heldout_windows} held-out windows; "
-             "iterations: quality mode's ADMM iterations (the seed runs 20); seconds: all layers, this setting.", "",
+             f"iterations: quality mode's ADMM iterations (the seed runs {DEFAULT_OPTIONS['iters']}); seconds: all layers, this setting.", "",
              "| setting | mean held-out error | x seed | mean iterations | seconds |", "|---|---|---|---|---|"]
     seed_error = None
     for label, options in settings:
@@ -84,7 +84,7 @@ def main(argv=None) -> str:
             layer.weight.data.copy_(w0)
             report = pruner.fasterprune(args.ratio, **options)
             errors.append(relative_output_error(w0, layer.weight.detach(), grams[name]))
-            iterations.append(report.iterations or 20)  # the seed mode runs its fixed 20
+            iterations.append(report.iterations or DEFAULT_OPTIONS["iters"])  # the seed mode runs a fixed count
         mean = sum(errors) / len(errors)
         seed_error = seed_error or mean
         lines.append(f"| {label} | {mean:.4f} | {mean / seed_error:.3f} | {sum(iterations) / len(iterations):.0f} | "
