@@ -76,6 +76,43 @@ def test_prune_mask_chunk_boundaries_and_ties(shape, k_frac):
     assert torch.equal(mask, ref.prune_mask(v, k))
 
 
+# The CPU select samples a bracket around the k-th smallest on inputs of 2^18 entries or more and runs its
+# radix select on the bracket's entries only; these sizes are above that and not multiples of its chunks.
+LARGE = 2**18 + 4099
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "all_equal", "zeros_and_normal", "tiny_and_huge"])
+@pytest.mark.parametrize("k", [1, int(LARGE * 0.3), int(LARGE * 0.97), LARGE - 1])
+def test_prune_mask_large_inputs(kind, k):
+    g = torch.Generator().manual_seed(k)
+    v = torch.randn(LARGE, generator=g)
+    if kind == "ties":
+        v = torch.randint(-6, 7, (LARGE,), generator=g).float() * 0.125
+    elif kind == "all_equal":
+        v = torch.full((LARGE,), -1.5)
+    elif kind == "zeros_and_normal":
+        v[torch.rand(LARGE, generator=g) < 0.3] = 0.0
+    elif kind == "tiny_and_huge":  # magnitudes spanning the whole exponent range, subnormals included
+        v = v * torch.exp2(torch.randint(-140, 120, (LARGE,), generator=g).float())
+    mask = _ops.prune_mask(v, k)
+    assert int(mask.sum()) == k
+    assert torch.equal(mask, ref.prune_mask(v, k))
+
+
+def test_prune_mask_when_the_sample_misleads():
+    # Put large values exactly at the positions the CPU select samples (its golden-ratio sequence) and small
+    # ones everywhere else: the sampled bracket then misses the k-th smallest and the select must fall back
+    # to the radix select over all entries, with the same result.
+    import math
+    n, samples = LARGE, 2**15
+    sampled = [min(n - 1, int(math.fmod(0.5 + j * 0.6180339887498949, 1.0) * n)) for j in range(samples)]
+    v = torch.rand(n, generator=torch.Generator().manual_seed(7))
+    v[sampled] += 10.0
+    for k in (n // 2, n - 2 * samples):
+        mask = _ops.prune_mask(v, k)
+        assert torch.equal(mask, ref.prune_mask(v, k))
+
+
 def test_prune_mask_rejects_bad_k():
     with pytest.raises(RuntimeError, match="k must be in"):
         _ops.prune_mask(torch.randn(5), 6)
@@ -175,6 +212,18 @@ def test_admm_prune_ties_across_several_chunks():
         assert int((out == 0).sum()) == k
         assert torch.equal(out == 0, expected == 0)
         torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_admm_prune_ties_on_a_large_layer():
+    # As above on 520 x 520 entries, where the select works on a sampled bracket (see LARGE).
+    w = torch.randint(-5, 6, (520, 520), generator=torch.Generator().manual_seed(5)).float() * 0.25
+    h = torch.diag(torch.rand(520, generator=torch.Generator().manual_seed(6)) + 0.5)
+    k = int(w.numel() * 0.45)
+    out, _, _ = _ops.admm_prune(h, w, k, 0.1, 1.0, 20, 15)
+    expected = ref.admm_prune(h, w, k)
+    assert int((out == 0).sum()) == k
+    assert torch.equal(out == 0, expected == 0)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
 
 
 def test_admm_prune_rejects_bad_arguments():

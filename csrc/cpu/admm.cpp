@@ -38,7 +38,9 @@ void project_cpu(const at::Tensor& wn, at::Tensor& u, const at::Tensor& b, at::T
   } else if (reselect && spec.kind == Structure::kNM) {
     cpu::select_n_of_m(columns, spec.n, spec.m, v_key, write);
   } else if (reselect) {
-    cpu::apply_selection(cpu::find_k_smallest(n, k, v_key), n, v_key, write);
+    // RHS is rewritten below, so the select may use it as scratch.
+    uint32_t* scratch = reinterpret_cast<uint32_t*>(rhs_p);
+    cpu::apply_selection(cpu::find_k_smallest(n, k, v_key, scratch), n, v_key, write);
   } else {
     at::parallel_for(0, n, cpu::kChunk, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
@@ -58,7 +60,9 @@ at::Tensor prune_mask_cpu(const at::Tensor& values, int64_t k) {
   bool* m_p = mask.data_ptr<bool>();
   const int64_t n = v.numel();
   const auto key = [&](int64_t i) { return cpu::abs_key(v_p[i]); };
-  cpu::apply_selection(cpu::find_k_smallest(n, k, key), n, key, [&](int64_t i, bool selected) { m_p[i] = selected; });
+  at::Tensor scratch = at::empty({n}, values.options().dtype(at::kInt));
+  cpu::apply_selection(cpu::find_k_smallest(n, k, key, reinterpret_cast<uint32_t*>(scratch.data_ptr<int32_t>())), n,
+                       key, [&](int64_t i, bool selected) { m_p[i] = selected; });
   return mask;
 }
 

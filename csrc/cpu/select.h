@@ -1,12 +1,13 @@
 // Exact selection of the k smallest |v| in O(numel): a three-level radix select on the bit pattern
-// of |v| (for non-negative floats the unsigned bit pattern orders like the value), followed by one
-// pass that applies the result. Ties at the threshold are taken in flat index order, so the
+// of |v| (for non-negative floats the unsigned bit pattern orders like the value), on large inputs run
+// only on the entries of a sampled bracket around the k-th, followed by one pass that applies the result. Ties at the threshold are taken in flat index order, so the
 // selection is deterministic and identical on every thread count (and to the CUDA path).
 #pragma once
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -63,29 +64,26 @@ struct Selection {
   }
 };
 
-// key_at(i) must return abs_key of element i for i in [0, n).
-template <class KeyAt>
-Selection find_k_smallest(int64_t n, int64_t k, KeyAt key_at) {
-  TORCH_CHECK(k >= 0 && k <= n, "k must be in [0, ", n, "], got ", k);
+// The radix select proper, over a set of entries grouped in chunks: chunk c holds chunk_len(c) entries
+// whose keys are key_in(c, j), j in [0, chunk_len(c)), in flat index order. Finds the k-th smallest key
+// (1 <= k <= the number of entries) and, per chunk, how many entries equal it (ties) and how many of those
+// are taken (the lowest indices first).
+template <class ChunkLen, class KeyIn>
+Selection radix_select(int64_t num_chunks, int64_t k, ChunkLen chunk_len, KeyIn key_in) {
   Selection sel;
-  const int64_t num_chunks = (n + kChunk - 1) / kChunk;
-  sel.none = k == 0;
-  sel.all = k == n;
-  if (sel.none || sel.all) return sel;
-
   // Levels: key bits 31..20, 19..8, 7..0. Only entries whose higher bits equal the prefix chosen
   // so far are counted; `remaining` is the rank of the wanted entry among them (1-based).
   constexpr int kShift[3] = {20, 8, 0};
   constexpr int kBits[3] = {12, 12, 8};
   uint64_t prefix = 0;
   int64_t remaining = k;
-  std::vector<int64_t> chunk_hist;  // last level only: per-chunk counts give the tie quotas
   for (int level = 0; level < 3; ++level) {
     const int shift = kShift[level];
     const int64_t bins = int64_t(1) << kBits[level];
     const int high_shift = shift + kBits[level];
     const bool last = level == 2;
-    // Earlier levels: per-thread histograms (summing is order independent).
+    // Earlier levels: per-thread histograms (summing is order independent); the last level per chunk,
+    // which gives the tie quotas.
     const int64_t rows = last ? num_chunks : at::get_num_threads();
     std::vector<int64_t> hist(rows * bins, 0);
     at::parallel_for(0, num_chunks, 1, [&](int64_t c0, int64_t c1) {
@@ -93,9 +91,9 @@ Selection find_k_smallest(int64_t n, int64_t k, KeyAt key_at) {
         const int64_t row = last ? c : at::get_thread_num();
         TORCH_INTERNAL_ASSERT(row < rows);
         int64_t* h = hist.data() + row * bins;
-        const int64_t end = std::min(n, (c + 1) * kChunk);
-        for (int64_t i = c * kChunk; i < end; ++i) {
-          const uint64_t key = key_at(i);
+        const int64_t len = chunk_len(c);
+        for (int64_t j = 0; j < len; ++j) {
+          const uint64_t key = key_in(c, j);
           if ((key >> high_shift) == prefix) ++h[(key >> shift) & (bins - 1)];
         }
       }
@@ -120,6 +118,83 @@ Selection find_k_smallest(int64_t n, int64_t k, KeyAt key_at) {
   }
   sel.threshold = static_cast<uint32_t>(prefix);
   return sel;
+}
+
+// Below this many entries the radix select's three sweeps cost less than sampling a bracket.
+constexpr int64_t kBracketMinEntries = int64_t(1) << 18;
+constexpr int64_t kBracketSamples = int64_t(1) << 15;
+
+// The k-th smallest key lies, with near certainty, between two keys of a sample whose ranks bracket
+// k·s/n by several standard deviations. One sweep then counts the keys below the bracket and compacts
+// those inside it into `scratch` (chunk c's into scratch[c·kChunk, ...), in index order: a chunk never
+// holds more than its own length), and the radix select runs on that ~2% of the entries only: one sweep
+// over all the data instead of three. Returns false if the k-th key fell outside the bracket (the caller
+// then selects from all entries); the result is the same Selection either way.
+template <class KeyAt>
+bool bracket_select(int64_t n, int64_t k, KeyAt key_at, uint32_t* scratch, Selection& sel) {
+  const int64_t num_chunks = (n + kChunk - 1) / kChunk;
+  // A deterministic, evenly spread sample (golden-ratio sequence): no two runs or thread counts differ.
+  const int64_t s = kBracketSamples;
+  for (int64_t j = 0; j < s; ++j) {
+    const double frac = std::fmod(0.5 + static_cast<double>(j) * 0.6180339887498949, 1.0);
+    scratch[j] = key_at(std::min(n - 1, static_cast<int64_t>(frac * static_cast<double>(n))));
+  }
+  const double p = static_cast<double>(k) / static_cast<double>(n);
+  const double center = p * static_cast<double>(s);
+  const double margin = 6.0 * std::sqrt(static_cast<double>(s) * p * (1.0 - p)) + 16.0;
+  const auto sample_at = [&](double rank, uint32_t outside) {
+    const int64_t r = static_cast<int64_t>(rank);
+    if (r < 0 || r >= s) return outside;
+    std::nth_element(scratch, scratch + r, scratch + s);
+    return scratch[r];
+  };
+  const uint32_t lo = sample_at(std::floor(center - margin), 0u);
+  const uint32_t hi = sample_at(std::ceil(center + margin), 0xffffffffu);
+
+  std::vector<int64_t> below(num_chunks), inside(num_chunks);
+  const uint32_t width = hi - lo;
+  at::parallel_for(0, num_chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t begin = c * kChunk, end = std::min(n, begin + kChunk);
+      uint32_t* out = scratch + begin;
+      int64_t count_below = 0, count_inside = 0;
+      for (int64_t i = begin; i < end; ++i) {  // branch-free: the write lands past the kept ones
+        const uint32_t key = key_at(i);
+        count_below += key < lo;
+        out[count_inside] = key;
+        count_inside += static_cast<uint32_t>(key - lo) <= width;
+      }
+      below[c] = count_below;
+      inside[c] = count_inside;
+    }
+  });
+  int64_t total_below = 0, total_inside = 0;
+  for (int64_t c = 0; c < num_chunks; ++c) {
+    total_below += below[c];
+    total_inside += inside[c];
+  }
+  const int64_t rank = k - total_below;  // of the wanted key among the bracket's entries
+  if (rank < 1 || rank > total_inside) return false;
+  // Every entry equal to the threshold is inside the bracket, so the per-chunk tie counts are complete.
+  sel = radix_select(
+      num_chunks, rank, [&](int64_t c) { return inside[c]; },
+      [&](int64_t c, int64_t j) { return scratch[c * kChunk + j]; });
+  return true;
+}
+
+// key_at(i) must return abs_key of element i for i in [0, n). `scratch`: n entries the select may
+// overwrite (nullptr: the three-sweep radix select over all entries).
+template <class KeyAt>
+Selection find_k_smallest(int64_t n, int64_t k, KeyAt key_at, uint32_t* scratch) {
+  TORCH_CHECK(k >= 0 && k <= n, "k must be in [0, ", n, "], got ", k);
+  Selection sel;
+  sel.none = k == 0;
+  sel.all = k == n;
+  if (sel.none || sel.all) return sel;
+  if (scratch != nullptr && n >= kBracketMinEntries && bracket_select(n, k, key_at, scratch, sel)) return sel;
+  return radix_select(
+      (n + kChunk - 1) / kChunk, k, [&](int64_t c) { return std::min(kChunk, n - c * kChunk); },
+      [&](int64_t c, int64_t j) { return key_at(c * kChunk + j); });
 }
 
 // Calls apply(i, selected) for every i in [0, n), in parallel over the chunks. Chunks that take all or
