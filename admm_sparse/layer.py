@@ -179,8 +179,14 @@ def float32_matmuls(allow_tf32: bool):
         matmul.fp32_precision = old
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or inf in t. A finite sum proves it (NaN and inf survive any addition) in one fast reduction;
+    only a sum that is not finite (a non-finite entry, or an overflow) needs the elementwise check."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
 def _check_finite(t: torch.Tensor, what: str) -> None:
-    if not torch.isfinite(t).all():
+    if not all_finite(t):
         raise ValueError(f"{what} contains NaN or inf; clean it (or the model producing it) before pruning")
 
 
@@ -260,7 +266,7 @@ class AdmmPruner:
         return PruneReport(
             shape=(self.rows, self.columns),
             sparse_ratio=sparse_ratio,
-            sparsity=(new == 0).sum().item() / new.numel(),
+            sparsity=1.0 - torch.count_nonzero(new).item() / new.numel(),
             relative_error=math.sqrt(max(delta_energy, 0.0) / dense) if dense > 0 else 0.0,
             seconds=seconds,
             damping=float(damping.sum()),
@@ -281,7 +287,7 @@ class AdmmPruner:
         else:
             new, damping, dense_energy, extra = self._prune_quality(old, k, structure, opts)
         if opts["keep_bits"] is not None and not opts["round_in_admm"]:
-            if not torch.isfinite(new.to(torch.float16)).all():
+            if not all_finite(new.to(torch.float16)):
                 raise ValueError("the pruned weight has values beyond float16's range, which keep-bit rounding "
                                  "(float16 for the Atlas card) cannot represent; pass keep_bits=None")
             new = apply_keepbits(new, self.scaler, opts["keep_bits"], opts["keep_proportion"])
@@ -310,7 +316,7 @@ class AdmmPruner:
                 opts["quality_check_every"], opts["refit_iters"], seed_candidate=seed_w)
         error_before_rounding = None
         if opts["round_in_admm"]:
-            if not torch.isfinite((wn.T / ctx["d"]).to(torch.float16)).all():
+            if not all_finite((wn.T / ctx["d"]).to(torch.float16)):
                 raise ValueError("the pruned weight has values beyond float16's range, which keep-bit rounding "
                                  "(float16 for the Atlas card) cannot represent; pass keep_bits=None")
             w = quality.round_with_feedback(wn, pruned, ctx, opts["keep_bits"], opts["keep_proportion"],
@@ -319,7 +325,7 @@ class AdmmPruner:
             error_before_rounding = info.error_after_refit
         else:
             new = (wn.T / ctx["d"]).to(old.dtype)
-        if not torch.isfinite(new).all():
+        if not all_finite(new):
             raise ValueError("quality-mode pruning produced non-finite weights; check the calibration data")
         damping = torch.tensor([ctx["damping"], 0.0])
         dense = torch.tensor(ctx["dense"] * 1.0)

@@ -136,6 +136,19 @@ def test_nan_or_inf_in_inputs_or_weight_named():
         admm_sparse.prune_linear(layer, calib((10, 4)), 0.3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_all_finite_is_exact_when_the_sum_overflows(dtype):
+    big = torch.finfo(dtype).max / 2
+    assert layer_module.all_finite(torch.full((4, 3), big, dtype=dtype))  # the sum overflows, the entries are fine
+    assert layer_module.all_finite(torch.empty(0, 3, dtype=dtype))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        t = torch.full((4, 3), big, dtype=dtype)
+        t[2, 1] = bad
+        assert not layer_module.all_finite(t)
+    pair = torch.tensor([float("inf"), -float("inf")], dtype=dtype)  # a NaN sum
+    assert not layer_module.all_finite(pair)
+
+
 def test_wrong_shapes_and_types():
     assert_rejected(make_layer(4, 4), calib((10, 5)), ValueError, "last dimension must be in_features=4")
     assert_rejected(make_layer(4, 4), torch.ones(10, 4, dtype=torch.int64), TypeError, "floating tensor")
