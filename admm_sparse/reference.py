@@ -61,7 +61,7 @@ def admm_prune(hessian: torch.Tensor, weight: torch.Tensor, k: int, percdamp: fl
     Vᵀ). Unstructured ties (SPEC: "broken deterministically") go to the lowest flat index of V, as natively."""
     d = hessian.diagonal().sqrt() + 1e-8
     hn = hessian / d[:, None] / d[None, :]
-    wn = (weight.float() * d).T
+    wn = (weight.float() * d).T.contiguous()  # a transposed view would round B = Hn Wn differently
     eye = torch.eye(hn.shape[0], dtype=hn.dtype, device=hn.device)
     hn = hn + percdamp * hn.diagonal().mean() * eye
     b = hn @ wn
