@@ -266,7 +266,7 @@ class AdmmPruner:
         return PruneReport(
             shape=(self.rows, self.columns),
             sparse_ratio=sparse_ratio,
-            sparsity=1.0 - torch.count_nonzero(new).item() / new.numel(),
+            sparsity=(new.numel() - torch.count_nonzero(new).item()) / new.numel(),
             relative_error=math.sqrt(max(delta_energy, 0.0) / dense) if dense > 0 else 0.0,
             seconds=seconds,
             damping=float(damping.sum()),
