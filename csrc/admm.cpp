@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 
 namespace admm_sparse {
 namespace {
@@ -66,6 +67,28 @@ void accumulate_stats(const at::Tensor& hessian, const at::Tensor& scaler, const
 // small fraction of the mean diagonal (or an absolute floor for an all-zero matrix).
 constexpr int kMaxRetries = 12;
 
+// (M + shift I)^-1 in place, where M = buf.t(): buf is a contiguous n x n buffer holding M transposed, so
+// that buf.t() is M laid out column-major and both LAPACK calls run in place on it (a row-major matrix
+// would cost ATen a temporary n x n copy in each). The factorisation reads M's lower triangle.
+// fill_matrix() puts M in buf before each attempt; a failed one is retried with more shift. Returns the
+// shift used; buf then holds the (symmetric) inverse.
+double invert_in_place(at::Tensor& buf, double shift, double mean_diag, const std::function<void()>& fill_matrix) {
+  at::Tensor cm = buf.t();
+  at::Tensor info = at::empty({}, buf.options().dtype(at::kInt));
+  double extra = 0.0;
+  for (int attempt = 0;; ++attempt) {
+    fill_matrix();
+    buf.diagonal().add_(shift + extra);
+    at::linalg_cholesky_ex_out(cm, info, cm);  // the factor overwrites the matrix
+    if (info.item<int>() == 0) break;
+    TORCH_CHECK(attempt < kMaxRetries, "damped_cholesky_inverse: matrix is not positive definite even with ",
+                shift + extra, " added to its diagonal");
+    extra = extra == 0.0 ? std::max(1e-6 * mean_diag, 1e-10) : extra * 10.0;
+  }
+  at::cholesky_inverse_out(cm, cm);  // and its inverse overwrites the factor
+  return shift + extra;
+}
+
 std::tuple<at::Tensor, at::Tensor> damped_cholesky_inverse(const at::Tensor& matrix, double shift) {
   check_matrix(matrix, "matrix");
   TORCH_CHECK(matrix.size(0) == matrix.size(1), "matrix must be square, got ", matrix.sizes());
@@ -73,26 +96,11 @@ std::tuple<at::Tensor, at::Tensor> damped_cholesky_inverse(const at::Tensor& mat
   TORCH_CHECK(all_finite(matrix), "matrix contains NaN or inf");
   const int64_t n = matrix.size(0);
   const double mean_diag = n ? matrix.diagonal().abs().mean().item<double>() : 0.0;
-  double extra = 0.0;
-  at::Tensor factor = at::empty_like(matrix, at::MemoryFormat::Contiguous);
-  at::Tensor info = at::empty({}, matrix.options().dtype(at::kInt));
-  // LAPACK works on column-major data: factor holds the matrix transposed, so that factor.t() is the
-  // matrix itself laid out column-major, and both LAPACK calls run in place on it (a row-major buffer
-  // would cost ATen a temporary n x n copy in each). The lower triangle read is the matrix's own, as in
-  // the reference, even where rounding left the matrix not exactly symmetric.
-  at::Tensor factor_cm = factor.t();
-  for (int attempt = 0;; ++attempt) {
-    factor_cm.copy_(matrix);
-    factor.diagonal().add_(shift + extra);
-    // In place: the factor overwrites the copy, then its inverse overwrites the factor (one n x n buffer).
-    at::linalg_cholesky_ex_out(factor_cm, info, factor_cm);
-    if (info.item<int>() == 0) break;
-    TORCH_CHECK(attempt < kMaxRetries, "damped_cholesky_inverse: matrix is not positive definite even with ",
-                shift + extra, " added to its diagonal");
-    extra = extra == 0.0 ? std::max(1e-6 * mean_diag, 1e-10) : extra * 10.0;
-  }
-  at::cholesky_inverse_out(factor_cm, factor_cm);  // symmetric: factor holds the same inverse
-  return {factor, at::full({}, shift + extra, matrix.options())};
+  // The lower triangle read is the matrix's own, as in the reference, even where rounding left the
+  // matrix not exactly symmetric.
+  at::Tensor buf = at::empty_like(matrix, at::MemoryFormat::Contiguous);
+  const double used = invert_in_place(buf, shift, mean_diag, [&] { buf.t().copy_(matrix); });
+  return {buf, at::full({}, used, matrix.options())};
 }
 
 }  // namespace
@@ -171,7 +179,7 @@ at::Tensor dot_float64(const at::Tensor& a, const at::Tensor& b) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> admm_prune_with(const at::Tensor& hessian, const at::Tensor& weight, int64_t k,
                                                    double percdamp, double rho, int64_t iters,
                                                    int64_t prune_iters, const std::string& structure,
-                                                   ProjectFn project) {
+                                                   const DeviceKernels& kernels) {
   check_matrix(hessian, "hessian");
   check_matrix(weight, "weight");
   const int64_t d_in = weight.size(1);
@@ -184,33 +192,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> admm_prune_with(const at::Tensor&
   const MaskSpec spec = parse_mask_structure(structure, weight.size(0), d_in, k);
   TORCH_CHECK(std::isfinite(percdamp) && percdamp >= 0, "percdamp must be finite and >= 0, got ", percdamp);
   TORCH_CHECK(std::isfinite(rho) && rho > 0, "rho must be finite and > 0, got ", rho);
+  const at::Tensor h = hessian.contiguous();
+  TORCH_CHECK(all_finite(h), "hessian contains NaN or inf");
 
-  // 1. d = sqrt(diag H) + 1e-8; Hn = H / d_i / d_j made symmetric from the lower triangle.
-  const at::Tensor d = hessian.diagonal().sqrt().add_(1e-8);
-  at::Tensor hn = hessian.tril();
-  hn.add_(hessian.tril(-1).t());
-  hn.div_(d.unsqueeze(1)).div_(d.unsqueeze(0));
+  // 1. d = sqrt(diag H) + 1e-8; Hn = H / d_i / d_j, rounded as the reference rounds it.
+  const at::Tensor d = h.diagonal().sqrt().add_(1e-8);
+  at::Tensor hn = at::empty_like(h);
+  kernels.normalise(h, d, hn, /*symmetric=*/false);
   // 2. Damping.
   // float32 product, as the reference's tensor * scalar rounds it: keeps the two bitwise comparable.
   const double damping = static_cast<float>(percdamp) * hn.diagonal().mean().item<float>();
   hn.diagonal().add_(damping);
-  // 4. (first, while the d_in x d_out buffers do not exist yet, to keep the peak memory down)
-  //    Hinv = (Hn + rho I)^-1, retried with more damping if needed.
-  at::Tensor hinv, shift_used;
-  std::tie(hinv, shift_used) = damped_cholesky_inverse(hn, rho);
-  const double extra_damping = shift_used.item<double>() - rho;
-  // 3. Wn = (W d)^T; B = Hn Wn with the damped Hn.
-  at::Tensor wn = (weight * d).t().contiguous();
+  // 3. Wn = (W d)^T (the transposed copy first: a blocked transpose); B = Hn Wn with the damped Hn.
+  at::Tensor wn = at::empty({d_in, weight.size(0)}, weight.options());
+  wn.copy_(weight.t());
+  wn.mul_(d.unsqueeze(1));
   at::Tensor b = at::mm(hn, wn);
-  hn.reset();
   // Wn^T Hn Wn = W H W^T, so the dense output energy comes from B for one elementwise pass.
   const at::Tensor dense_energy = dot_float64(wn, b).sub_(damping * dot_float64(wn, wn));
+  // 4. Hinv = (Hn + rho I)^-1 in Hn's own buffer, so the working set never holds Hn and Hinv at once;
+  //    retried with more damping if needed. The factorisation reads the lower triangle of Hn's
+  //    column-major view, i.e. Hn's upper one: with Hn's lower triangle mirrored there, it factors
+  //    exactly the values the reference's Cholesky reads.
+  const double mean_diag = hn.diagonal().abs().mean().item<double>();
+  const double shift_used = invert_in_place(hn, rho, mean_diag, [&] {
+    kernels.normalise(h, d, hn, /*symmetric=*/true);
+    hn.diagonal().add_(damping);
+  });
+  at::Tensor hinv = std::move(hn);
+  const double extra_damping = shift_used - rho;
 
   // 5. The loop: one fused projection pass and one GEMM per iteration.
   at::Tensor u = at::zeros_like(wn);
   at::Tensor rhs = at::empty_like(wn);
   for (int64_t it = 0; it < iters; ++it) {
-    project(wn, u, b, rhs, spec, rho, /*reselect=*/it < prune_iters);
+    kernels.project(wn, u, b, rhs, spec, rho, /*reselect=*/it < prune_iters);
     at::mm_out(wn, hinv, rhs);
   }
   // 6. Z = (Wn + U) * mask, where the pruned set is exactly the entries whose U has a non-zero bit
@@ -224,7 +240,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> admm_prune_with(const at::Tensor&
   u.reset();
   wn.masked_fill_(pruned, 0.0);
   at::Tensor out = at::empty({weight.size(0), d_in}, weight.options());
-  at::div_out(out, wn.t(), d);
+  out.copy_(wn.t());
+  out.div_(d);
   TORCH_CHECK(all_finite(out),
               "admm_prune produced non-finite weights; check the Hessian and weight for extreme values");
   const at::Tensor dampings = at::tensor({damping, extra_damping}, weight.options().device(at::kCPU)).to(weight.device());

@@ -40,11 +40,24 @@ MaskSpec parse_mask_structure(const std::string& structure, int64_t d_out, int64
 using ProjectFn = void (*)(const at::Tensor& Wn, at::Tensor& U, const at::Tensor& B, at::Tensor& RHS,
                            const MaskSpec& spec, double rho, bool reselect);
 
-// SPEC section 2 end to end, with the device's fused projection; see the admm_prune schema.
+// Hn = H / d_i / d_j for a contiguous square H of which only the lower triangle is read (H[i][j] for i < j
+// is taken as H[j][i]). With `symmetric` false, every entry is rounded as the reference rounds
+// h / d[:, None] / d[None, :]: Hn[i][j] = (H[i][j] / d[i]) / d[j]. With `symmetric` true, the lower
+// triangle's entries are mirrored into the upper one, so Hn is exactly symmetric (and so is its own
+// column-major transpose, which LAPACK can factor in place).
+using NormaliseFn = void (*)(const at::Tensor& H, const at::Tensor& d, at::Tensor& Hn, bool symmetric);
+
+// The per-device kernels of admm_prune; everything else in it is device-generic ATen.
+struct DeviceKernels {
+  ProjectFn project;
+  NormaliseFn normalise;
+};
+
+// SPEC section 2 end to end, with the device's kernels; see the admm_prune schema.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> admm_prune_with(const at::Tensor& hessian, const at::Tensor& weight,
                                                    int64_t k, double percdamp, double rho, int64_t iters,
                                                    int64_t prune_iters, const std::string& structure,
-                                                   ProjectFn project);
+                                                   const DeviceKernels& kernels);
 
 // Argument checks shared by every device's registration of prune_mask.
 void check_prune_mask_args(const at::Tensor& values, int64_t k);

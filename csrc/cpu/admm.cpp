@@ -1,8 +1,11 @@
 // CPU kernels: the fused ADMM projection pass and the k-smallest mask, both on the radix select of
-// select.h, parallel over fixed chunks with at::parallel_for.
+// select.h, parallel over fixed chunks with at::parallel_for, and the Hessian's normalisation.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include <utility>
+#include <vector>
 
 #include "../admm.h"
 #include "select.h"
@@ -52,6 +55,38 @@ void project_cpu(const at::Tensor& wn, at::Tensor& u, const at::Tensor& b, at::T
   }
 }
 
+// Tiles of 64 x 64 floats (16 KiB): a tile and its mirror stay in L1 while the mirror is written column-wise.
+constexpr int64_t kTile = 64;
+
+void normalise_cpu(const at::Tensor& h, const at::Tensor& d, at::Tensor& hn, bool symmetric) {
+  const int64_t n = h.size(0);
+  const float* h_p = h.data_ptr<float>();
+  const float* d_p = d.data_ptr<float>();
+  float* o_p = hn.data_ptr<float>();
+  // The tiles on and below the diagonal, as one flat list so that the threads get equal shares; each
+  // writes its entries and their mirrors above the diagonal.
+  const int64_t tiles = (n + kTile - 1) / kTile;
+  std::vector<std::pair<int64_t, int64_t>> lower;
+  lower.reserve(tiles * (tiles + 1) / 2);
+  for (int64_t ti = 0; ti < tiles; ++ti)
+    for (int64_t tj = 0; tj <= ti; ++tj) lower.emplace_back(ti, tj);
+  at::parallel_for(0, static_cast<int64_t>(lower.size()), 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t r0 = lower[t].first * kTile, c0 = lower[t].second * kTile;
+      const int64_t r1 = std::min(n, r0 + kTile), c1 = std::min(n, c0 + kTile);
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t c_end = std::min(c1, r + 1);  // only the lower triangle of a diagonal tile
+        for (int64_t c = c0; c < c_end; ++c) {
+          const float v = h_p[r * n + c];
+          const float lower_value = v / d_p[r] / d_p[c];
+          o_p[r * n + c] = lower_value;
+          o_p[c * n + r] = symmetric ? lower_value : v / d_p[c] / d_p[r];
+        }
+      }
+    }
+  });
+}
+
 at::Tensor prune_mask_cpu(const at::Tensor& values, int64_t k) {
   check_prune_mask_args(values, k);
   const at::Tensor v = values.contiguous();
@@ -94,7 +129,8 @@ at::Tensor prune_mask_nm_cpu(const at::Tensor& values, int64_t n, int64_t m) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> admm_prune_cpu(const at::Tensor& hessian, const at::Tensor& weight, int64_t k,
                                                   double percdamp, double rho, int64_t iters, int64_t prune_iters,
                                                   c10::string_view structure) {
-  return admm_prune_with(hessian, weight, k, percdamp, rho, iters, prune_iters, std::string(structure), &project_cpu);
+  return admm_prune_with(hessian, weight, k, percdamp, rho, iters, prune_iters, std::string(structure),
+                         DeviceKernels{&project_cpu, &normalise_cpu});
 }
 
 }  // namespace

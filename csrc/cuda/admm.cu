@@ -1,6 +1,6 @@
 // CUDA kernels: the fused ADMM projection pass and the k-smallest mask, both on the radix select of
-// select.cuh. The rest of admm_prune (normalisation, GEMMs, Cholesky) is the device-generic driver
-// of admm.cpp. Only c10/cuda headers are used (not ATen/cuda/CUDAContext.h, which needs the cuBLAS
+// select.cuh, and the Hessian's normalisation. The rest of admm_prune (GEMMs, Cholesky) is the
+// device-generic driver of admm.cpp. Only c10/cuda headers are used (not ATen/cuda/CUDAContext.h, which needs the cuBLAS
 // and cuSPARSE headers), so this file also compiles against a CPU build of torch plus a bare nvcc.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -200,6 +200,32 @@ at::Tensor prune_mask_nm_cuda(const at::Tensor& values, int64_t n, int64_t m) {
   return mask;
 }
 
+// One thread per entry of Hn; the upper triangle reads its mirror in H's lower triangle (uncoalesced, but a
+// single pass over an n x n matrix once per layer).
+constexpr int kNormTileX = 32, kNormTileY = 8;
+
+__global__ void __launch_bounds__(kNormTileX * kNormTileY)
+    normalise_kernel(const float* h, const float* d, float* hn, int64_t n, bool symmetric) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kNormTileX + threadIdx.x;
+  const int64_t r = static_cast<int64_t>(blockIdx.y) * kNormTileY + threadIdx.y;
+  if (r >= n || c >= n) return;
+  const int64_t hi = r >= c ? r : c, lo = r >= c ? c : r;
+  // Divided first by the row's scale (the reference's rounding), or by the lower triangle's row's.
+  const int64_t first = symmetric ? hi : r, second = symmetric ? lo : c;
+  hn[r * n + c] = __fdiv_rn(__fdiv_rn(h[hi * n + lo], d[first]), d[second]);
+}
+
+void normalise_cuda(const at::Tensor& h, const at::Tensor& d, at::Tensor& hn, bool symmetric) {
+  const int64_t n = h.size(0);
+  if (n == 0) return;
+  const int64_t rows = (n + kNormTileY - 1) / kNormTileY;
+  TORCH_CHECK(rows <= 65535, "admm_prune: in_features=", n, " is too large for the CUDA normalisation grid");
+  const dim3 grid(static_cast<unsigned>((n + kNormTileX - 1) / kNormTileX), static_cast<unsigned>(rows));
+  normalise_kernel<<<grid, dim3(kNormTileX, kNormTileY), 0, c10::cuda::getCurrentCUDAStream()>>>(
+      h.data_ptr<float>(), d.data_ptr<float>(), hn.data_ptr<float>(), n, symmetric);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 // Returns whatever admm_prune_with returns (the schema's outputs).
 auto admm_prune_cuda(const at::Tensor& hessian, const at::Tensor& weight, int64_t k, double percdamp, double rho,
                      int64_t iters, int64_t prune_iters, c10::string_view structure) {
@@ -207,7 +233,7 @@ auto admm_prune_cuda(const at::Tensor& hessian, const at::Tensor& weight, int64_
               hessian.device(), " and ", weight.device());
   const c10::cuda::CUDAGuard guard(weight.device());
   return admm_prune_with(hessian, weight, k, percdamp, rho, iters, prune_iters, std::string(structure),
-                         &project_cuda);
+                         DeviceKernels{&project_cuda, &normalise_cuda});
 }
 
 }  // namespace
