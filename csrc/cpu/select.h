@@ -12,13 +12,29 @@
 #include <cstring>
 #include <vector>
 
+// For the small per-element lambdas the loops below call (written after the parameter list): an
+// out-of-line call per element would cost several times the memory traffic these passes are bound by.
+#if defined(__GNUC__) || defined(__clang__)
+#define ADMM_SPARSE_ALWAYS_INLINE_LAMBDA __attribute__((always_inline))
+#else
+#define ADMM_SPARSE_ALWAYS_INLINE_LAMBDA
+#endif
+
 namespace admm_sparse::cpu {
 
-inline uint32_t abs_key(float v) {
+inline uint32_t bits_of(float v) {
   uint32_t bits;
   std::memcpy(&bits, &v, sizeof bits);
-  return bits & 0x7fffffffu;
+  return bits;
 }
+
+inline float float_of(uint32_t bits) {
+  float v;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+}
+
+inline uint32_t abs_key(float v) { return bits_of(v) & 0x7fffffffu; }
 
 // Fixed-size chunks make the tie quotas independent of how threads split the work.
 constexpr int64_t kChunk = int64_t(1) << 16;
