@@ -1,5 +1,6 @@
 """SPEC §3: keep-bit rounding ("L2 quantization") of a pruned weight for the Atlas 300I Duo's
-compression unit, done on float16 bit patterns (exact, one pass, no frexp/pow temporaries).
+compression unit, done on float16 bit patterns (exact, no frexp/pow temporaries): computed once for
+all 65536 patterns, then looked up.
 
 A float16 value is sign | exponent E (5 bits) | mantissa M (10 bits), x = ±(1 + M/1024)·2^(E-15),
 so the SPEC's m = 1 + M/1024 and e = E - 15 for normal values, and subnormals are E = 0.
@@ -12,6 +13,8 @@ Decisions where SPEC §3 is silent (each checked against admm_sparse.reference.k
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import _ops
@@ -21,8 +24,8 @@ _MAG = 0x7FFF
 _INF = 0x7C00
 
 
-# Elements per slice of the elementwise rounding: bounds its int32 temporaries (~6 per slice) to ~6 MiB whatever
-# the layer's size (they were ~6 full-size int32 copies at once).
+# Elements per slice of the table look-up: its temporaries (~3 MiB) stay cache-sized and are reused by the
+# allocator, instead of full-size copies that each cost a page fault per 4 KiB.
 _SLICE = 1 << 18
 
 
@@ -31,16 +34,32 @@ def round_float16(w: torch.Tensor, keep: torch.Tensor | None = None, keep_bits: 
     their full mantissa. The small-exponent band (-15 < e < keep_bits - 10) snaps to 1 or 2 everywhere."""
     if not 0 <= keep_bits <= 10:
         raise ValueError(f"keep_bits must be in [0, 10], got {keep_bits}")
+    rounded = _rounding_table(keep_bits, False, w.device)
+    kept = None if keep is None else _rounding_table(keep_bits, True, w.device)
     flat_w = w.reshape(-1)
     flat_keep = None if keep is None else keep.reshape(-1)
-    out = torch.empty(flat_w.shape, dtype=torch.float16, device=w.device)
+    out = torch.empty(flat_w.shape, dtype=torch.int16, device=w.device)
     for start in range(0, flat_w.numel(), _SLICE):
         part = slice(start, start + _SLICE)
-        out[part] = _round_slice(flat_w[part], None if flat_keep is None else flat_keep[part], keep_bits)
-    return out.view(w.shape)
+        index = flat_w[part].to(torch.float16).view(torch.int16).to(torch.int32) & 0xFFFF
+        if kept is None:
+            torch.index_select(rounded, 0, index, out=out[part])
+        else:
+            out[part] = torch.where(flat_keep[part], kept[index], rounded[index])
+    return out.view(torch.float16).view(w.shape)
+
+
+@functools.lru_cache(maxsize=None)
+def _rounding_table(keep_bits: int, keep: bool, device: torch.device) -> torch.Tensor:
+    """The rounding is a function of the float16 bit pattern alone: its result for all 65536 patterns
+    (as int16, indexed by the pattern read as unsigned), so that rounding a weight is one look-up."""
+    patterns = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    keep_all = torch.ones(patterns.shape, dtype=torch.bool) if keep else None
+    return _round_slice(patterns, keep_all, keep_bits).view(torch.int16).to(device)
 
 
 def _round_slice(w: torch.Tensor, keep: torch.Tensor | None, keep_bits: int) -> torch.Tensor:
+    """The rounding itself, elementwise on float16 bit patterns (see the module's docstring)."""
     bits = w.to(torch.float16).view(torch.int16).to(torch.int32) & 0xFFFF
     sign = bits & _SIGN
     mag = bits & _MAG
