@@ -97,7 +97,8 @@ def _keep_mask(w: torch.Tensor, rounded: torch.Tensor, scaler: torch.Tensor, kee
     """keep_mask, given w rounded without keep."""
     if keep_proportion <= 0:
         return torch.zeros(w.shape, dtype=torch.bool, device=w.device)
-    metric = (w.float() - rounded.float()).abs_().mul_(scaler.float().sqrt()[None, :])
+    # |rounded - w| is bitwise |w - rounded|; computed in the buffer of rounded.float() (one full-size temporary).
+    metric = rounded.float().sub_(w).abs_().mul_(scaler.float().sqrt()[None, :])
     # The seed takes sorted_descending[int(numel * p - 1)] with Python indexing. The native O(numel)
     # selection marks the numel - pos - 1 smallest entries; the threshold is the least of the rest (no
     # sort, and none of kthvalue's full-size copies).
