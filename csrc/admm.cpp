@@ -25,9 +25,29 @@ bool all_finite(const at::Tensor& t) {
   return at::isfinite(t.sum()).item<bool>() || at::isfinite(t).all().item<bool>();
 }
 
-// Column block of the triangular Hessian update: large enough for efficient GEMMs, small enough
-// that the wasted upper half of the diagonal blocks stays a few percent of the work.
-int64_t triangle_block(const at::Tensor& t) { return t.is_cuda() ? 1024 : 256; }
+// Leaf size of the triangular Hessian update: large enough for efficient GEMMs, small enough that the
+// wasted upper half of the diagonal blocks stays a few percent of the work.
+int64_t triangle_leaf(const at::Tensor& t) { return t.is_cuda() ? 1024 : 256; }
+
+// H[j0:j1, j0:j1] += lower triangle of X[:, j0:j1]^T X[:, j0:j1], and col_sq[j0:j1] = the columns' sums of
+// squares. Halved recursively: the off-diagonal quarter is one large GEMM (efficient), the two diagonal
+// halves recurse, and only the leaves compute a full square block to keep its lower triangle.
+void accumulate_triangle(const at::Tensor& hessian, const at::Tensor& col_sq, const at::Tensor& x, int64_t j0,
+                         int64_t j1, int64_t leaf) {
+  const int64_t w = j1 - j0;
+  if (w <= leaf) {
+    const at::Tensor xj = x.narrow(1, j0, w);
+    // Its diagonal is the columns' sum of squares, which the scaler needs, so X is read only by the GEMMs.
+    const at::Tensor diag_block = at::mm(xj.t(), xj);
+    hessian.narrow(0, j0, w).narrow(1, j0, w).add_(diag_block.tril());
+    col_sq.narrow(0, j0, w).copy_(diag_block.diagonal());
+    return;
+  }
+  const int64_t mid = j0 + w / 2;
+  hessian.narrow(0, mid, j1 - mid).narrow(1, j0, mid - j0).addmm_(x.narrow(1, mid, j1 - mid).t(), x.narrow(1, j0, mid - j0));
+  accumulate_triangle(hessian, col_sq, x, j0, mid, leaf);
+  accumulate_triangle(hessian, col_sq, x, mid, j1, leaf);
+}
 
 void accumulate_stats(const at::Tensor& hessian, const at::Tensor& scaler, const at::Tensor& inp,
                       int64_t n_before, int64_t batch) {
@@ -45,20 +65,7 @@ void accumulate_stats(const at::Tensor& hessian, const at::Tensor& scaler, const
 
   const at::Tensor x = inp.reshape({-1, d_in}).to(at::kFloat).contiguous();
   const at::Tensor col_sq = at::empty({d_in}, scaler.options());
-  const int64_t bs = triangle_block(hessian);
-  for (int64_t j = 0; j < d_in; j += bs) {
-    const int64_t w = std::min(bs, d_in - j);
-    const at::Tensor xj = x.narrow(1, j, w);
-    // Diagonal block through a small temporary: its diagonal is the columns' sum of squares,
-    // which the scaler needs, so X is read only by the GEMMs.
-    const at::Tensor diag_block = at::mm(xj.t(), xj);
-    hessian.narrow(0, j, w).narrow(1, j, w).add_(diag_block.tril());
-    col_sq.narrow(0, j, w).copy_(diag_block.diagonal());
-    if (j + w < d_in) {
-      at::Tensor below = hessian.narrow(0, j + w, d_in - j - w).narrow(1, j, w);
-      below.addmm_(x.narrow(1, j + w, d_in - j - w).t(), xj);
-    }
-  }
+  if (d_in > 0) accumulate_triangle(hessian, col_sq, x, 0, d_in, triangle_leaf(hessian));
   const double n_after = static_cast<double>(n_before + batch);
   scaler.mul_(static_cast<double>(n_before) / n_after).add_(col_sq.div_(n_after));
 }
