@@ -26,15 +26,15 @@ void project_cpu(const at::Tensor& wn, at::Tensor& u, const at::Tensor& b, at::T
   // V is recomputed (Wn + U) in every pass instead of being stored: the passes are memory bound
   // either way, and this keeps the working set at four d_in x d_out buffers. Both lambdas are called
   // once per element from several loops and must be inlined into each: GCC once left `write` out of
-  // line (a scalar call per element, 4-5x slower fixed-mask pass). Captured locals, not members, so
-  // that the compiler can keep them in registers and vectorise.
-  const auto v_key = [&](int64_t i) ADMM_SPARSE_ALWAYS_INLINE_LAMBDA { return cpu::abs_key(w_p[i] + u_p[i]); };
+  // line (a scalar call per element, 4-5x slower fixed-mask pass). Captured by value, so that a loop
+  // holding a local copy keeps them in registers.
+  const auto v_key = [w_p, u_p](int64_t i) ADMM_SPARSE_ALWAYS_INLINE_LAMBDA { return cpu::abs_key(w_p[i] + u_p[i]); };
   // The float ops of the reference, one rounding each (the build disables FMA contraction). The choices
   // are bit operations, not branches: `pruned` follows the data, so a branch would be mispredicted on a
   // good share of the elements, and branch-free loops can be vectorised.
   //   kept:   U = +0.0f,                       RHS = B + rho * V
   //   pruned: U = V (-0.0f when V is zero),    RHS = B + rho * (-V)   (-V: V with its sign bit flipped)
-  const auto write = [&](int64_t i, bool pruned) ADMM_SPARSE_ALWAYS_INLINE_LAMBDA {
+  const auto write = [w_p, u_p, b_p, rhs_p, rho_f](int64_t i, bool pruned) ADMM_SPARSE_ALWAYS_INLINE_LAMBDA {
     const uint32_t v = cpu::bits_of(w_p[i] + u_p[i]);
     const uint32_t all_if_pruned = 0u - static_cast<uint32_t>(pruned);
     const uint32_t zero_sign = static_cast<uint32_t>((v << 1) == 0) << 31;

@@ -220,11 +220,15 @@ template <class KeyAt, class Apply>
 void apply_selection(const Selection& sel, int64_t n, KeyAt key_at, Apply apply) {
   const int64_t num_chunks = (n + kChunk - 1) / kChunk;
   at::parallel_for(0, num_chunks, 1, [&](int64_t c0, int64_t c1) {
+    // Local copies: values they capture (say a float scalar) then provably cannot change when the loop
+    // stores floats, so they stay in registers and the loop can be vectorised.
+    const KeyAt key = key_at;
+    const Apply write = apply;
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t begin = c * kChunk, end = std::min(n, (c + 1) * kChunk);
       uint32_t limit;
       if (sel.uniform_limit(c, limit)) {
-        for (int64_t i = begin; i < end; ++i) apply(i, key_at(i) < limit);
+        for (int64_t i = begin; i < end; ++i) write(i, key(i) < limit);
       } else {
         sel.apply_chunk(c, begin, end, key_at, apply);
       }
