@@ -237,18 +237,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> admm_prune_with(const at::Tensor&
     at::mm_out(wn, hinv, rhs);
   }
   // 6. Z = (Wn + U) * mask, where the pruned set is exactly the entries whose U has a non-zero bit
-  //    pattern (see ProjectFn); then undo the normalisation. Buffers are released as soon as they
-  //    are dead (the loop's first, before the mask exists) so the output does not raise the peak.
-  rhs.reset();
+  //    pattern (see ProjectFn); then W = Z^T / d, written in the right-hand side's buffer (dead now,
+  //    and of the same size), so that the output raises neither the peak nor the page faults.
   b.reset();
   hinv.reset();
-  const at::Tensor pruned = u.view(at::kInt).ne(0);
-  wn.add_(u);
-  u.reset();
-  wn.masked_fill_(pruned, 0.0);
-  at::Tensor out = at::empty({weight.size(0), d_in}, weight.options());
-  out.copy_(wn.t());
-  out.div_(d);
+  at::Tensor out = rhs.view({weight.size(0), d_in});
+  rhs.reset();
+  kernels.unnormalise(wn, u, d, out);
   TORCH_CHECK(all_finite(out),
               "admm_prune produced non-finite weights; check the Hessian and weight for extreme values");
   const at::Tensor dampings = at::tensor({damping, extra_damping}, weight.options().device(at::kCPU)).to(weight.device());

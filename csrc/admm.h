@@ -47,10 +47,15 @@ using ProjectFn = void (*)(const at::Tensor& Wn, at::Tensor& U, const at::Tensor
 // column-major transpose, which LAPACK can factor in place).
 using NormaliseFn = void (*)(const at::Tensor& H, const at::Tensor& d, at::Tensor& Hn, bool symmetric);
 
+// The end of the ADMM: Out [d_out, d_in] = ((Wn + U) * mask)^T / d, where the pruned set (mask 0) is
+// exactly the entries whose U has a non-zero bit pattern (see ProjectFn). Pruned entries become +0.0f.
+using UnnormaliseFn = void (*)(const at::Tensor& Wn, const at::Tensor& U, const at::Tensor& d, at::Tensor& Out);
+
 // The per-device kernels of admm_prune; everything else in it is device-generic ATen.
 struct DeviceKernels {
   ProjectFn project;
   NormaliseFn normalise;
+  UnnormaliseFn unnormalise;
 };
 
 // SPEC section 2 end to end, with the device's kernels; see the admm_prune schema.

@@ -1,5 +1,5 @@
 // CPU kernels: the fused ADMM projection pass and the k-smallest mask, both on the radix select of
-// select.h, parallel over fixed chunks with at::parallel_for, and the Hessian's normalisation.
+// select.h, parallel over fixed chunks with at::parallel_for, and the normalisation passes before and after.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -91,6 +91,30 @@ void normalise_cpu(const at::Tensor& h, const at::Tensor& d, at::Tensor& hn, boo
   });
 }
 
+void unnormalise_cpu(const at::Tensor& wn, const at::Tensor& u, const at::Tensor& d, at::Tensor& out) {
+  const int64_t rows = wn.size(0), cols = wn.size(1);  // [d_in, d_out]
+  const float* w_p = wn.data_ptr<float>();
+  const float* u_p = u.data_ptr<float>();
+  const float* d_p = d.data_ptr<float>();
+  float* o_p = out.data_ptr<float>();
+  const int64_t row_tiles = (rows + kTile - 1) / kTile, col_tiles = (cols + kTile - 1) / kTile;
+  // Tiles of Wn read row by row and written transposed, so both sides stay in cache.
+  at::parallel_for(0, row_tiles * col_tiles, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t r0 = (t / col_tiles) * kTile, c0 = (t % col_tiles) * kTile;
+      const int64_t r1 = std::min(rows, r0 + kTile), c1 = std::min(cols, c0 + kTile);
+      for (int64_t r = r0; r < r1; ++r) {
+        const float scale = d_p[r];
+        for (int64_t c = c0; c < c1; ++c) {
+          const float u_v = u_p[r * cols + c];
+          const float z = cpu::bits_of(u_v) != 0 ? 0.0f : w_p[r * cols + c] + u_v;
+          o_p[c * rows + r] = z / scale;
+        }
+      }
+    }
+  });
+}
+
 at::Tensor prune_mask_cpu(const at::Tensor& values, int64_t k) {
   check_prune_mask_args(values, k);
   const at::Tensor v = values.contiguous();
@@ -134,7 +158,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> admm_prune_cpu(const at::Tensor& 
                                                   double percdamp, double rho, int64_t iters, int64_t prune_iters,
                                                   c10::string_view structure) {
   return admm_prune_with(hessian, weight, k, percdamp, rho, iters, prune_iters, std::string(structure),
-                         DeviceKernels{&project_cpu, &normalise_cpu});
+                         DeviceKernels{&project_cpu, &normalise_cpu, &unnormalise_cpu});
 }
 
 }  // namespace

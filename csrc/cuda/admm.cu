@@ -1,7 +1,8 @@
 // CUDA kernels: the fused ADMM projection pass and the k-smallest mask, both on the radix select of
-// select.cuh, and the Hessian's normalisation. The rest of admm_prune (GEMMs, Cholesky) is the
-// device-generic driver of admm.cpp. Only c10/cuda headers are used (not ATen/cuda/CUDAContext.h, which needs the cuBLAS
-// and cuSPARSE headers), so this file also compiles against a CPU build of torch plus a bare nvcc.
+// select.cuh, and the normalisation passes before and after. The rest of admm_prune (GEMMs,
+// Cholesky) is the device-generic driver of admm.cpp. Only c10/cuda headers are used (not
+// ATen/cuda/CUDAContext.h, which needs the cuBLAS and cuSPARSE headers), so this file also compiles
+// against a CPU build of torch plus a bare nvcc.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -226,6 +227,28 @@ void normalise_cuda(const at::Tensor& h, const at::Tensor& d, at::Tensor& hn, bo
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// One thread per entry of Out [d_out, d_in]; Wn and U are read transposed (uncoalesced, once per layer).
+__global__ void __launch_bounds__(kNormTileX * kNormTileY)
+    unnormalise_kernel(const float* wn, const float* u, const float* d, float* out, int64_t d_out, int64_t d_in) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kNormTileX + threadIdx.x;  // input channel
+  const int64_t o = static_cast<int64_t>(blockIdx.y) * kNormTileY + threadIdx.y;  // output row
+  if (o >= d_out || i >= d_in) return;
+  const float u_v = u[i * d_out + o];
+  const float z = __float_as_uint(u_v) != 0u ? 0.0f : __fadd_rn(wn[i * d_out + o], u_v);
+  out[o * d_in + i] = __fdiv_rn(z, d[i]);
+}
+
+void unnormalise_cuda(const at::Tensor& wn, const at::Tensor& u, const at::Tensor& d, at::Tensor& out) {
+  const int64_t d_in = wn.size(0), d_out = wn.size(1);
+  if (d_in == 0 || d_out == 0) return;
+  const int64_t rows = (d_out + kNormTileY - 1) / kNormTileY;
+  TORCH_CHECK(rows <= 65535, "admm_prune: out_features=", d_out, " is too large for the CUDA output grid");
+  const dim3 grid(static_cast<unsigned>((d_in + kNormTileX - 1) / kNormTileX), static_cast<unsigned>(rows));
+  unnormalise_kernel<<<grid, dim3(kNormTileX, kNormTileY), 0, c10::cuda::getCurrentCUDAStream()>>>(
+      wn.data_ptr<float>(), u.data_ptr<float>(), d.data_ptr<float>(), out.data_ptr<float>(), d_out, d_in);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 // Returns whatever admm_prune_with returns (the schema's outputs).
 auto admm_prune_cuda(const at::Tensor& hessian, const at::Tensor& weight, int64_t k, double percdamp, double rho,
                      int64_t iters, int64_t prune_iters, c10::string_view structure) {
@@ -233,7 +256,7 @@ auto admm_prune_cuda(const at::Tensor& hessian, const at::Tensor& weight, int64_
               hessian.device(), " and ", weight.device());
   const c10::cuda::CUDAGuard guard(weight.device());
   return admm_prune_with(hessian, weight, k, percdamp, rho, iters, prune_iters, std::string(structure),
-                         DeviceKernels{&project_cuda, &normalise_cuda});
+                         DeviceKernels{&project_cuda, &normalise_cuda, &unnormalise_cuda});
 }
 
 }  // namespace
