@@ -72,7 +72,8 @@ def peak_extra_bytes(fn) -> int | None:
     return (_status_kib("VmHWM") - before) * 1024
 
 
-def gemm_floor(d_out: int, d_in: int, repeats: int) -> float:
+def gemm_floor(d_out: int, d_in: int):
+    """The floor's work as a function to time: one Cholesky inverse and 20 GEMMs of d_in x d_in x d_out."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(d_in, d_in, generator=g) / d_in**0.5
     spd = x @ x.T + torch.eye(d_in)
@@ -84,7 +85,7 @@ def gemm_floor(d_out: int, d_in: int, repeats: int) -> float:
         for _ in range(20):
             torch.mm(hinv, rhs, out=out)
 
-    return median_seconds(run, repeats)
+    return run
 
 
 def _setup(d_out: int, d_in: int, tokens: int, ratio: float):
@@ -113,11 +114,17 @@ def peak_in_subprocess(d_out: int, d_in: int, tokens: int, ratio: float) -> int 
 
 def bench(d_out: int, d_in: int, tokens: int, ratio: float, repeats: int, ref_repeats: int) -> dict:
     x, w0, ours = _setup(d_out, d_in, tokens, ratio)
+    floor = gemm_floor(d_out, d_in)
     ours()  # warm-up (thread pools, allocator)
-    t_ours = median_seconds(ours, repeats)
+    # prune_linear and the floor alternate, so that the machine's drift (~10% over minutes on shared
+    # cores) moves both medians alike instead of the ratio.
+    t_ours, t_floor = [], []
+    for _ in range(repeats):
+        t_ours.append(median_seconds(ours, 1))
+        t_floor.append(median_seconds(floor, 1))
+    t_ours, t_floor = statistics.median(t_ours), statistics.median(t_floor)
     t_ref = median_seconds(lambda: reference.prune_linear(w0, [x], ratio), ref_repeats)
-    t_floor = gemm_floor(d_out, d_in, repeats)
-    del x, w0, ours
+    del x, w0, ours, floor
     peak = peak_in_subprocess(d_out, d_in, tokens, ratio)
     budget = 4 * (2 * d_in * d_in + 4 * d_in * d_out)
     return dict(shape=f"{d_out}x{d_in}", ours=t_ours, ref=t_ref, floor=t_floor, peak=peak, budget=budget)
@@ -127,7 +134,8 @@ def table(rows: list[dict], args) -> str:
     lines = [
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPUs; {args.tokens} calibration tokens, ratio {args.ratio}, keep-bit rounding on; "
-        f"median of {args.repeats} runs (reference: {args.ref_repeats}). Peak memory: resident memory prune_linear "
+        f"median of {args.repeats} runs (reference: {args.ref_repeats}), prune_linear and the GEMM floor run "
+        "alternately. Peak memory: resident memory prune_linear "
         "adds (H included, the calibration input itself not), measured in a fresh process where glibc maps every "
         "block of 1 MiB or more on its own, so that resident memory follows the live tensors.",
         "",
