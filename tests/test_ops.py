@@ -198,6 +198,14 @@ def test_admm_prune_exactly_k_zeros_and_lower_triangle_only(ratio):
     assert_same_pruning(out, ref.admm_prune(h, w, k), h, k)
 
 
+def assert_same_tie_break(h, w, k):
+    out, _, _ = _ops.admm_prune(h, w, k, 0.1, 1.0, 20, 15)
+    expected = ref.admm_prune(h, w, k)
+    assert int((out == 0).sum()) == k
+    assert torch.equal(out == 0, expected == 0)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+
+
 def test_admm_prune_ties_across_several_chunks():
     # 200 x 400 = 80000 entries: two 64K-element chunks of the CPU select, with few distinct |W|, so that some
     # chunks take all their ties at the threshold, one takes part of them and some none. The diagonal Hessian
@@ -206,24 +214,15 @@ def test_admm_prune_ties_across_several_chunks():
     w = torch.randint(-3, 4, (200, 400), generator=torch.Generator().manual_seed(4)).float() * 0.5
     h = torch.eye(400) * 2.0
     for ratio in (0.2, 0.5, 0.9):
-        k = int(w.numel() * ratio)
-        out, _, _ = _ops.admm_prune(h, w, k, 0.1, 1.0, 20, 15)
-        expected = ref.admm_prune(h, w, k)
-        assert int((out == 0).sum()) == k
-        assert torch.equal(out == 0, expected == 0)
-        torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+        assert_same_tie_break(h, w, int(w.numel() * ratio))
 
 
 def test_admm_prune_ties_on_a_large_layer():
-    # As above on 520 x 520 entries, where the select works on a sampled bracket (see LARGE).
+    # As above on 520 x 520 entries, where the select works on a sampled bracket (see LARGE). The diagonal
+    # differs per input channel, so the exact ties are those within one input channel (one row of Wn).
     w = torch.randint(-5, 6, (520, 520), generator=torch.Generator().manual_seed(5)).float() * 0.25
     h = torch.diag(torch.rand(520, generator=torch.Generator().manual_seed(6)) + 0.5)
-    k = int(w.numel() * 0.45)
-    out, _, _ = _ops.admm_prune(h, w, k, 0.1, 1.0, 20, 15)
-    expected = ref.admm_prune(h, w, k)
-    assert int((out == 0).sum()) == k
-    assert torch.equal(out == 0, expected == 0)
-    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    assert_same_tie_break(h, w, int(w.numel() * 0.45))
 
 
 def test_admm_prune_rejects_bad_arguments():
