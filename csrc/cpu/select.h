@@ -199,7 +199,7 @@ bool bracket_select(int64_t n, int64_t k, KeyAt key_at, uint32_t* scratch, Selec
 }
 
 // key_at(i) must return abs_key of element i for i in [0, n). `scratch`: n entries the select may
-// overwrite (nullptr: the three-sweep radix select over all entries).
+// overwrite.
 template <class KeyAt>
 Selection find_k_smallest(int64_t n, int64_t k, KeyAt key_at, uint32_t* scratch) {
   TORCH_CHECK(k >= 0 && k <= n, "k must be in [0, ", n, "], got ", k);
@@ -207,7 +207,7 @@ Selection find_k_smallest(int64_t n, int64_t k, KeyAt key_at, uint32_t* scratch)
   sel.none = k == 0;
   sel.all = k == n;
   if (sel.none || sel.all) return sel;
-  if (scratch != nullptr && n >= kBracketMinEntries && bracket_select(n, k, key_at, scratch, sel)) return sel;
+  if (n >= kBracketMinEntries && bracket_select(n, k, key_at, scratch, sel)) return sel;
   return radix_select(
       (n + kChunk - 1) / kChunk, k, [&](int64_t c) { return std::min(kChunk, n - c * kChunk); },
       [&](int64_t c, int64_t j) { return key_at(c * kChunk + j); });
