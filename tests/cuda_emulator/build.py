@@ -1,0 +1,121 @@
+"""Builds csrc's CUDA kernels for the CPU emulator of emulator.h, as the op namespace admm_sparse_emulated.
+
+The sources are copied and rewritten mechanically (each rewrite must match, so a change in csrc that one
+no longer fits fails loudly instead of testing something else):
+  - `kernel<<<grid, block, smem, stream>>>(args)` -> `::cuda_emulator::launch("kernel", [&] { kernel(args); },
+    grid, block, smem, stream)`;
+  - the op library admm_sparse -> admm_sparse_emulated, and the CUDA kernels registered for the CPU key, so
+    CPU tensors stand in for CUDA ones and nothing but the CUDA kernels implements the ops (csrc/cpu is
+    not built in);
+  - `.is_cuda()` -> `.is_cpu()` in the CUDA sources (their device checks), and their `at::empty` -> the
+    emulator's 0xff-filled one.
+Everything else is csrc's code as it is, compiled by the host compiler with the emulator's headers first.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from torch.utils import cpp_extension
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+NAMESPACE = "admm_sparse_emulated"
+
+LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[^<>;]*>)?)<<<(.*?)>>>\(", re.S)
+
+
+def rewrite_launches(text: str, origin: str) -> str:
+    out, pos, count = [], 0, 0
+    for match in LAUNCH.finditer(text):
+        if match.start() < pos:
+            continue
+        start = match.end()  # just past the "(" of the arguments
+        depth, end = 1, start
+        while depth:
+            if end >= len(text):
+                raise RuntimeError(f"{origin}: unbalanced arguments of the launch at offset {match.start()}")
+            depth += {"(": 1, ")": -1}.get(text[end], 0)
+            end += 1
+        name, config, args = match.group(1), match.group(2), text[start:end - 1]
+        out += [text[pos:match.start()], f'::cuda_emulator::launch("{name}", [&] {{ {name}({args}); }}, {config})']
+        pos, count = end, count + 1
+    out.append(text[pos:])
+    result = "".join(out)
+    if result.count("<<<") or text.count("<<<") != count:
+        raise RuntimeError(f"{origin}: a kernel launch the emulator's rewrite does not understand")
+    return result
+
+
+def substitute(text: str, old: str, new: str, origin: str) -> str:
+    if old not in text:
+        raise RuntimeError(f"{origin}: expected {old!r}; the emulator's rewrite no longer fits this source")
+    return text.replace(old, new)
+
+
+def rewrite(path: Path) -> str:
+    text = path.read_text()
+    origin = str(path.relative_to(REPO))
+    if "TORCH_LIBRARY(admm_sparse," in text:
+        text = substitute(text, "TORCH_LIBRARY(admm_sparse,", f"TORCH_LIBRARY({NAMESPACE},", origin)
+    if "TORCH_LIBRARY_IMPL(admm_sparse, CompositeExplicitAutograd," in text:
+        text = substitute(text, "TORCH_LIBRARY_IMPL(admm_sparse, CompositeExplicitAutograd,",
+                          f"TORCH_LIBRARY_IMPL({NAMESPACE}, CompositeExplicitAutograd,", origin)
+    if path.suffix in (".cu", ".cuh"):
+        if "TORCH_LIBRARY_IMPL" in text:
+            text = substitute(text, "TORCH_LIBRARY_IMPL(admm_sparse, CUDA,", f"TORCH_LIBRARY_IMPL({NAMESPACE}, CPU,", origin)
+        if "<<<" in text:
+            text = rewrite_launches(text, origin)
+        if ".is_cuda()" in text:
+            text = substitute(text, ".is_cuda()", ".is_cpu()", origin)
+        if "at::empty(" in text:
+            text = substitute(text, "at::empty(", "::cuda_emulator::uninitialised(", origin)
+    return text
+
+
+def write_if_changed(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
+
+
+def load(build_root: Path | None = None):
+    """Builds (incrementally) and loads the emulated library; returns torch.ops.admm_sparse_emulated."""
+    build_root = build_root or REPO / "build" / "cuda_emulator"
+    src = build_root / "csrc"
+    sources = []
+    for path in sorted((REPO / "csrc").rglob("*")):
+        if path.is_dir() or path.suffix not in (".cpp", ".h", ".cu", ".cuh"):
+            continue
+        relative = path.relative_to(REPO / "csrc")
+        if relative.parts[0] == "cpu":
+            continue  # the CPU kernels stay out: the CUDA ones must be what runs
+        target = src / relative
+        if path.suffix == ".cu":
+            target = target.with_name(path.stem + "_cu.cpp")  # the host compiler, not nvcc
+        write_if_changed(target, rewrite(path))
+        if target.suffix == ".cpp":
+            sources.append(str(target))
+    # The emulator's own pieces: its configuration op, and the kernels that test the emulator itself.
+    selftest = src / "emulator_selftest_cu.cpp"
+    write_if_changed(selftest, rewrite(HERE / "selftest.cu"))
+    sources += [str(HERE / "fiber.cpp"), str(HERE / "control.cpp"), str(selftest)]
+    obj_dir = build_root / "obj"
+    obj_dir.mkdir(parents=True, exist_ok=True)
+    cpp_extension.load(
+        name="admm_sparse_cuda_emulated",
+        sources=sources,
+        # -ffp-contract=off: the kernels' float ops round one at a time, as on the GPU with _rn intrinsics.
+        # Hidden visibility: nothing here may bind to admm_sparse._C's same-named symbols, or they to these.
+        extra_cflags=["-O2", "-ffp-contract=off", "-fopenmp", "-fvisibility=hidden"],
+        extra_ldflags=["-fopenmp"],
+        extra_include_paths=[str(HERE / "include"), str(src)],
+        build_directory=str(obj_dir),
+        is_python_module=False,
+    )
+    return getattr(torch.ops, NAMESPACE)
+
+
+if __name__ == "__main__":  # python tests/cuda_emulator/build.py: build once, e.g. to see compiler errors
+    print(load())
