@@ -1,0 +1,97 @@
+"""The CPU emulator of tests/cuda_emulator, which runs csrc/cuda's kernels in test_cuda.py where no GPU is.
+
+First that it catches what it is there to catch (a missing barrier, divergent barriers and warp
+collectives, launch configurations a GPU refuses) and emulates warp collectives as CUDA defines them;
+then csrc/cuda's kernels under other grid sizes (the multiprocessor count sizes the select's grid) and
+other thread and block orders than test_cuda.py's default; and the source rewrite the build relies on.
+"""
+import pytest
+import torch
+from cuda_emulator import build as emulator
+
+from admm_sparse import _ops
+from admm_sparse import reference as ref
+
+
+@pytest.fixture(scope="module")
+def ops():
+    ops = emulator.load()
+    yield ops
+    ops.emulator_configure(4, 0)  # the defaults, which test_cuda.py runs under
+
+
+def rotated(x):
+    return x.view(-1, 256).roll(-32, 1).flatten()
+
+
+@pytest.mark.parametrize("schedule", [0, 1, 99])
+def test_barrier_orders_shared_memory(ops, schedule):
+    ops.emulator_configure(4, schedule)
+    x = torch.randn(4 * 256)
+    assert torch.equal(ops.emulator_selftest("rotate", x), rotated(x))
+    # Without the barrier, a warp reads another warp's shared slots before they are written.
+    assert not torch.equal(ops.emulator_selftest("rotate_unsynchronised", x), rotated(x))
+
+
+def test_warp_collectives_follow_cuda(ops):
+    ops.emulator_configure(4, 5)
+    x = torch.randn(2 * 256)
+    out = ops.emulator_selftest("warp_scan", x)
+    warps = x.view(-1, 32)
+    torch.testing.assert_close(out[: x.numel()], warps.cumsum(1).flatten(), rtol=1e-5, atol=1e-5)
+    positives_below = (warps > 0).int().cumsum(1) - (warps > 0).int()
+    assert torch.equal(out[x.numel():], positives_below.flatten().float())
+
+
+@pytest.mark.parametrize("kernel, message", [
+    ("divergent_barrier", "__syncthreads reached by 100 threads while 156 of the block have exited"),
+    ("divergent_ballot", "a full-mask warp collective reached by 16 of its 32 lanes"),
+    ("empty_grid", "invalid configuration argument"),
+    ("oversized_block", "invalid configuration argument"),
+])
+def test_undefined_behaviour_is_an_error(ops, kernel, message):
+    ops.emulator_configure(4, 0)
+    with pytest.raises(RuntimeError, match=message):
+        ops.emulator_selftest(kernel, torch.randn(256))
+    # The failed launch leaves nothing behind: the next one runs normally.
+    x = torch.randn(256)
+    assert torch.equal(ops.emulator_selftest("rotate", x), rotated(x))
+
+
+def tied(shape, seed, levels=3):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(-levels, levels + 1, shape, generator=g).float() * 0.5
+
+
+@pytest.mark.parametrize("multiprocessors", [1, 3, 132])  # 132: an H100's or H200's
+@pytest.mark.parametrize("schedule", [1, 2026])
+def test_cuda_kernels_under_other_grids_and_orders(ops, multiprocessors, schedule):
+    ops.emulator_configure(multiprocessors, schedule)
+    g = torch.Generator().manual_seed(multiprocessors + schedule)
+    for v in (torch.randn(300_001, generator=g), tied((1100, 300), schedule)):
+        n = v.numel()
+        for k in (1, n // 3, n - 1):
+            assert torch.equal(ops.prune_mask(v, k), ref.prune_mask(v, k)), (v.shape, k)
+    v = tied((70, 1100), schedule + 1)
+    assert torch.equal(ops.prune_mask_rows(v, 400), ref.prune_mask_rows(v, 400))
+    assert torch.equal(ops.prune_mask_nm(v[:, :1096], 2, 8), ref.prune_mask_nm(v[:, :1096], 2, 8))
+    x = torch.randn(200, 96, generator=g)
+    h, w = x.T @ x, torch.randn(72, 96, generator=g)
+    for structure, k in (("unstructured", 72 * 40), ("per_row", 72 * 40), ("2:4", 72 * 48)):
+        out, _, _ = ops.admm_prune(h, w, k, 0.1, 1.0, 20, 15, structure)
+        expected, _, _ = _ops.admm_prune(h, w, k, 0.1, 1.0, 20, 15, structure)
+        assert torch.equal(out, expected), structure
+
+
+def test_launch_rewrite():
+    source = """  radix_hist_kernel<1><<<g, kThreads, 0, stream>>>(load, n, f(a, (b)), ws);
+  other<<<dim3(x, y), dim3(32, 8)>>>(p,
+      static_cast<int>(q));"""
+    assert emulator.rewrite_launches(source, "example") == (
+        '  ::cuda_emulator::launch("radix_hist_kernel<1>", [&] { radix_hist_kernel<1>(load, n, f(a, (b)), ws); }, '
+        "g, kThreads, 0, stream);\n"
+        '  ::cuda_emulator::launch("other", [&] { other(p,\n      static_cast<int>(q)); }, dim3(x, y), dim3(32, 8));')
+    with pytest.raises(RuntimeError, match="does not understand"):
+        emulator.rewrite_launches("(*table[i])<<<1, 32>>>(x);", "example")
+    with pytest.raises(RuntimeError, match="no longer fits"):
+        emulator.substitute("int x;", "at::empty(", "y", "example")
