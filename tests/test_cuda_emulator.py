@@ -83,6 +83,18 @@ def test_cuda_kernels_under_other_grids_and_orders(ops, multiprocessors, schedul
         assert torch.equal(out, expected), structure
 
 
+def test_select_with_more_blocks_than_scan_threads(ops):
+    # 132 multiprocessors (an H100's or H200's) and n = 1056 * 2048 give the select 1056 blocks, more
+    # than the tie scan's 1024 threads, so some of them count the ties of two blocks (as for a 4096 x 4096
+    # layer on those cards). Ties in every block; cuts in an early, a middle and the last blocks.
+    ops.emulator_configure(132, 0)
+    v = torch.randn(1056 * 2048, generator=torch.Generator().manual_seed(31))
+    v[::97] = 0.5 * torch.sign(v[::97])
+    below, ties = int((v.abs() < 0.5).sum()), int((v.abs() == 0.5).sum())
+    for k in (below + 3, below + ties // 2, below + ties - 2):
+        assert torch.equal(ops.prune_mask(v, k), ref.prune_mask(v, k)), k
+
+
 def test_launch_rewrite():
     source = """  radix_hist_kernel<1><<<g, kThreads, 0, stream>>>(load, n, f(a, (b)), ws);
   other<<<dim3(x, y), dim3(32, 8)>>>(p,
