@@ -48,6 +48,7 @@ def test_warp_collectives_follow_cuda(ops):
     ("divergent_ballot", "a full-mask warp collective reached by 16 of its 32 lanes"),
     ("empty_grid", "invalid configuration argument"),
     ("oversized_block", "invalid configuration argument"),
+    ("over_launch_bounds", "too many resources requested for launch"),
 ])
 def test_undefined_behaviour_is_an_error(ops, kernel, message):
     ops.emulator_configure(4, 0)
@@ -99,11 +100,15 @@ def test_launch_rewrite():
     source = """  radix_hist_kernel<1><<<g, kThreads, 0, stream>>>(load, n, f(a, (b)), ws);
   other<<<dim3(x, y), dim3(32, 8)>>>(p,
       static_cast<int>(q));"""
-    assert emulator.rewrite_launches(source, "example") == (
-        '  ::cuda_emulator::launch("radix_hist_kernel<1>", [&] { radix_hist_kernel<1>(load, n, f(a, (b)), ws); }, '
-        "g, kThreads, 0, stream);\n"
-        '  ::cuda_emulator::launch("other", [&] { other(p,\n      static_cast<int>(q)); }, dim3(x, y), dim3(32, 8));')
+    bounds = emulator.launch_bounds(["template <int kLevel, class Load>\n__global__ void __launch_bounds__(kThreads)\n"
+                                     "    radix_hist_kernel(Load load) {}"])
+    assert bounds == {"radix_hist_kernel": "kThreads"}
+    assert emulator.rewrite_launches(source, "example", bounds) == (
+        '  ::cuda_emulator::launch("radix_hist_kernel<1>", {kThreads}, [&] { radix_hist_kernel<1>(load, n, f(a, (b)), '
+        'ws); }, g, kThreads, 0, stream);\n'
+        '  ::cuda_emulator::launch("other", {0}, [&] { other(p,\n      static_cast<int>(q)); }, dim3(x, y), '
+        'dim3(32, 8));')
     with pytest.raises(RuntimeError, match="does not understand"):
-        emulator.rewrite_launches("(*table[i])<<<1, 32>>>(x);", "example")
+        emulator.rewrite_launches("(*table[i])<<<1, 32>>>(x);", "example", {})
     with pytest.raises(RuntimeError, match="no longer fits"):
         emulator.substitute("int x;", "at::empty(", "y", "example")

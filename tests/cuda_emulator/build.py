@@ -2,8 +2,9 @@
 
 The sources are copied and rewritten mechanically (each rewrite must match, so a change in csrc that one
 no longer fits fails loudly instead of testing something else):
-  - `kernel<<<grid, block, smem, stream>>>(args)` -> `::cuda_emulator::launch("kernel", [&] { kernel(args); },
-    grid, block, smem, stream)`;
+  - `kernel<<<grid, block, smem, stream>>>(args)` -> `::cuda_emulator::launch("kernel", {bound}, [&] {
+    kernel(args); }, grid, block, smem, stream)`, bound being the kernel's __launch_bounds__ (0 if none),
+    which a launch with more threads per block fails, as on a GPU;
   - the op library admm_sparse -> admm_sparse_emulated, and the CUDA kernels registered for the CPU key, so
     CPU tensors stand in for CUDA ones and nothing but the CUDA kernels implements the ops (csrc/cpu is
     not built in);
@@ -24,9 +25,15 @@ REPO = HERE.parent.parent
 NAMESPACE = "admm_sparse_emulated"
 
 LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[^<>;]*>)?)<<<(.*?)>>>\(", re.S)
+BOUNDS = re.compile(r"__launch_bounds__\(([^()]*)\)\s*(\w+)\s*\(")
 
 
-def rewrite_launches(text: str, origin: str) -> str:
+def launch_bounds(texts) -> dict[str, str]:
+    """Kernel name -> its __launch_bounds__ expression (maximum threads per block)."""
+    return {name: expr for text in texts for expr, name in BOUNDS.findall(text)}
+
+
+def rewrite_launches(text: str, origin: str, bounds: dict[str, str]) -> str:
     out, pos, count = [], 0, 0
     for match in LAUNCH.finditer(text):
         if match.start() < pos:
@@ -39,7 +46,9 @@ def rewrite_launches(text: str, origin: str) -> str:
             depth += {"(": 1, ")": -1}.get(text[end], 0)
             end += 1
         name, config, args = match.group(1), match.group(2), text[start:end - 1]
-        out += [text[pos:match.start()], f'::cuda_emulator::launch("{name}", [&] {{ {name}({args}); }}, {config})']
+        bound = bounds.get(name.split("<")[0], "0")
+        out += [text[pos:match.start()],
+                f'::cuda_emulator::launch("{name}", {{{bound}}}, [&] {{ {name}({args}); }}, {config})']
         pos, count = end, count + 1
     out.append(text[pos:])
     result = "".join(out)
@@ -54,7 +63,7 @@ def substitute(text: str, old: str, new: str, origin: str) -> str:
     return text.replace(old, new)
 
 
-def rewrite(path: Path) -> str:
+def rewrite(path: Path, bounds: dict[str, str]) -> str:
     text = path.read_text()
     origin = str(path.relative_to(REPO))
     if "TORCH_LIBRARY(admm_sparse," in text:
@@ -66,7 +75,7 @@ def rewrite(path: Path) -> str:
         if "TORCH_LIBRARY_IMPL" in text:
             text = substitute(text, "TORCH_LIBRARY_IMPL(admm_sparse, CUDA,", f"TORCH_LIBRARY_IMPL({NAMESPACE}, CPU,", origin)
         if "<<<" in text:
-            text = rewrite_launches(text, origin)
+            text = rewrite_launches(text, origin, bounds)
         if ".is_cuda()" in text:
             text = substitute(text, ".is_cuda()", ".is_cpu()", origin)
         if "at::empty(" in text:
@@ -85,6 +94,8 @@ def load(build_root: Path | None = None):
     build_root = build_root or REPO / "build" / "cuda_emulator"
     src = build_root / "csrc"
     sources = []
+    cuda_files = sorted((REPO / "csrc" / "cuda").glob("*.cu*")) + [HERE / "selftest.cu"]
+    bounds = launch_bounds(p.read_text() for p in cuda_files)
     for path in sorted((REPO / "csrc").rglob("*")):
         if path.is_dir() or path.suffix not in (".cpp", ".h", ".cu", ".cuh"):
             continue
@@ -94,12 +105,12 @@ def load(build_root: Path | None = None):
         target = src / relative
         if path.suffix == ".cu":
             target = target.with_name(path.stem + "_cu.cpp")  # the host compiler, not nvcc
-        write_if_changed(target, rewrite(path))
+        write_if_changed(target, rewrite(path, bounds))
         if target.suffix == ".cpp":
             sources.append(str(target))
     # The emulator's own pieces: its configuration op, and the kernels that test the emulator itself.
     selftest = src / "emulator_selftest_cu.cpp"
-    write_if_changed(selftest, rewrite(HERE / "selftest.cu"))
+    write_if_changed(selftest, rewrite(HERE / "selftest.cu", bounds))
     sources += [str(HERE / "fiber.cpp"), str(HERE / "control.cpp"), str(selftest)]
     obj_dir = build_root / "obj"
     obj_dir.mkdir(parents=True, exist_ok=True)

@@ -11,8 +11,8 @@
 //     waiting in a warp collective instead);
 //   - a full-mask warp collective (__ballot_sync, __shfl_up_sync) must be reached by all 32 lanes of the
 //     warp, at the same collective;
-//   - launch configurations outside CUDA's limits do not run and leave cudaErrorInvalidConfiguration for
-//     cudaGetLastError, as on a GPU.
+//   - launch configurations outside CUDA's limits, or with more threads per block than the kernel's
+//     __launch_bounds__, do not run and leave the error a GPU gives for cudaGetLastError.
 // Warps run one at a time, each until all its lanes wait at __syncthreads or have exited; blocks, warps and
 // lanes run in an order set by configure(): index order, reverse order, or random permutations. Shared
 // memory read without the barrier that orders it after another thread's write then gives results that
@@ -88,7 +88,7 @@ inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v)
 
 namespace cuda_emulator {
 
-enum Error : int { kSuccess = 0, kInvalidValue = 1, kInvalidConfiguration = 9 };
+enum Error : int { kSuccess = 0, kInvalidValue = 1, kInvalidConfiguration = 9, kLaunchOutOfResources = 701 };
 
 struct Config {
   int multiprocessors = 4;  // what cudaDevAttrMultiProcessorCount reports
@@ -273,12 +273,21 @@ inline bool valid_launch(const dim3& grid, const dim3& block, size_t shared_byte
          shared_bytes <= 48 * 1024;
 }
 
-// kernel<<<grid, block, shared_bytes, stream>>>(args) becomes launch("kernel", [&] { kernel(args); }, ...).
+// A kernel's __launch_bounds__ (its most threads per block); 0 where it has none.
+struct MaxThreads {
+  uint64_t value;
+};
+
+// kernel<<<grid, block, shared_bytes, stream>>>(args) becomes launch("kernel", {bound}, [&] { kernel(args); }, ...).
 template <class Body>
-void launch(const char* kernel, const Body& body, dim3 grid, dim3 block, size_t shared_bytes = 0,
+void launch(const char* kernel, MaxThreads bound, const Body& body, dim3 grid, dim3 block, size_t shared_bytes = 0,
             cudaStream_t /*stream: launches run to completion in order*/ = nullptr) {
   if (!valid_launch(grid, block, shared_bytes)) {
     last_error = kInvalidConfiguration;
+    return;
+  }
+  if (bound.value != 0 && uint64_t(block.x) * block.y * block.z > bound.value) {
+    last_error = kLaunchOutOfResources;
     return;
   }
   Runtime& r = runtime();

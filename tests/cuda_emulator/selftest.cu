@@ -51,6 +51,9 @@ __global__ void divergent_ballot_kernel(float* out) {
   out[threadIdx.x] = static_cast<float>(bits);
 }
 
+// Declared for at most 128 threads per block.
+__global__ void __launch_bounds__(128) bounded_kernel(float* out) { out[threadIdx.x] = 1.0f; }
+
 at::Tensor selftest(c10::string_view kernel, const at::Tensor& input) {
   TORCH_CHECK(input.scalar_type() == at::kFloat && input.numel() % kBlock == 0 && input.numel() > 0,
               "emulator_selftest: input must be float32 with a positive multiple of ", kBlock, " elements");
@@ -69,6 +72,8 @@ at::Tensor selftest(c10::string_view kernel, const at::Tensor& input) {
     divergent_ballot_kernel<<<1, kBlock>>>(out.data_ptr<float>());
   } else if (name == "empty_grid") {
     rotate_kernel<<<0, kBlock>>>(in.data_ptr<float>(), out.data_ptr<float>(), true);
+  } else if (name == "over_launch_bounds") {
+    bounded_kernel<<<1, kBlock>>>(out.data_ptr<float>());
   } else if (name == "oversized_block") {
     rotate_kernel<<<1, 2048>>>(in.data_ptr<float>(), out.data_ptr<float>(), true);
   } else {

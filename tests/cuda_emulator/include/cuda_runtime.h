@@ -11,6 +11,7 @@ inline const char* cudaGetErrorString(cudaError_t e) {
     case cuda_emulator::kSuccess: return "no error";
     case cuda_emulator::kInvalidValue: return "invalid argument";
     case cuda_emulator::kInvalidConfiguration: return "invalid configuration argument";
+    case cuda_emulator::kLaunchOutOfResources: return "too many resources requested for launch";
     default: return "unknown error";
   }
 }
