@@ -48,7 +48,8 @@ class Backend:
 
     def __init__(self, name: str):
         self.emulated = name == "emulated"
-        self.device = torch.device("cpu" if self.emulated else "cuda")
+        # With its index: results come back on cuda:0, and torch.device("cuda") != torch.device("cuda:0").
+        self.device = torch.device("cpu") if self.emulated else torch.device("cuda", torch.cuda.current_device())
         self.ops = emulator.load() if self.emulated else torch.ops.admm_sparse
 
     def put(self, t):
