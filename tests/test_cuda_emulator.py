@@ -1,9 +1,10 @@
 """The CPU emulator of tests/cuda_emulator, which runs csrc/cuda's kernels in test_cuda.py where no GPU is.
 
 First that it catches what it is there to catch (a missing barrier, divergent barriers and warp
-collectives, launch configurations a GPU refuses) and emulates warp collectives as CUDA defines them;
+collectives, launch configurations a GPU refuses, shared memory read before it is written) and emulates
+warp collectives as CUDA defines them;
 then csrc/cuda's kernels under other grid sizes (the multiprocessor count sizes the select's grid) and
-other thread and block orders than test_cuda.py's default; and the source rewrite the build relies on.
+other thread and block orders than test_cuda.py's default; and the source rewrites the build relies on.
 """
 import pytest
 import torch
@@ -41,6 +42,14 @@ def test_warp_collectives_follow_cuda(ops):
     torch.testing.assert_close(out[: x.numel()], warps.cumsum(1).flatten(), rtol=1e-5, atol=1e-5)
     positives_below = (warps > 0).int().cumsum(1) - (warps > 0).int()
     assert torch.equal(out[x.numel():], positives_below.flatten().float())
+
+
+def test_shared_memory_starts_as_garbage(ops):
+    # As on a GPU: a kernel that reads shared memory before writing it gets garbage (0xff bytes: NaN).
+    ops.emulator_configure(4, 0)
+    x = torch.randn(256)
+    ops.emulator_selftest("rotate", x)  # leaves real values in shared memory
+    assert torch.isnan(ops.emulator_selftest("unwritten_shared", x)).all()
 
 
 @pytest.mark.parametrize("kernel, message", [
@@ -96,7 +105,7 @@ def test_select_with_more_blocks_than_scan_threads(ops):
         assert torch.equal(ops.prune_mask(v, k), ref.prune_mask(v, k)), k
 
 
-def test_launch_rewrite():
+def test_source_rewrites():
     source = """  radix_hist_kernel<1><<<g, kThreads, 0, stream>>>(load, n, f(a, (b)), ws);
   other<<<dim3(x, y), dim3(32, 8)>>>(p,
       static_cast<int>(q));"""
@@ -110,5 +119,9 @@ def test_launch_rewrite():
         'dim3(32, 8));')
     with pytest.raises(RuntimeError, match="does not understand"):
         emulator.rewrite_launches("(*table[i])<<<1, 32>>>(x);", "example", {})
+    assert emulator.rewrite_shared("  __shared__ long long sums[kBlock / 32];", "example") == (
+        "  long long (&sums)[kBlock / 32] = ::cuda_emulator::shared_array<long long[kBlock / 32], __COUNTER__>();")
+    with pytest.raises(RuntimeError, match="__shared__ declaration"):
+        emulator.rewrite_shared("__shared__ float total;", "example")
     with pytest.raises(RuntimeError, match="no longer fits"):
         emulator.substitute("int x;", "at::empty(", "y", "example")

@@ -8,6 +8,7 @@ no longer fits fails loudly instead of testing something else):
   - the op library admm_sparse -> admm_sparse_emulated, and the CUDA kernels registered for the CPU key, so
     CPU tensors stand in for CUDA ones and nothing but the CUDA kernels implements the ops (csrc/cpu is
     not built in);
+  - `__shared__ T name[N];` -> a reference to an array the emulator fills with 0xff before each block;
   - `.is_cuda()` -> `.is_cpu()` in the CUDA sources (their device checks), and their `at::empty` -> the
     emulator's 0xff-filled one.
 Everything else is csrc's code as it is, compiled by the host compiler with the emulator's headers first.
@@ -25,6 +26,7 @@ REPO = HERE.parent.parent
 NAMESPACE = "admm_sparse_emulated"
 
 LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[^<>;]*>)?)<<<(.*?)>>>\(", re.S)
+SHARED = re.compile(r"__shared__\s+([A-Za-z_][\w:]*(?:\s+[A-Za-z_][\w:]*)*?)\s+(\w+)\[([^\]]+)\];")
 BOUNDS = re.compile(r"__launch_bounds__\(([^()]*)\)\s*(\w+)\s*\(")
 
 
@@ -57,6 +59,15 @@ def rewrite_launches(text: str, origin: str, bounds: dict[str, str]) -> str:
     return result
 
 
+def rewrite_shared(text: str, origin: str) -> str:
+    result = SHARED.sub(lambda m: f"{m[1]} (&{m[2]})[{m[3]}] = ::cuda_emulator::shared_array<{m[1]}[{m[3]}], "
+                                  "__COUNTER__>();", text)
+    if "__shared__" in result:
+        raise RuntimeError(f"{origin}: a __shared__ declaration the emulator's rewrite does not understand "
+                           "(it takes `__shared__ TYPE NAME[SIZE];`)")
+    return result
+
+
 def substitute(text: str, old: str, new: str, origin: str) -> str:
     if old not in text:
         raise RuntimeError(f"{origin}: expected {old!r}; the emulator's rewrite no longer fits this source")
@@ -76,6 +87,7 @@ def rewrite(path: Path, bounds: dict[str, str]) -> str:
             text = substitute(text, "TORCH_LIBRARY_IMPL(admm_sparse, CUDA,", f"TORCH_LIBRARY_IMPL({NAMESPACE}, CPU,", origin)
         if "<<<" in text:
             text = rewrite_launches(text, origin, bounds)
+        text = rewrite_shared(text, origin)
         if ".is_cuda()" in text:
             text = substitute(text, ".is_cuda()", ".is_cpu()", origin)
         if "at::empty(" in text:

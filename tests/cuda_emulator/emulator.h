@@ -18,7 +18,8 @@
 // memory read without the barrier that orders it after another thread's write then gives results that
 // depend on that order, which the tests compare against the CPU kernels under several orders.
 // Memory from at::empty in the kernels' host code is filled with 0xff bytes (NaN, -1, or an invalid bool),
-// as device memory is never zeroed: an output element a kernel forgets to write shows up.
+// as device memory is never zeroed: an output element a kernel forgets to write shows up. So is every
+// block's shared memory (build.py turns each __shared__ array into one the emulator can reach).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -56,8 +57,6 @@ typedef struct CUstream_st* cudaStream_t;
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-// Blocks run one after another, so one static instance serves as every block's shared memory.
-#define __shared__ static
 
 inline uint3 threadIdx{0, 0, 0};
 inline uint3 blockIdx{0, 0, 0};
@@ -130,6 +129,7 @@ constexpr size_t kStackBytes = size_t(256) << 10;
 
 struct Runtime {
   std::mutex launching;  // one launch at a time: the fibers share this state
+  std::vector<std::pair<void*, size_t>> shared_arrays;  // every __shared__ array, see shared_array()
   std::vector<Thread> threads = std::vector<Thread>(kMaxThreads);
   char* stacks = nullptr;  // kMaxThreads stacks, reserved once; pages are touched only as used
   Context scheduler;
@@ -245,6 +245,8 @@ inline void run_warp(Runtime& r, int first, int count, const char* kernel, std::
 }
 
 inline void run_block(Runtime& r, const char* kernel, const dim3& block, std::mt19937_64& rng) {
+  // Shared memory starts as garbage on a GPU: a kernel that reads it before writing it must fail here too.
+  for (const auto& [p, bytes] : r.shared_arrays) std::memset(p, 0xff, bytes);
   const int n = static_cast<int>(block.x * block.y * block.z);
   for (int i = 0; i < n; ++i) {
     Thread& t = r.threads[i];
@@ -304,6 +306,21 @@ void launch(const char* kernel, MaxThreads bound, const Body& body, dim3 grid, d
     run_block(r, kernel, block, rng);
   }
   r.body = nullptr;
+}
+
+// `__shared__ T name[N];` becomes `T (&name)[N] = shared_array<T[N], __COUNTER__>();`: one static array per
+// declaration (blocks run one after another, so one serves every block), poisoned when a block first
+// reaches it and registered to be poisoned before every later block.
+template <class Array, int kDeclaration>
+Array& shared_array() {
+  static Array storage;
+  static const bool registered = [] {
+    std::memset(&storage, 0xff, sizeof(Array));
+    runtime().shared_arrays.emplace_back(&storage, sizeof(Array));
+    return true;
+  }();
+  (void)registered;
+  return storage;
 }
 
 // at::empty for the kernels' host code: filled with 0xff bytes, as device memory is never zeroed.

@@ -51,6 +51,12 @@ __global__ void divergent_ballot_kernel(float* out) {
   out[threadIdx.x] = static_cast<float>(bits);
 }
 
+// Reads shared memory that no thread has written.
+__global__ void unwritten_shared_kernel(float* out) {
+  __shared__ float never_written[kBlock];
+  out[threadIdx.x] = never_written[threadIdx.x];
+}
+
 // Declared for at most 128 threads per block.
 __global__ void __launch_bounds__(128) bounded_kernel(float* out) { out[threadIdx.x] = 1.0f; }
 
@@ -72,6 +78,8 @@ at::Tensor selftest(c10::string_view kernel, const at::Tensor& input) {
     divergent_ballot_kernel<<<1, kBlock>>>(out.data_ptr<float>());
   } else if (name == "empty_grid") {
     rotate_kernel<<<0, kBlock>>>(in.data_ptr<float>(), out.data_ptr<float>(), true);
+  } else if (name == "unwritten_shared") {
+    unwritten_shared_kernel<<<1, kBlock>>>(out.data_ptr<float>());
   } else if (name == "over_launch_bounds") {
     bounded_kernel<<<1, kBlock>>>(out.data_ptr<float>());
   } else if (name == "oversized_block") {
