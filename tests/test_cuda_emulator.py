@@ -2,10 +2,16 @@
 
 First that it catches what it is there to catch (a missing barrier, divergent barriers and warp
 collectives, launch configurations a GPU refuses, shared memory read before it is written) and emulates
-warp collectives as CUDA defines them;
-then csrc/cuda's kernels under other grid sizes (the multiprocessor count sizes the select's grid) and
-other thread and block orders than test_cuda.py's default; and the source rewrites the build relies on.
+warp collectives as CUDA defines them; then csrc/cuda's kernels under other grid sizes (the multiprocessor
+count sizes the select's grid) and other thread and block orders than test_cuda.py's default; then all
+the emulated CUDA tests again under AddressSanitizer (out-of-bounds accesses); and the source rewrites
+the build relies on.
 """
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from cuda_emulator import build as emulator
@@ -103,6 +109,38 @@ def test_select_with_more_blocks_than_scan_threads(ops):
     below, ties = int((v.abs() < 0.5).sum()), int((v.abs() == 0.5).sum())
     for k in (below + 3, below + ties // 2, below + ties - 2):
         assert torch.equal(ops.prune_mask(v, k), ref.prune_mask(v, k)), k
+
+
+def sanitized_environment():
+    """The environment of a process that runs the AddressSanitizer build (see cuda_emulator/build.py)."""
+    if os.environ.get(emulator.SANITIZE_ENV):
+        pytest.skip("this process is the sanitized run")
+    # libstdc++ too: preloaded alone into python, libasan cannot forward C++ throws (TORCH_CHECK's errors).
+    libs = [subprocess.run(["gcc", f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
+            for name in ("libasan.so", "libstdc++.so")]
+    if not all(os.path.isabs(lib) for lib in libs):
+        pytest.skip("gcc's AddressSanitizer runtime is not installed")
+    return dict(os.environ, LD_PRELOAD=" ".join(libs), ASAN_OPTIONS="detect_leaks=0",
+                **{emulator.SANITIZE_ENV: "address"})
+
+
+def test_address_sanitizer_catches_a_read_past_the_end():
+    code = ("import torch; from cuda_emulator import build; "
+            "build.load().emulator_selftest('read_past_end', torch.randn(256))")
+    proc = subprocess.run([sys.executable, "-c", code], env=sanitized_environment(), cwd=Path(__file__).parent,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode != 0 and "heap-buffer-overflow" in proc.stderr, proc.stderr[-3000:]
+    assert "read_past_end_kernel" in proc.stderr
+
+
+def test_cuda_kernels_under_address_sanitizer():
+    # Every emulated CUDA test again, in a process where any read or write outside a tensor, a stack or a
+    # shared array stops the run (on a GPU: an illegal memory access, or silently wrong data).
+    tests = [str(Path(__file__).parent / name) for name in ("test_cuda.py", "test_cuda_emulator.py")]
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
+                          env=sanitized_environment(), cwd=emulator.REPO, capture_output=True, text=True,
+                          timeout=1800)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
 
 
 def test_source_rewrites():

@@ -12,9 +12,14 @@ no longer fits fails loudly instead of testing something else):
   - `.is_cuda()` -> `.is_cpu()` in the CUDA sources (their device checks), and their `at::empty` -> the
     emulator's 0xff-filled one.
 Everything else is csrc's code as it is, compiled by the host compiler with the emulator's headers first.
+
+With CUDA_EMULATOR_SANITIZE=address in the environment, load() builds and loads an AddressSanitizer build
+instead (the process must run with libasan preloaded; see test_cuda_emulator.py): a kernel's read or write
+outside a tensor then stops the run with a report, where on a GPU it would be an illegal memory access.
 """
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -101,9 +106,15 @@ def write_if_changed(path: Path, text: str) -> None:
         path.write_text(text)
 
 
-def load(build_root: Path | None = None):
+SANITIZE_ENV = "CUDA_EMULATOR_SANITIZE"
+
+
+def load():
     """Builds (incrementally) and loads the emulated library; returns torch.ops.admm_sparse_emulated."""
-    build_root = build_root or REPO / "build" / "cuda_emulator"
+    sanitize = os.environ.get(SANITIZE_ENV, "")
+    if sanitize not in ("", "address"):
+        raise RuntimeError(f"{SANITIZE_ENV}={sanitize!r}: the emulator's sanitized build supports 'address' only")
+    build_root = REPO / "build" / ("cuda_emulator_asan" if sanitize else "cuda_emulator")
     src = build_root / "csrc"
     sources = []
     cuda_files = sorted((REPO / "csrc" / "cuda").glob("*.cu*")) + [HERE / "selftest.cu"]
@@ -126,13 +137,20 @@ def load(build_root: Path | None = None):
     sources += [str(HERE / "fiber.cpp"), str(HERE / "control.cpp"), str(selftest)]
     obj_dir = build_root / "obj"
     obj_dir.mkdir(parents=True, exist_ok=True)
+    # -ffp-contract=off: the kernels' float ops round one at a time, as on the GPU with _rn intrinsics.
+    # Hidden visibility: nothing here may bind to admm_sparse._C's same-named symbols, or they to these.
+    cflags = ["-ffp-contract=off", "-fopenmp", "-fvisibility=hidden"]
+    ldflags = ["-fopenmp"]
+    if sanitize:
+        cflags += ["-O1", "-g", "-fsanitize=address", "-fno-omit-frame-pointer"]
+        ldflags += ["-fsanitize=address"]
+    else:
+        cflags += ["-O2"]
     cpp_extension.load(
-        name="admm_sparse_cuda_emulated",
+        name="admm_sparse_cuda_emulated" + ("_asan" if sanitize else ""),
         sources=sources,
-        # -ffp-contract=off: the kernels' float ops round one at a time, as on the GPU with _rn intrinsics.
-        # Hidden visibility: nothing here may bind to admm_sparse._C's same-named symbols, or they to these.
-        extra_cflags=["-O2", "-ffp-contract=off", "-fopenmp", "-fvisibility=hidden"],
-        extra_ldflags=["-fopenmp"],
+        extra_cflags=cflags,
+        extra_ldflags=ldflags,
         extra_include_paths=[str(HERE / "include"), str(src)],
         build_directory=str(obj_dir),
         is_python_module=False,

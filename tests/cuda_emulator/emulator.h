@@ -27,6 +27,10 @@
 #if !defined(__x86_64__)
 #include <ucontext.h>
 #endif
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#endif
 
 #include <algorithm>
 #include <cstdint>
@@ -116,6 +120,8 @@ inline void switch_to(Context& from, Context& to) { swapcontext(&from.uc, &to.uc
 
 struct Thread {
   Context context;
+  char* stack;  // its lowest address; kStackBytes long
+  void* fake_stack;  // AddressSanitizer's, while switched away
   uint3 index;
   Wait wait;
   Collective op;
@@ -133,6 +139,9 @@ struct Runtime {
   std::vector<Thread> threads = std::vector<Thread>(kMaxThreads);
   char* stacks = nullptr;  // kMaxThreads stacks, reserved once; pages are touched only as used
   Context scheduler;
+  const void* scheduler_stack = nullptr;  // the scheduler's stack, as AddressSanitizer reports it
+  size_t scheduler_stack_bytes = 0;
+  void* scheduler_fake_stack = nullptr;
   Thread* current = nullptr;
   const std::function<void()>* body = nullptr;
   std::exception_ptr failure;
@@ -154,20 +163,57 @@ inline Runtime& runtime() {
                            "," + std::to_string(block.y) + "," + std::to_string(block.z) + "): " + what);
 }
 
+// AddressSanitizer follows a switch of stacks only when told of it, before and after (build.py's
+// sanitized build; these are no-ops otherwise).
+// fake_stack_save: where the side switching away keeps its fake stack (nullptr when it ends for good).
+inline void before_switch([[maybe_unused]] void** fake_stack_save, [[maybe_unused]] const void* to_stack,
+                          [[maybe_unused]] size_t to_bytes) {
+#if defined(__SANITIZE_ADDRESS__)
+  __sanitizer_start_switch_fiber(fake_stack_save, to_stack, to_bytes);
+#endif
+}
+inline void after_switch([[maybe_unused]] void* fake_stack, [[maybe_unused]] const void** from_stack,
+                         [[maybe_unused]] size_t* from_bytes) {
+#if defined(__SANITIZE_ADDRESS__)
+  __sanitizer_finish_switch_fiber(fake_stack, from_stack, from_bytes);
+#endif
+}
+
+// Scheduler side: runs fiber t until it suspends or exits.
+inline void resume(Runtime& r, Thread& t) {
+  r.current = &t;
+  threadIdx = t.index;
+  before_switch(&r.scheduler_fake_stack, t.stack, kStackBytes);
+  switch_to(r.scheduler, t.context);
+  after_switch(r.scheduler_fake_stack, nullptr, nullptr);
+}
+
+// Fiber side: back to the scheduler, for good if exiting.
+inline void yield_to_scheduler(Runtime& r, Thread& self, bool exiting) {
+  before_switch(exiting ? nullptr : &self.fake_stack, r.scheduler_stack, r.scheduler_stack_bytes);
+  switch_to(self.context, r.scheduler);
+  after_switch(self.fake_stack, &r.scheduler_stack, &r.scheduler_stack_bytes);
+}
+
 // A fiber's whole life: the kernel body for this thread, then back to the scheduler for good.
 [[noreturn]] inline void fiber_main() {
   Runtime& r = runtime();
+  after_switch(nullptr, &r.scheduler_stack, &r.scheduler_stack_bytes);
   try {
     (*r.body)();
   } catch (...) {
     r.failure = std::current_exception();
   }
   r.current->wait = Wait::kExited;
-  switch_to(r.current->context, r.scheduler);
+  yield_to_scheduler(r, *r.current, /*exiting=*/true);
   __builtin_unreachable();
 }
 
 inline void start_fiber(Context& c, char* stack) {
+#if defined(__SANITIZE_ADDRESS__)
+  // A fiber leaves its stack by a switch, never by returning: its frames' redzones are still poisoned.
+  ASAN_UNPOISON_MEMORY_REGION(stack, kStackBytes);
+#endif
 #if defined(__x86_64__)
   // The frame cuda_emulator_switch pops: MXCSR and x87 control words, r15..r12, rbx, rbp, then the return
   // address (fiber_main), above which the stack is aligned as at a function's entry.
@@ -196,7 +242,7 @@ inline void suspend(Wait why) {
   Runtime& r = runtime();
   Thread* self = r.current;
   self->wait = why;
-  switch_to(self->context, r.scheduler);
+  yield_to_scheduler(r, *self, /*exiting=*/false);
 }
 
 inline void order_for(std::vector<int>& order, std::mt19937_64& rng) {
@@ -216,9 +262,7 @@ inline void run_warp(Runtime& r, int first, int count, const char* kernel, std::
     for (int l : order) {
       Thread& t = lanes[l];
       if (t.wait != Wait::kRunnable) continue;
-      r.current = &t;
-      threadIdx = t.index;
-      switch_to(r.scheduler, t.context);
+      resume(r, t);
       if (r.failure) std::rethrow_exception(std::exchange(r.failure, nullptr));
     }
     int waiting = 0;
@@ -252,7 +296,8 @@ inline void run_block(Runtime& r, const char* kernel, const dim3& block, std::mt
     Thread& t = r.threads[i];
     t.index = {i % block.x, (i / block.x) % block.y, i / (block.x * block.y)};
     t.wait = Wait::kRunnable;
-    start_fiber(t.context, r.stacks + size_t(i) * kStackBytes);
+    t.stack = r.stacks + size_t(i) * kStackBytes;
+    start_fiber(t.context, t.stack);
   }
   std::vector<int> warps((n + 31) / 32);
   for (;;) {  // one phase between two barriers per pass

@@ -3,7 +3,7 @@
 // frame there. Everything else a call may clobber, the C++ caller already assumes clobbered.
 #if defined(__x86_64__)
 asm(R"(
-    .text
+    .pushsection .text
     .globl cuda_emulator_switch
     .hidden cuda_emulator_switch
     .type cuda_emulator_switch, @function
@@ -30,6 +30,6 @@ cuda_emulator_switch:
     popq %rbp
     ret
     .size cuda_emulator_switch, .-cuda_emulator_switch
-    .section .note.GNU-stack,"",@progbits
+    .popsection
 )");
 #endif

@@ -57,6 +57,11 @@ __global__ void unwritten_shared_kernel(float* out) {
   out[threadIdx.x] = never_written[threadIdx.x];
 }
 
+// Reads one block past the end of its input (a read, so that a run without the sanitizer corrupts nothing).
+__global__ void read_past_end_kernel(const float* in, float* out, int64_t n) {
+  out[threadIdx.x] = in[n + threadIdx.x];
+}
+
 // Declared for at most 128 threads per block.
 __global__ void __launch_bounds__(128) bounded_kernel(float* out) { out[threadIdx.x] = 1.0f; }
 
@@ -78,6 +83,8 @@ at::Tensor selftest(c10::string_view kernel, const at::Tensor& input) {
     divergent_ballot_kernel<<<1, kBlock>>>(out.data_ptr<float>());
   } else if (name == "empty_grid") {
     rotate_kernel<<<0, kBlock>>>(in.data_ptr<float>(), out.data_ptr<float>(), true);
+  } else if (name == "read_past_end") {
+    read_past_end_kernel<<<1, kBlock>>>(in.data_ptr<float>(), out.data_ptr<float>(), n);
   } else if (name == "unwritten_shared") {
     unwritten_shared_kernel<<<1, kBlock>>>(out.data_ptr<float>());
   } else if (name == "over_launch_bounds") {
