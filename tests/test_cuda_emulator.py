@@ -161,5 +161,10 @@ def test_source_rewrites():
         "  long long (&sums)[kBlock / 32] = ::cuda_emulator::shared_array<long long[kBlock / 32], __COUNTER__>();")
     with pytest.raises(RuntimeError, match="__shared__ declaration"):
         emulator.rewrite_shared("__shared__ float total;", "example")
-    with pytest.raises(RuntimeError, match="no longer fits"):
-        emulator.substitute("int x;", "at::empty(", "y", "example")
+    assert emulator.rewrite_registrations("TORCH_LIBRARY_IMPL(admm_sparse, CUDA, m) {}", "example") == (
+        "TORCH_LIBRARY_IMPL(admm_sparse_emulated, CPU, m) {}")
+    assert emulator.rewrite_registrations("TORCH_LIBRARY(admm_sparse, m) {}", "example") == (
+        "TORCH_LIBRARY(admm_sparse_emulated, m) {}")
+    for unknown in ("TORCH_LIBRARY_IMPL(admm_sparse,CUDA, m) {}", "TORCH_LIBRARY_IMPL( admm_sparse, CPU, m) {}"):
+        with pytest.raises(RuntimeError, match="op registration"):
+            emulator.rewrite_registrations(unknown, "example")

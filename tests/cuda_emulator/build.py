@@ -1,7 +1,7 @@
 """Builds csrc's CUDA kernels for the CPU emulator of emulator.h, as the op namespace admm_sparse_emulated.
 
-The sources are copied and rewritten mechanically (each rewrite must match, so a change in csrc that one
-no longer fits fails loudly instead of testing something else):
+The sources are copied and rewritten mechanically (checked after rewriting, so that a change in csrc the
+rewrite no longer fits fails loudly instead of testing something else):
   - `kernel<<<grid, block, smem, stream>>>(args)` -> `::cuda_emulator::launch("kernel", {bound}, [&] {
     kernel(args); }, grid, block, smem, stream)`, bound being the kernel's __launch_bounds__ (0 if none),
     which a launch with more threads per block fails, as on a GPU;
@@ -29,6 +29,7 @@ from torch.utils import cpp_extension
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 NAMESPACE = "admm_sparse_emulated"
+SANITIZE_ENV = "CUDA_EMULATOR_SANITIZE"
 
 LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[^<>;]*>)?)<<<(.*?)>>>\(", re.S)
 SHARED = re.compile(r"__shared__\s+([A-Za-z_][\w:]*(?:\s+[A-Za-z_][\w:]*)*?)\s+(\w+)\[([^\]]+)\];")
@@ -73,30 +74,22 @@ def rewrite_shared(text: str, origin: str) -> str:
     return result
 
 
-def substitute(text: str, old: str, new: str, origin: str) -> str:
-    if old not in text:
-        raise RuntimeError(f"{origin}: expected {old!r}; the emulator's rewrite no longer fits this source")
-    return text.replace(old, new)
+def rewrite_registrations(text: str, origin: str) -> str:
+    """The op library renamed, and the CUDA kernels registered for the CPU key."""
+    text = text.replace("TORCH_LIBRARY_IMPL(admm_sparse, CUDA,", f"TORCH_LIBRARY_IMPL({NAMESPACE}, CPU,")
+    text = re.sub(r"\b(TORCH_LIBRARY(?:_IMPL|_FRAGMENT)?)\(admm_sparse,", rf"\1({NAMESPACE},", text)
+    if re.search(r"TORCH_LIBRARY\w*\(\s*admm_sparse\b", text) or re.search(r"TORCH_LIBRARY_IMPL\([^)]*\bCUDA\b", text):
+        raise RuntimeError(f"{origin}: an op registration the emulator's rewrite does not understand")
+    return text
 
 
 def rewrite(path: Path, bounds: dict[str, str]) -> str:
-    text = path.read_text()
-    origin = str(path.relative_to(REPO))
-    if "TORCH_LIBRARY(admm_sparse," in text:
-        text = substitute(text, "TORCH_LIBRARY(admm_sparse,", f"TORCH_LIBRARY({NAMESPACE},", origin)
-    if "TORCH_LIBRARY_IMPL(admm_sparse, CompositeExplicitAutograd," in text:
-        text = substitute(text, "TORCH_LIBRARY_IMPL(admm_sparse, CompositeExplicitAutograd,",
-                          f"TORCH_LIBRARY_IMPL({NAMESPACE}, CompositeExplicitAutograd,", origin)
+    text = rewrite_registrations(path.read_text(), str(path))
     if path.suffix in (".cu", ".cuh"):
-        if "TORCH_LIBRARY_IMPL" in text:
-            text = substitute(text, "TORCH_LIBRARY_IMPL(admm_sparse, CUDA,", f"TORCH_LIBRARY_IMPL({NAMESPACE}, CPU,", origin)
-        if "<<<" in text:
-            text = rewrite_launches(text, origin, bounds)
-        text = rewrite_shared(text, origin)
-        if ".is_cuda()" in text:
-            text = substitute(text, ".is_cuda()", ".is_cpu()", origin)
-        if "at::empty(" in text:
-            text = substitute(text, "at::empty(", "::cuda_emulator::uninitialised(", origin)
+        text = rewrite_shared(rewrite_launches(text, str(path), bounds), str(path))
+        # Their device checks accept the CPU tensors that stand in for CUDA ones; their fresh tensors
+        # start as garbage, as device memory does.
+        text = text.replace(".is_cuda()", ".is_cpu()").replace("at::empty(", "::cuda_emulator::uninitialised(")
     return text
 
 
@@ -105,8 +98,6 @@ def write_if_changed(path: Path, text: str) -> None:
     if not path.exists() or path.read_text() != text:
         path.write_text(text)
 
-
-SANITIZE_ENV = "CUDA_EMULATOR_SANITIZE"
 
 
 def load():
