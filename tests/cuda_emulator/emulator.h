@@ -1,12 +1,12 @@
 // A CPU emulator of the CUDA execution model, so that csrc/cuda's kernels run (and are tested) on machines
 // without a GPU. build.py compiles the CUDA sources as C++ against this header and the shim headers in
 // include/ (cuda_runtime.h, c10/cuda/*), after rewriting each `kernel<<<grid, block, smem, stream>>>(args)`
-// into `cuda_emulator::launch("kernel", [&] { kernel(args); }, grid, block, smem, stream)`.
+// into `cuda_emulator::launch("kernel", {bound}, [&] { kernel(args); }, grid, block, smem, stream)`.
 //
 // Every thread of a block is a fiber on one OS thread (switched by fiber.cpp's few instructions on x86-64,
-// by ucontext elsewhere); blocks run one after another. A fiber runs
-// until it reaches __syncthreads or a warp collective, so the emulation is strict where the hardware is
-// forgiving, and reports as errors what would be undefined behaviour on a GPU:
+// by ucontext elsewhere); blocks run one after another. A fiber runs until it reaches __syncthreads or a
+// warp collective, so the emulation is strict where the hardware is forgiving, and reports as errors what
+// would be undefined behaviour on a GPU:
 //   - __syncthreads must be reached by every thread of the block (none may have exited, none may be
 //     waiting in a warp collective instead);
 //   - a full-mask warp collective (__ballot_sync, __shfl_up_sync) must be reached by all 32 lanes of the
@@ -14,9 +14,9 @@
 //   - launch configurations outside CUDA's limits, or with more threads per block than the kernel's
 //     __launch_bounds__, do not run and leave the error a GPU gives for cudaGetLastError.
 // Warps run one at a time, each until all its lanes wait at __syncthreads or have exited; blocks, warps and
-// lanes run in an order set by configure(): index order, reverse order, or random permutations. Shared
-// memory read without the barrier that orders it after another thread's write then gives results that
-// depend on that order, which the tests compare against the CPU kernels under several orders.
+// lanes run in an order set by the configuration op (control.cpp): index order, reverse order, or random
+// permutations. Shared memory read without the barrier that orders it after another thread's write then
+// gives results that depend on that order, which the tests compare against the CPU kernels.
 // Memory from at::empty in the kernels' host code is filled with 0xff bytes (NaN, -1, or an invalid bool),
 // as device memory is never zeroed: an output element a kernel forgets to write shows up. So is every
 // block's shared memory (build.py turns each __shared__ array into one the emulator can reach).
