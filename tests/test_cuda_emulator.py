@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from cuda_emulator import build as emulator
+from test_cuda import tied_values
 
 from admm_sparse import _ops
 from admm_sparse import reference as ref
@@ -74,21 +75,16 @@ def test_undefined_behaviour_is_an_error(ops, kernel, message):
     assert torch.equal(ops.emulator_selftest("rotate", x), rotated(x))
 
 
-def tied(shape, seed, levels=3):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(-levels, levels + 1, shape, generator=g).float() * 0.5
-
-
 @pytest.mark.parametrize("multiprocessors", [1, 3, 132])  # 132: an H100's or H200's
 @pytest.mark.parametrize("schedule", [1, 2026])
 def test_cuda_kernels_under_other_grids_and_orders(ops, multiprocessors, schedule):
     ops.emulator_configure(multiprocessors, schedule)
     g = torch.Generator().manual_seed(multiprocessors + schedule)
-    for v in (torch.randn(300_001, generator=g), tied((1100, 300), schedule)):
+    for v in (torch.randn(300_001, generator=g), tied_values((1100, 300), schedule, levels=3)):
         n = v.numel()
         for k in (1, n // 3, n - 1):
             assert torch.equal(ops.prune_mask(v, k), ref.prune_mask(v, k)), (v.shape, k)
-    v = tied((70, 1100), schedule + 1)
+    v = tied_values((70, 1100), schedule + 1, levels=3)
     assert torch.equal(ops.prune_mask_rows(v, 400), ref.prune_mask_rows(v, 400))
     assert torch.equal(ops.prune_mask_nm(v[:, :1096], 2, 8), ref.prune_mask_nm(v[:, :1096], 2, 8))
     x = torch.randn(200, 96, generator=g)
