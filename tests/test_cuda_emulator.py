@@ -4,8 +4,8 @@ First that it catches what it is there to catch (a missing barrier, divergent ba
 collectives, launch configurations a GPU refuses, shared memory read before it is written) and emulates
 warp collectives as CUDA defines them; then csrc/cuda's kernels under other grid sizes (the multiprocessor
 count sizes the select's grid) and other thread and block orders than test_cuda.py's default; then all
-the emulated CUDA tests again under AddressSanitizer (out-of-bounds accesses); and the source rewrites
-the build relies on.
+the emulated CUDA tests again under AddressSanitizer (out-of-bounds accesses), and some with the fallback
+fiber switch; and the source rewrites the build relies on.
 """
 import os
 import subprocess
@@ -107,17 +107,30 @@ def test_select_with_more_blocks_than_scan_threads(ops):
         assert torch.equal(ops.prune_mask(v, k), ref.prune_mask(v, k)), k
 
 
+def variant_environment(**variables):
+    """The environment of a process that runs one of build.py's variant builds (one per process)."""
+    if os.environ.get(emulator.SANITIZE_ENV) or os.environ.get(emulator.FIBERS_ENV):
+        pytest.skip("this process is itself a variant's run")
+    return dict(os.environ, **variables)
+
+
 def sanitized_environment():
-    """The environment of a process that runs the AddressSanitizer build (see cuda_emulator/build.py)."""
-    if os.environ.get(emulator.SANITIZE_ENV):
-        pytest.skip("this process is the sanitized run")
+    """... for the AddressSanitizer build."""
     # libstdc++ too: preloaded alone into python, libasan cannot forward C++ throws (TORCH_CHECK's errors).
     libs = [subprocess.run(["gcc", f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
             for name in ("libasan.so", "libstdc++.so")]
     if not all(os.path.isabs(lib) for lib in libs):
         pytest.skip("gcc's AddressSanitizer runtime is not installed")
-    return dict(os.environ, LD_PRELOAD=" ".join(libs), ASAN_OPTIONS="detect_leaks=0",
-                **{emulator.SANITIZE_ENV: "address"})
+    return variant_environment(LD_PRELOAD=" ".join(libs), ASAN_OPTIONS="detect_leaks=0",
+                               **{emulator.SANITIZE_ENV: "address"})
+
+
+def run_tests(env, *test_files, select=None):
+    files = [str(Path(__file__).parent / name) for name in test_files]
+    options = ["-k", select] if select else []
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *options, *files], env=env,
+                          cwd=emulator.REPO, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
 
 
 def test_address_sanitizer_catches_a_read_past_the_end():
@@ -132,11 +145,15 @@ def test_address_sanitizer_catches_a_read_past_the_end():
 def test_cuda_kernels_under_address_sanitizer():
     # Every emulated CUDA test again, in a process where any read or write outside a tensor, a stack or a
     # shared array stops the run (on a GPU: an illegal memory access, or silently wrong data).
-    tests = [str(Path(__file__).parent / name) for name in ("test_cuda.py", "test_cuda_emulator.py")]
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
-                          env=sanitized_environment(), cwd=emulator.REPO, capture_output=True, text=True,
-                          timeout=1800)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    run_tests(sanitized_environment(), "test_cuda.py", "test_cuda_emulator.py")
+
+
+def test_ucontext_fibers():
+    # The fallback stack switch, which hosts other than x86-64 (an ARM GPU server, say) run: the tests of
+    # the emulator's own semantics (barriers, warp collectives, errors, shared memory) with it, and the
+    # CUDA kernels on a few inputs. Its switches cost ~7x the assembly ones, so not the large-input tests.
+    run_tests(variant_environment(**{emulator.FIBERS_ENV: "ucontext"}), "test_cuda_emulator.py", "test_cuda.py",
+              select="(emulator.py and not grids and not more_blocks) or (emulated and ties_break)")
 
 
 def test_source_rewrites():

@@ -13,9 +13,13 @@ rewrite no longer fits fails loudly instead of testing something else):
     emulator's 0xff-filled one.
 Everything else is csrc's code as it is, compiled by the host compiler with the emulator's headers first.
 
-With CUDA_EMULATOR_SANITIZE=address in the environment, load() builds and loads an AddressSanitizer build
-instead (the process must run with libasan preloaded; see test_cuda_emulator.py): a kernel's read or write
-outside a tensor then stops the run with a report, where on a GPU it would be an illegal memory access.
+Variants, chosen by the environment (each in its own build folder; one per process, as they register the
+same ops):
+  - CUDA_EMULATOR_SANITIZE=address: an AddressSanitizer build (the process must run with libasan
+    preloaded; see test_cuda_emulator.py): a kernel's read or write outside a tensor then stops the run
+    with a report, where on a GPU it would be an illegal memory access;
+  - CUDA_EMULATOR_FIBERS=ucontext: glibc's ucontext switches the fibers, as off x86-64, instead of
+    fiber.cpp's stack switch.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 NAMESPACE = "admm_sparse_emulated"
 SANITIZE_ENV = "CUDA_EMULATOR_SANITIZE"
+FIBERS_ENV = "CUDA_EMULATOR_FIBERS"
 
 LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[^<>;]*>)?)<<<(.*?)>>>\(", re.S)
 SHARED = re.compile(r"__shared__\s+([A-Za-z_][\w:]*(?:\s+[A-Za-z_][\w:]*)*?)\s+(\w+)\[([^\]]+)\];")
@@ -105,7 +110,11 @@ def load():
     sanitize = os.environ.get(SANITIZE_ENV, "")
     if sanitize not in ("", "address"):
         raise RuntimeError(f"{SANITIZE_ENV}={sanitize!r}: the emulator's sanitized build supports 'address' only")
-    build_root = REPO / "build" / ("cuda_emulator_asan" if sanitize else "cuda_emulator")
+    fibers = os.environ.get(FIBERS_ENV, "")
+    if fibers not in ("", "ucontext"):
+        raise RuntimeError(f"{FIBERS_ENV}={fibers!r}: leave it unset, or 'ucontext'")
+    variant = ("_asan" if sanitize else "") + ("_ucontext" if fibers else "")
+    build_root = REPO / "build" / ("cuda_emulator" + variant)
     src = build_root / "csrc"
     sources = []
     cuda_files = sorted((REPO / "csrc" / "cuda").glob("*.cu*")) + [HERE / "selftest.cu"]
@@ -137,8 +146,10 @@ def load():
         ldflags += ["-fsanitize=address"]
     else:
         cflags += ["-O2"]
+    if fibers:
+        cflags += ["-DCUDA_EMULATOR_UCONTEXT"]
     cpp_extension.load(
-        name="admm_sparse_cuda_emulated" + ("_asan" if sanitize else ""),
+        name="admm_sparse_cuda_emulated" + variant,
         sources=sources,
         extra_cflags=cflags,
         extra_ldflags=ldflags,

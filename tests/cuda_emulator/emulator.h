@@ -22,9 +22,15 @@
 // block's shared memory (build.py turns each __shared__ array into one the emulator can reach).
 #pragma once
 
+// The stack switch: fiber.cpp's on x86-64; glibc's ucontext elsewhere, or where build.py asks for it
+// (CUDA_EMULATOR_FIBERS=ucontext, which is how the tests run the fallback on x86-64 too).
+#if defined(__x86_64__) && !defined(CUDA_EMULATOR_UCONTEXT)
+#define CUDA_EMULATOR_ASM_SWITCH 1
+#endif
+
 #include <ATen/ATen.h>
 #include <sys/mman.h>
-#if !defined(__x86_64__)
+#if !defined(CUDA_EMULATOR_ASM_SWITCH)
 #include <ucontext.h>
 #endif
 #if defined(__SANITIZE_ADDRESS__)
@@ -105,7 +111,7 @@ enum class Collective : uint8_t { kBallot, kShflUp };
 
 // Stack switching. x86-64: save the callee-saved registers on this stack, store its pointer, load the other
 // (fiber.cpp; glibc's swapcontext would also make a signal-mask system call on every switch).
-#if defined(__x86_64__)
+#if defined(CUDA_EMULATOR_ASM_SWITCH)
 extern "C" void cuda_emulator_switch(void** save_sp, void* load_sp);
 struct Context {
   void* sp = nullptr;
@@ -214,7 +220,7 @@ inline void start_fiber(Context& c, char* stack) {
   // A fiber leaves its stack by a switch, never by returning: its frames' redzones are still poisoned.
   ASAN_UNPOISON_MEMORY_REGION(stack, kStackBytes);
 #endif
-#if defined(__x86_64__)
+#if defined(CUDA_EMULATOR_ASM_SWITCH)
   // The frame cuda_emulator_switch pops: MXCSR and x87 control words, r15..r12, rbx, rbp, then the return
   // address (fiber_main), above which the stack is aligned as at a function's entry.
   auto* top = reinterpret_cast<uint64_t*>(stack + kStackBytes);

@@ -1,7 +1,9 @@
 // The emulator's stack switch on x86-64 (see emulator.h): pushes the callee-saved registers and the SSE/x87
 // control words, stores the stack pointer in *save_sp (rdi), switches to load_sp (rsi) and pops the same
 // frame there. Everything else a call may clobber, the C++ caller already assumes clobbered.
-#if defined(__x86_64__)
+#include "emulator.h"  // CUDA_EMULATOR_ASM_SWITCH
+
+#if defined(CUDA_EMULATOR_ASM_SWITCH)
 asm(R"(
     .pushsection .text
     .globl cuda_emulator_switch
