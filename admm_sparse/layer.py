@@ -202,8 +202,10 @@ class AdmmPruner:
     def __init__(self, layer: nn.Module, **options):
         self.allow_tf32 = check_options(options)["allow_tf32"]  # for add_batch's statistics GEMMs
         self.options = options
-        if not isinstance(layer, nn.Linear):
-            raise TypeError(f"AdmmPruner prunes nn.Linear modules only, got {type(layer).__name__}")
+        weight = getattr(layer, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
+            raise TypeError(f"AdmmPruner prunes an nn.Linear (or any layer whose .weight is a floating "
+                            f"[out_features, in_features] matrix), got {type(layer).__name__}")
         if layer.weight.numel() == 0:
             raise ValueError(f"cannot prune an empty layer of shape {tuple(layer.weight.shape)}")
         _check_finite(layer.weight.detach(), "the layer's weight")
@@ -214,6 +216,15 @@ class AdmmPruner:
         self.scaler = torch.zeros(self.columns, dtype=torch.float32, device=dev)
         self.nsamples = 0  # sequences seen (SPEC §1's n)
         self.tokens = 0
+
+    def share_statistics(self, leader: "AdmmPruner") -> None:
+        """Take the statistics `leader` accumulated as this layer's own (same Hessian tensor, no copy): layers
+        that read the same inputs (q/k/v, gate/up) need them accumulated only once. Call after the last
+        leader.add_batch."""
+        if leader.columns != self.columns:
+            raise ValueError(f"cannot share statistics of a layer with {leader.columns} inputs with one of "
+                             f"{self.columns}")
+        self.H, self.scaler, self.nsamples, self.tokens = leader.H, leader.scaler, leader.nsamples, leader.tokens
 
     def add_batch(self, inp: torch.Tensor) -> None:
         if self.H is None:

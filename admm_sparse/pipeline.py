@@ -1,11 +1,14 @@
 """Block-by-block float_sparse pruning of a whole model (SPEC §4).
 
-Decoder models (anything with a stack of repeated blocks: LLaMA, Qwen2, Mistral, Gemma, OPT, ...):
-1. capture block 0's inputs for every calibration batch, with the keyword arguments the model passes
-   its blocks (attention mask, position ids / embeddings), by running the model up to block 0;
-2. for each block: move it to the compute device, hook its selected nn.Linear layers, run the batches,
-   prune those layers, run the block again with the pruned weights to make the next block's inputs,
-   move it back. Only one block is on the compute device at a time.
+Decoder models (anything with a stack of decoder blocks: LLaMA, Qwen, Mistral, Gemma, Phi-3, OPT, GPT-2,
+Mixtral, Qwen3-MoE, DeepSeek-V3, ...):
+1. capture block 0's inputs for every calibration batch, and the keyword arguments the model passes each
+   block (attention masks, position ids / embeddings: they differ between sliding-window and global
+   blocks), by running the model with recorders in place of the blocks;
+2. for each block: move it to the compute device, hook its selected layers (admm_sparse.targets: Linears,
+   Conv1Ds, experts of fused MoE parameters), run the batches, prune those layers, run the block again
+   with the pruned weights to make the next block's inputs, move it back. Only one block is on the
+   compute device at a time.
 Models without a block stack fall back to collecting every selected layer in one pass of the whole model.
 """
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import inspect
 import time
 import warnings
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import torch
@@ -21,11 +25,13 @@ from tqdm.auto import tqdm
 
 from .config import FloatSparseConfig
 from .layer import AdmmPruner, parse_mask_structure
-from .select import select_linears
+from .select import select_targets
+from .targets import Target, feeding, find_targets, is_conv1d, is_fused_experts, routers
 
-# make_pruner(name, layer) -> object with add_batch(inp), fasterprune(sparse_ratio) -> report, free().
+# make_pruner(name, target) -> object with add_batch(inp), fasterprune(sparse_ratio) -> report, free(); the
+# target's .weight is the layer's [out, in] weight (a view into the model: write the result into .data).
 # The report needs at least sparsity, relative_error and seconds (a dataclass, an object or a dict).
-PrunerFactory = Callable[[str, nn.Linear], Any]
+PrunerFactory = Callable[[str, Target], Any]
 
 
 def admm_pruner_factory(config: FloatSparseConfig) -> PrunerFactory:
@@ -36,29 +42,65 @@ def admm_pruner_factory(config: FloatSparseConfig) -> PrunerFactory:
 
 # ---------------------------------------------------------------- which layers
 
-def find_block_stack(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
-    """(full name, ModuleList) of the model's stack of repeated blocks, or None.
+def _has_targets(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.Linear) or is_conv1d(m) or is_fused_experts(m) for m in module.modules())
 
-    The stack is the nn.ModuleList whose children all share one class and contain nn.Linear layers;
-    if several qualify (an encoder and a decoder, experts inside blocks), the one with most parameters.
-    """
-    best = None
+
+def block_stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    """Candidate block stacks: every nn.ModuleList of modules holding prunable layers that is not inside
+    another such list (so an MoE block's list of experts is not a stack), in model order."""
+    found: list[tuple[str, nn.ModuleList]] = []
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
             continue
-        if len({type(b) for b in module}) != 1 or isinstance(module[0], nn.Linear):
+        if any(isinstance(b, nn.Linear) or is_conv1d(b) for b in module) or not all(_has_targets(b) for b in module):
             continue
-        if not any(isinstance(m, nn.Linear) for m in module[0].modules()):
+        if any(name.startswith(f"{outer}.") for outer, _ in found):
             continue
-        size = sum(p.numel() for p in module.parameters())
-        if best is None or size > best[0]:
-            best = (size, name, module)
-    return None if best is None else (best[1], best[2])
+        found.append((name, module))
+    return found
 
 
-def candidate_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def _decoder_prefix(model: nn.Module) -> str | None:
+    """Full name of the module that model.get_decoder() returns (the language model's decoder in multimodal
+    wrappers), or None when the model has no such method or it returns the model itself."""
+    get = getattr(model, "get_decoder", None)
+    try:
+        decoder = get() if callable(get) else None
+    except Exception:  # noqa: BLE001 - models implement it loosely; without it we fall back to size
+        return None
+    if decoder is None or decoder is model:
+        return None
+    return next((name for name, m in model.named_modules() if m is decoder), None)
+
+
+def find_block_stack(model: nn.Module, name: str | None = None) -> tuple[str, nn.ModuleList] | None:
+    """(full name, ModuleList) of the model's stack of decoder blocks, or None.
+
+    name: the stack's full name, given by the user (--blocks). Otherwise the candidate inside the language
+    model's decoder (get_decoder()) when there is one, else the largest candidate by parameters: a vision
+    tower beside the language model is never picked over it. Blocks may be of several kinds (dense and MoE,
+    sliding-window and global attention).
+    """
+    stacks = block_stacks(model)
+    if name is not None:
+        match = [s for s in stacks if s[0] == name]
+        if not match:
+            listed = ", ".join(repr(n) for n, _ in stacks) or "none"
+            raise ValueError(f"--blocks {name!r} is not a stack of blocks with prunable layers in this model; "
+                             f"the candidates are: {listed}")
+        return match[0]
+    decoder = _decoder_prefix(model)
+    if decoder is not None:
+        inside = [s for s in stacks if decoder == "" or s[0].startswith(f"{decoder}.")]
+        stacks = inside or stacks
+    if not stacks:
+        return None
+    return max(stacks, key=lambda s: sum(p.numel() for p in s[1].parameters()))
+
+
+def candidate_modules(model: nn.Module, stack: tuple[str, nn.ModuleList] | None = None) -> list[tuple[str, nn.Module]]:
     """Modules that may be pruned: those inside the block stack; without one, all but the output embedding."""
-    stack = find_block_stack(model)
     if stack is not None:
         prefix = stack[0] + "."
         return [(n, m) for n, m in model.named_modules() if n.startswith(prefix)]
@@ -66,36 +108,87 @@ def candidate_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if m is not head]
 
 
-def plan(model: nn.Module, config: FloatSparseConfig) -> dict[str, nn.Linear]:
-    """The nn.Linear layers the config selects, by full name, in model order (warns about unused patterns).
-    An "N:M" mask_structure leaves out, with a warning, layers whose in_features M does not divide."""
-    selected = select_linears(candidate_modules(model), config.include, config.exclude)
+@dataclass
+class Plan:
+    """What a config prunes in a model, and what it leaves alone on purpose."""
+
+    stack: tuple[str, nn.ModuleList] | None
+    targets: dict[str, Target]  # selected, by name, in model order
+    routers: list[str]  # MoE routers: never pruned
+    tied: dict[str, str]  # layer -> why it is left as it is (its weight is shared)
+
+
+def make_plan(model: nn.Module, config: FloatSparseConfig, blocks: str | None = None) -> Plan:
+    """Select the prunable layers (admm_sparse.targets) the config names, inside the block stack.
+
+    Left out: MoE routers (a pruned router changes which experts run; they are not nn.Linear in most
+    transformers 5 models anyway, and are excluded where they are); a layer whose weight is shared with a
+    module that is not selected (pruning it would change that module too); a weight shared by several
+    selected layers is pruned once, at its first use. An "N:M" mask_structure leaves out, with a warning,
+    layers whose in_features M does not divide."""
+    stack = find_block_stack(model, blocks)
+    modules = candidate_modules(model, stack)
+    router_names = routers(modules)
+    targets = [t for t in find_targets(modules) if not any(t.name == r or t.name.startswith(f"{r}.")
+                                                          for r in router_names)]
+    selected = select_targets(targets, config.include, config.exclude)
+    owners: dict[int, list[str]] = {}
+    for pname, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(pname)
+    selected_params = {t.param_name for t in selected.values()}
+    tied, claimed = {}, {}
+    for name, target in list(selected.items()):
+        names = owners.get(id(target.parameter), [target.param_name])
+        if len(names) == 1:
+            continue
+        outside = [n for n in names if n not in selected_params]
+        first = claimed.setdefault(id(target.parameter), name)
+        if outside:
+            tied[name] = f"its weight is shared with {outside[0]}, which is not pruned"
+        elif first != name:
+            tied[name] = f"its weight is {first}'s (tied), pruned there once"
+        if name in tied:
+            del selected[name]
+    if tied:
+        warnings.warn("left as they are, their weights being shared: "
+                      + "; ".join(f"{n}: {why}" for n, why in tied.items()), stacklevel=2)
     kind, _, m = parse_mask_structure(config.mask_structure)
-    misfits = [name for name, layer in selected.items() if kind == "N:M" and layer.in_features % m]
+    misfits = [name for name, t in selected.items() if kind == "N:M" and t.shape[1] % m]
     if misfits:
         warnings.warn(f"mask_structure {config.mask_structure!r} needs in_features divisible by {m}; left dense: "
                       f"{misfits}", stacklevel=2)
-    return {name: layer for name, layer in selected.items() if name not in misfits}
+    selected = {name: t for name, t in selected.items() if name not in misfits}
+    return Plan(stack, selected, router_names, tied)
+
+
+def plan(model: nn.Module, config: FloatSparseConfig, blocks: str | None = None) -> dict[str, Target]:
+    """The layers the config selects, by full name, in model order (see make_plan)."""
+    return make_plan(model, config, blocks).targets
 
 
 # ---------------------------------------------------------------- calibration plumbing
 
 class _StopForward(Exception):
-    """Raised by the catcher once block 0's inputs are recorded: the rest of the model need not run."""
+    """Raised by the last recorder: the rest of the model need not run."""
 
 
-class _Catcher(nn.Module):
-    """Stands in for block 0 and records what the model passes it."""
+class _Recorder(nn.Module):
+    """Stands in for block i while the model runs: records what the model passes it and returns the hidden
+    states unchanged, so that the model goes on to call the next block with that block's own arguments
+    (masks and position embeddings differ between sliding-window and global blocks)."""
 
-    def __init__(self, block: nn.Module, records: list):
+    def __init__(self, block: nn.Module, records: list, last: bool):
         super().__init__()
         # Kept out of the module tree so that moving the model does not move the block.
         self.__dict__["_block"] = block
         self.__dict__["_records"] = records
+        self.__dict__["_last"] = last
 
     def forward(self, *args, **kwargs):
         self._records.append((args, kwargs))
-        raise _StopForward
+        if self._last:
+            raise _StopForward
+        return args[0] if args else kwargs["hidden_states"]
 
     def __getattr__(self, name):
         # Models read block attributes while looping (e.g. attention_type for sliding-window masks).
@@ -110,23 +203,34 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent_name) if parent_name else model), attr
 
 
-def _share_equal(kwargs: dict, first: dict) -> dict:
-    # Masks and position embeddings are usually the same for every batch; keep one copy of each.
-    out = {}
-    for key, value in kwargs.items():
-        ref = first.get(key)
-        same = (isinstance(value, torch.Tensor) and isinstance(ref, torch.Tensor) and value.shape == ref.shape
-                and value.dtype == ref.dtype and torch.equal(value, ref))
-        out[key] = ref if same else value
-    return out
+class _Interner:
+    """Keeps one copy of equal values: masks and position embeddings repeat across batches and blocks."""
+
+    def __init__(self):
+        self.seen: list[torch.Tensor] = []
+
+    def __call__(self, value):
+        if isinstance(value, (tuple, list)):
+            return type(value)(self(v) for v in value)
+        if not isinstance(value, torch.Tensor):
+            return value
+        for ref in self.seen:
+            if ref.shape == value.shape and ref.dtype == value.dtype and ref.device == value.device \
+                    and torch.equal(ref, value):
+                return ref
+        self.seen.append(value)
+        return value
 
 
-def _capture_block_inputs(model, stack_name, blocks, batches, device) -> tuple[list, list]:
-    """Hidden states and (extra args, kwargs) that block 0 receives for each batch, on `device`."""
-    records: list = []
+def _capture_block_inputs(model, stack_name, blocks, batches, device, count) -> tuple[list, list]:
+    """Block 0's hidden states for each batch, and for each of the first `count` blocks the (extra args,
+    kwargs) the model passes it for each batch, on `device`. The model runs with recorders in place of the
+    blocks: the embeddings and whatever else precedes the stack run, the blocks do not."""
+    records: list[list] = [[] for _ in range(count)]
     parent, attr = _parent(model, stack_name)
     home = next(model.parameters()).device
-    setattr(parent, attr, nn.ModuleList([_Catcher(blocks[0], records)]))
+    setattr(parent, attr, nn.ModuleList([_Recorder(blocks[i], records[i], i == count - 1) if i < count
+                                         else blocks[i] for i in range(len(blocks))]))
     try:
         model.to(device)  # moves everything but the blocks
         for batch in batches:
@@ -137,20 +241,24 @@ def _capture_block_inputs(model, stack_name, blocks, batches, device) -> tuple[l
     finally:
         setattr(parent, attr, blocks)
         model.to(home)
-    if len(records) != len(batches):
-        raise RuntimeError(f"the model did not call its block stack '{stack_name}' for every batch; "
+    if any(len(r) != len(batches) for r in records):
+        raise RuntimeError(f"the model did not call each block of its stack '{stack_name}' once per batch; "
                            "this model is not supported by the block-by-block pipeline")
+    intern = _Interner()
     hidden, extras = [], []
-    for args, kwargs in records:
-        if args:
-            h, args = args[0], args[1:]
-        else:
-            kwargs = dict(kwargs)
-            h = kwargs.pop("hidden_states")
-        if "use_cache" in kwargs:
-            kwargs = {**kwargs, "use_cache": False}
-        hidden.append(h)
-        extras.append((args, _share_equal(kwargs, extras[0][1]) if extras else kwargs))
+    for i, block_records in enumerate(records):
+        extras.append([])
+        for args, kwargs in block_records:
+            if args:
+                h, args = args[0], args[1:]
+            else:
+                kwargs = dict(kwargs)
+                h = kwargs.pop("hidden_states")
+            if "use_cache" in kwargs:
+                kwargs = {**kwargs, "use_cache": False}
+            if i == 0:
+                hidden.append(h)
+            extras[i].append((intern(args), {k: intern(v) for k, v in kwargs.items()}))
     return hidden, extras
 
 
@@ -170,13 +278,6 @@ def _run_block(block, hidden, extras) -> list[torch.Tensor]:
     return outs
 
 
-def _hook(pruner, calls: dict, name: str):
-    def collect(module, args, kwargs, output):
-        pruner.add_batch((args[0] if args else kwargs["input"]).detach())
-        calls[name] += 1
-    return collect
-
-
 def _report_dict(report) -> dict:
     if isinstance(report, dict):
         return dict(report)
@@ -185,29 +286,70 @@ def _report_dict(report) -> dict:
     return {k: v for k, v in vars(report).items() if not k.startswith("_")}
 
 
-def _prune_layers(layers: dict[str, nn.Linear], run: Callable[[], Any], make_pruner: PrunerFactory,
-                  sparse_ratio: float, progress: bool, desc: str) -> list[dict]:
-    """Hook `layers`, call run() to feed them calibration data, then prune each one."""
-    pruners = {name: make_pruner(name, layer) for name, layer in layers.items()}
-    calls = dict.fromkeys(layers, 0)
-    handles = [layer.register_forward_hook(_hook(pruners[name], calls, name), with_kwargs=True)
-               for name, layer in layers.items()]
+class _Feed:
+    """Routes each captured input to its layer's pruner. Layers that read the very same tensor in a batch
+    (q/k/v, gate/up, an expert's gate and up) form a group: only the first one's pruner accumulates
+    statistics, and the others share them (AdmmPruner.share_statistics); pruners without that method get
+    every input. The grouping must be the same in every batch."""
+
+    def __init__(self, pruners: dict[str, Any]):
+        self.pruners = pruners
+        self.sharing = all(hasattr(p, "share_statistics") for p in pruners.values())
+        self.calls = dict.fromkeys(pruners, 0)
+        self.tokens = dict.fromkeys(pruners, 0)
+        self.leader: dict[str, str] = {}  # follower -> leader
+        self.batch: list[tuple[torch.Tensor, str]] = []  # (input, first layer that read it) this batch
+
+    def new_batch(self, *_):
+        self.batch = []
+
+    def __call__(self, target: Target, inp: torch.Tensor) -> None:
+        name = target.name
+        first = self.calls[name] == 0
+        self.calls[name] += 1
+        self.tokens[name] += inp.numel() // max(inp.shape[-1], 1)
+        leader = next((owner for seen, owner in self.batch if seen is inp), None) if self.sharing else None
+        if first:
+            if leader is not None:
+                self.leader[name] = leader
+        elif self.leader.get(name) != leader:
+            raise RuntimeError(f"layer {name} shared its input with {self.leader.get(name)} in an earlier "
+                               f"calibration batch but not in this one; pass a make_pruner without "
+                               "share_statistics to collect its statistics on its own")
+        if leader is None:
+            self.pruners[name].add_batch(inp)
+            self.batch.append((inp, name))
+
+    def share(self) -> None:
+        for follower, leader in self.leader.items():
+            self.pruners[follower].share_statistics(self.pruners[leader])
+
+
+def _prune_targets(targets: list[Target], run: Callable[[], Any], batch_start: nn.Module, make_pruner: PrunerFactory,
+                   sparse_ratio: float, progress: bool, desc: str) -> list[dict]:
+    """Hook `targets`, call run() to feed them calibration data (batch_start's forward begins each batch),
+    then prune each one."""
+    pruners = {t.name: make_pruner(t.name, t) for t in targets}
+    feed = _Feed(pruners)
+    handle = batch_start.register_forward_pre_hook(feed.new_batch)
     try:
-        run()
+        with feeding(targets, feed):
+            run()
     finally:
-        for handle in handles:
-            handle.remove()
-    unused = [name for name, n in calls.items() if n == 0]
+        handle.remove()
+    feed.share()
+    unused = [name for name, n in feed.calls.items() if n == 0]
     if unused:
         warnings.warn(f"layer(s) {unused} received no calibration input (e.g. experts no token was routed to); "
                       "they are left dense", stacklevel=3)
     rows = []
     for name in tqdm(list(pruners), desc=desc, unit="layer", leave=False, disable=not progress):
         pruner = pruners.pop(name)
-        if calls[name]:
+        if feed.calls[name]:
             start = time.perf_counter()
             report = _report_dict(pruner.fasterprune(sparse_ratio))
             report.setdefault("seconds", time.perf_counter() - start)
+            report.setdefault("tokens", feed.tokens[name])
             rows.append({"name": name, **report})
         pruner.free()
     return rows
@@ -224,18 +366,20 @@ def _batches(calib, batch_size: int) -> list[torch.Tensor]:
 
 def prune_model(model: nn.Module, calib: torch.Tensor | Iterable[torch.Tensor], config: FloatSparseConfig | None = None,
                 *, device: str | torch.device | None = None, make_pruner: PrunerFactory | None = None,
-                batch_size: int = 1, progress: bool = True) -> list[dict]:
+                batch_size: int = 1, progress: bool = True, blocks: str | None = None) -> list[dict]:
     """Prune the model in place; returns one report dict per pruned layer (name first), in model order.
 
     calib: token windows [num_samples, seq_len] (or a list of [batch, seq_len] tensors), fed in batches of
     batch_size. device: where each block runs (default: where the model is); the model stays where it is.
-    make_pruner: PrunerFactory, default the ADMM pruner with the config's options. A selected layer that
-    no calibration token reaches (an MoE expert, an unused branch) is left dense, with a warning.
+    make_pruner: PrunerFactory, default the ADMM pruner with the config's options; it is given each layer's
+    name and its admm_sparse.targets.Target (whose .weight is the [out, in] weight). blocks: the full name
+    of the decoder stack, when find_block_stack's choice is not the right one. A selected layer that no
+    calibration token reaches (an unused branch) is left dense, with a warning.
     """
     config = config or FloatSparseConfig()
     make_pruner = make_pruner or admm_pruner_factory(config)
-    selected = plan(model, config)
-    if not selected:
+    the_plan = make_plan(model, config, blocks)
+    if not the_plan.targets:
         return []
     home = next(model.parameters()).device
     device = torch.device(device) if device is not None else home
@@ -244,28 +388,28 @@ def prune_model(model: nn.Module, calib: torch.Tensor | Iterable[torch.Tensor], 
     model.eval()
     try:
         with torch.no_grad():
-            stack = find_block_stack(model)
-            if stack is None:
-                return _prune_one_pass(model, selected, batches, device, home, make_pruner, config, progress)
-            return _prune_blockwise(model, stack, selected, batches, device, home, make_pruner, config, progress)
+            if the_plan.stack is None:
+                return _prune_one_pass(model, the_plan.targets, batches, device, home, make_pruner, config, progress)
+            return _prune_blockwise(model, the_plan, batches, device, home, make_pruner, config, progress)
     finally:
         model.train(was_training)
 
 
-def _prune_blockwise(model, stack, selected, batches, device, home, make_pruner, config, progress) -> list[dict]:
-    stack_name, blocks = stack
-    per_block = [{n: m for n, m in selected.items() if n.startswith(f"{stack_name}.{i}.")} for i in range(len(blocks))]
-    last = max(i for i, layers in enumerate(per_block) if layers)  # later blocks need no inputs
-    hidden, extras = _capture_block_inputs(model, stack_name, blocks, batches, device)
+def _prune_blockwise(model, the_plan: Plan, batches, device, home, make_pruner, config, progress) -> list[dict]:
+    stack_name, blocks = the_plan.stack
+    per_block = [[t for n, t in the_plan.targets.items() if n.startswith(f"{stack_name}.{i}.")]
+                 for i in range(len(blocks))]
+    last = max(i for i, targets in enumerate(per_block) if targets)  # later blocks need no inputs
+    hidden, extras = _capture_block_inputs(model, stack_name, blocks, batches, device, last + 1)
     rows = []
     for i in tqdm(range(last + 1), desc="blocks", unit="block", disable=not progress):
         block = blocks[i].to(device)
         try:
             if per_block[i]:
-                rows += _prune_layers(per_block[i], lambda: _run_block(block, hidden, extras), make_pruner,
-                                      config.sparse_ratio, progress, f"block {i}")
+                rows += _prune_targets(per_block[i], lambda: _run_block(block, hidden, extras[i]), block,
+                                       make_pruner, config.sparse_ratio, progress, f"block {i}")
             if i < last:
-                hidden = _run_block(block, hidden, extras)  # with the pruned weights
+                hidden = _run_block(block, hidden, extras[i])  # with the pruned weights
         finally:
             block.to(home)
         if device.type == "cuda":
@@ -280,7 +424,8 @@ def _prune_one_pass(model, selected, batches, device, home, make_pruner, config,
 
     model.to(device)
     try:
-        return _prune_layers(selected, run, make_pruner, config.sparse_ratio, progress, "layers")
+        return _prune_targets(list(selected.values()), run, model, make_pruner, config.sparse_ratio, progress,
+                              "layers")
     finally:
         model.to(home)
 

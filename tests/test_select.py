@@ -1,10 +1,11 @@
-"""Layer selection: fnmatch on full names, only nn.Linear, exclude wins, one warning for unused patterns."""
+"""Layer selection: fnmatch on full names, only prunable layers, exclude wins, one warning for unused patterns."""
 import warnings
 
 import pytest
 from torch import nn
 
-from admm_sparse.select import matches, select_linears
+from admm_sparse.select import matches, select_targets
+from admm_sparse.targets import find_targets
 
 
 def modules():
@@ -23,7 +24,7 @@ def modules():
 def select(include=("*",), exclude=()):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        return list(select_linears(modules(), include, exclude))
+        return list(select_targets(find_targets(modules()), include, exclude))
 
 
 def test_star_selects_every_linear_only_in_order():
@@ -44,10 +45,10 @@ def test_patterns_match_full_names_case_sensitively():
 
 def test_one_warning_names_every_unused_pattern_but_star():
     with pytest.warns(UserWarning) as record:
-        got = select_linears(modules(), ["*", "*typo*"], ["*gate_proj", "*norm"])
+        got = select_targets(find_targets(modules()), ["*", "*typo*"], ["*gate_proj", "*norm"])
     assert len(record) == 1
     msg = str(record[0].message)
-    # "*norm" matches a module, but not an nn.Linear one: it can never change what is pruned.
+    # "*norm" matches a module, but not a prunable layer: it can never change what is pruned.
     assert "*typo*" in msg and "*gate_proj" in msg and "*norm" in msg and "'*'" not in msg
     assert len(got) == 3
 
