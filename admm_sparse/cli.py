@@ -25,7 +25,8 @@ from .config import FloatSparseConfig, load_config
 from .evaluate import perplexity
 from .export import FORMATS, check_output, export_model
 from .layer import MODES, parse_mask_structure
-from .pipeline import find_block_stack, format_table, plan, prune_model, summarize
+from .pipeline import format_table, make_plan, prune_model, summarize
+from .targets import find_targets
 
 # Windows of --seq-len tokens. A user's model gets the BENCHMARKS.md protocol's 64 calibration and 100
 # evaluation windows; the built-in demo gets fewer so that it runs in a few minutes on a 2-core CPU
@@ -48,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
     common.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     common.add_argument("--no-progress", action="store_true", help="no progress bars")
+    common.add_argument("--blocks", help="full name of the decoder's stack of blocks, e.g. model.language_model.layers "
+                        "(default: found in the model; --dry-run shows which)")
 
     p = sub.add_parser("prune", parents=[common], help="prune a model's Linear layers and export it")
     p.add_argument("--config", type=Path, help="float_sparse YAML (default: sparse_ratio 0.3, include *, exclude none)")
@@ -114,15 +117,24 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _dry_run(model, config) -> int:
-    selected = plan(model, config)
-    stack = find_block_stack(model)
-    total = sum(1 for m in model.modules() if isinstance(m, torch.nn.Linear))
-    for name, layer in selected.items():
-        print(f"{name:<50} {layer.out_features:>6} x {layer.in_features:<6} {str(layer.weight.dtype):>15}")
+def _dry_run(model, config, blocks) -> int:
+    the_plan = make_plan(model, config, blocks)
+    total = len(find_targets(model.named_modules()))
+    for name, t in the_plan.targets.items():
+        out_features, in_features = t.shape
+        print(f"{name:<50} {out_features:>6} x {in_features:<6} {t.kind:>7} {str(t.weight.dtype):>15}")
+    for name in the_plan.routers:
+        print(f"{name:<50} not pruned: MoE router (pruning it would change which experts run)")
+    for name, why in the_plan.tied.items():
+        print(f"{name:<50} not pruned: {why}")
+    for name in the_plan.unknown:
+        print(f"{name:<50} not pruned: a parameter layout admm_sparse does not know")
+    stack = the_plan.stack
     where = f"in the block stack '{stack[0]}'" if stack else "(no block stack: one pass over the whole model)"
-    print(f"{len(selected)} of {total} nn.Linear layers would be pruned to sparse_ratio {config.sparse_ratio:g} "
-          f"({config.mask_structure}, {config.mode} mode) {where}")
+    experts = sum(t.kind == "expert" for t in the_plan.targets.values())
+    print(f"{len(the_plan.targets)} of {total} prunable layers would be pruned to sparse_ratio {config.sparse_ratio:g} "
+          f"({config.mask_structure}, {config.mode} mode) {where}"
+          + (f"; {experts} of them are experts' matrices" if experts else ""))
     return 0
 
 
@@ -154,7 +166,7 @@ def cmd_prune(args) -> int:
         check_output(args.out, args.force, protect)  # before the expensive part
     model, tokenizer = builtin.load_model(args.model, args.dtype)
     if args.dry_run:
-        return _dry_run(model, config)
+        return _dry_run(model, config, args.blocks)
 
     if args.calib is not None:
         calib = windows_from_file(args.calib, tokenizer, args.num_samples, args.seq_len)
@@ -170,7 +182,8 @@ def cmd_prune(args) -> int:
         return perplexity(model, eval_ids, args.seq_len, args.eval_windows, device, progress=progress)
 
     before = ppl() if eval_ids is not None else None
-    rows = prune_model(model, calib, config, device=device, batch_size=args.batch_size, progress=progress)
+    rows = prune_model(model, calib, config, device=device, batch_size=args.batch_size, progress=progress,
+                       blocks=args.blocks)
     after = ppl() if eval_ids is not None else None
 
     print(format_table(rows))

@@ -226,6 +226,17 @@ class AdmmPruner:
                              f"{self.columns}")
         self.H, self.scaler, self.nsamples, self.tokens = leader.H, leader.scaler, leader.nsamples, leader.tokens
 
+    def add_statistics(self, other: "AdmmPruner", weight: float) -> None:
+        """Add weight x other's statistics (Hessian, and the scaler as a weighted mean) to this layer's: a prior
+        for a layer that saw too few tokens of its own (a rarely routed expert)."""
+        if other.columns != self.columns:
+            raise ValueError(f"cannot add statistics of a layer with {other.columns} inputs to one of {self.columns}")
+        self.H.add_(other.H, alpha=weight)
+        total = self.nsamples + weight * other.nsamples
+        if total > 0:
+            self.scaler.mul_(self.nsamples / total).add_(other.scaler, alpha=weight * other.nsamples / total)
+        self.tokens += round(weight * other.tokens)
+
     def add_batch(self, inp: torch.Tensor) -> None:
         if self.H is None:
             raise RuntimeError("this AdmmPruner was freed; create a new one")

@@ -116,6 +116,7 @@ class Plan:
     targets: dict[str, Target]  # selected, by name, in model order
     routers: list[str]  # MoE routers: never pruned
     tied: dict[str, str]  # layer -> why it is left as it is (its weight is shared)
+    unknown: list[str]  # parameters of 3 or more dimensions in a layout no Target kind reads: left dense
 
 
 def make_plan(model: nn.Module, config: FloatSparseConfig, blocks: str | None = None) -> Plan:
@@ -158,7 +159,12 @@ def make_plan(model: nn.Module, config: FloatSparseConfig, blocks: str | None = 
         warnings.warn(f"mask_structure {config.mask_structure!r} needs in_features divisible by {m}; left dense: "
                       f"{misfits}", stacklevel=2)
     selected = {name: t for name, t in selected.items() if name not in misfits}
-    return Plan(stack, selected, router_names, tied)
+    known = {t.param_name for t in targets}
+    unknown = [f"{name}.{p}" if name else p for name, m in modules for p, param in m.named_parameters(recurse=False)
+               if param.dim() >= 3 and f"{name}.{p}" not in known]
+    if unknown:
+        warnings.warn(f"parameters in a layout admm_sparse does not know are left dense: {unknown}", stacklevel=2)
+    return Plan(stack, selected, router_names, tied, unknown)
 
 
 def plan(model: nn.Module, config: FloatSparseConfig, blocks: str | None = None) -> dict[str, Target]:
@@ -337,22 +343,57 @@ def _prune_targets(targets: list[Target], run: Callable[[], Any], batch_start: n
             run()
     finally:
         handle.remove()
+    priors = _expert_priors(targets, feed, run, batch_start, make_pruner)
     feed.share()
-    unused = [name for name, n in feed.calls.items() if n == 0]
+    unused = [name for name, n in feed.calls.items() if n == 0 and name not in priors]
     if unused:
         warnings.warn(f"layer(s) {unused} received no calibration input (e.g. experts no token was routed to); "
                       "they are left dense", stacklevel=3)
     rows = []
     for name in tqdm(list(pruners), desc=desc, unit="layer", leave=False, disable=not progress):
         pruner = pruners.pop(name)
-        if feed.calls[name]:
+        if feed.calls[name] or name in priors:
             start = time.perf_counter()
             report = _report_dict(pruner.fasterprune(sparse_ratio))
             report.setdefault("seconds", time.perf_counter() - start)
-            report.setdefault("tokens", feed.tokens[name])
+            report["tokens"] = feed.tokens[name]  # routed to it (a prior's tokens are counted apart)
+            if name in priors:
+                report["prior_tokens"] = priors[name]
             rows.append({"name": name, **report})
         pruner.free()
     return rows
+
+
+def _expert_priors(targets: list[Target], feed: _Feed, run: Callable[[], Any], batch_start: nn.Module,
+                   make_pruner: PrunerFactory) -> dict[str, int]:
+    """Give every expert that saw fewer routed tokens than it has inputs a prior; returns {name: prior tokens}.
+
+    Below d_in tokens an expert's Hessian is singular and the damping alone would decide its solve (with no
+    token at all it could not be pruned). Such an expert gets, on top of its routed tokens, the statistics
+    of ALL the block's calibration tokens passed through it, weighted to make up the missing tokens:
+    H = H_routed + (d_in - n) / N_all * H_all (one more pass over the batches, for the rare experts only).
+    Needs pruners with add_statistics (AdmmPruner); others keep their routed tokens only."""
+    rare = [t for t in targets if t.kind == "expert" and feed.tokens[t.name] < t.shape[1]
+            and t.name not in feed.leader and hasattr(feed.pruners[t.name], "add_statistics")]
+    if not rare:
+        return {}
+    prior_feed = _Feed({t.name: make_pruner(t.name, t) for t in rare})
+    handle = batch_start.register_forward_pre_hook(prior_feed.new_batch)
+    try:
+        with feeding(rare, prior_feed, all_tokens=True):
+            run()
+    finally:
+        handle.remove()
+    prior_feed.share()
+    added = {}
+    for t in rare:
+        missing = t.shape[1] - feed.tokens[t.name]
+        prior = prior_feed.pruners[t.name]
+        feed.pruners[t.name].add_statistics(prior, missing / prior_feed.tokens[t.name])
+        added[t.name] = missing
+    for t in rare:
+        prior_feed.pruners[t.name].free()
+    return added
 
 
 def _batches(calib, batch_size: int) -> list[torch.Tensor]:

@@ -192,11 +192,21 @@ def _experts_hook(targets: list[Target], sink: Sink):
     return hook
 
 
-class feeding:
-    """Context manager: while active, every forward of the targets' modules calls sink(target, inputs)."""
+def _all_tokens_hook(targets: list[Target], sink: Sink):
+    def hook(module, args, kwargs, output):
+        hidden = (args[0] if args else kwargs["hidden_states"]).detach()
+        x = hidden.reshape(-1, hidden.shape[-1])
+        for t in targets:
+            sink(t, expert_down_input(module, t.expert, x) if t.role == "down_proj" else x)
+    return hook
 
-    def __init__(self, targets: Iterable[Target], sink: Sink):
-        self.targets, self.sink, self.handles = list(targets), sink, []
+
+class feeding:
+    """Context manager: while active, every forward of the targets' modules calls sink(target, inputs).
+    all_tokens: experts get every token that reaches their MoE block, not only those routed to them."""
+
+    def __init__(self, targets: Iterable[Target], sink: Sink, all_tokens: bool = False):
+        self.targets, self.sink, self.all_tokens, self.handles = list(targets), sink, all_tokens, []
 
     def __enter__(self):
         experts: dict[int, list[Target]] = {}
@@ -205,9 +215,9 @@ class feeding:
                 experts.setdefault(id(t.module), []).append(t)
             else:
                 self.handles.append(t.module.register_forward_hook(_linear_hook(t, self.sink), with_kwargs=True))
+        make_hook = _all_tokens_hook if self.all_tokens else _experts_hook
         for group in experts.values():
-            self.handles.append(group[0].module.register_forward_hook(_experts_hook(group, self.sink),
-                                                                      with_kwargs=True))
+            self.handles.append(group[0].module.register_forward_hook(make_hook(group, self.sink), with_kwargs=True))
         return self
 
     def __exit__(self, *exc):

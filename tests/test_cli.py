@@ -139,7 +139,7 @@ def test_dry_run_lists_layers_and_writes_nothing(model_dir, files, tmp_path, cap
     assert main(["prune", "--model", str(model_dir), "--config", str(files[2]), "--out", str(out), "--dry-run"]) == 0
     stdout = capsys.readouterr().out
     assert "model.layers.0.mlp.gate_proj" in stdout and "64 x 32" in stdout
-    assert "6 of 15 nn.Linear layers would be pruned" in stdout and "q_proj" not in stdout
+    assert "6 of 15 prunable layers would be pruned" in stdout and "q_proj" not in stdout
     assert not out.exists()
 
 

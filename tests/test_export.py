@@ -138,9 +138,12 @@ def test_values_that_round_into_range_are_fine():
     assert atlas.to_float16("x", torch.tensor([float("inf")])).isinf().all()  # already inf: not an overflow
 
 
-def test_description_rejects_unknown_layers():
+def test_description_rejects_unknown_tensors_and_layers(tmp_path):
     with pytest.raises(ValueError, match="no.such"):
-        atlas.atlas_description(["a.weight"], ["no.such"])
+        atlas.atlas_description(["a.weight"], ["no.such.weight"])
+    with pytest.raises(ValueError, match="no.such"):
+        export_model(tiny_model(), tmp_path / "out", ["no.such"], "atlas")
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("exc", [KeyboardInterrupt, OSError])

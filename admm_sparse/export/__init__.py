@@ -34,6 +34,43 @@ def drop_gguf_quantization(model) -> None:
             setattr(model, attr, value)
 
 
+def checkpoint_state_dict(model, state_dict: dict | None = None) -> dict:
+    """The model's tensors (or those of `state_dict`, a part of them) under the names and in the layout of its
+    checkpoint on disk, as save_pretrained writes them: transformers 5 keeps an MoE block's experts fused in
+    3D parameters in memory but stores them per expert (e.g. mlp.experts.3.gate_proj.weight)."""
+    state_dict = model.state_dict() if state_dict is None else state_dict
+    if getattr(model, "config", None) is None:
+        return dict(state_dict)
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers 4: the checkpoint layout is the module layout
+        return dict(state_dict)
+    return revert_weight_conversion(model, dict(state_dict))
+
+
+def sparse_tensor_names(model, pruned: Iterable[str]) -> set[str]:
+    """Checkpoint names (see checkpoint_state_dict) of the tensors that hold the pruned layers' weights and
+    biases. pruned: layer names as the pipeline reports them (admm_sparse.targets). Found by marking each
+    layer's region of its parameter and letting transformers re-split the marks into the checkpoint layout,
+    so an expert's slice of a fused parameter lands on exactly the tensor stored for it."""
+    import torch
+
+    from ..targets import find_targets
+
+    by_name = {t.name: t for t in find_targets(model.named_modules())}
+    params = dict(model.named_parameters(remove_duplicate=False))
+    marks: dict[str, torch.Tensor] = {}
+    for layer in pruned:
+        target = by_name.get(layer)
+        if target is None:
+            raise ValueError(f"pruned layer {layer!r} is not a prunable layer of this model")
+        for name, view_of in ((target.param_name, target.view_of), (target.bias_name, target.bias_view_of)):
+            if name is not None:
+                mark = marks.setdefault(name, torch.zeros(params[name].shape, dtype=torch.bool))
+                view_of(mark).fill_(True)
+    return {name for name, mark in checkpoint_state_dict(model, marks).items() if mark.any()}
+
+
 def _is_inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
@@ -86,7 +123,8 @@ def export_model(model, out: str | Path, pruned: Iterable[str], fmt: str = "atla
                  force: bool = False, report: dict | None = None, protect: Iterable[str | Path] = ()) -> Path:
     """Write `model` to the folder `out` in format "atlas" (SPEC §5) or "hf"; returns the folder.
 
-    pruned: full names of the pruned nn.Linear layers (marked W16A16S in the Atlas description).
+    pruned: names of the pruned layers as the pipeline reports them (their tensors are marked W16A16S in the
+    Atlas description).
     report: saved as prune_report.json inside the folder when given.
     """
     from .atlas import write_atlas

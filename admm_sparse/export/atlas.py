@@ -1,7 +1,9 @@
 """The Atlas 300I Duo W16A16S folder (SPEC §5).
 
-- quant_model_weights.safetensors: every state_dict tensor in float16 (tied tensors stored under each name);
-- quant_model_description.json: "W16A16S" for the weight and bias of each pruned Linear, "FLOAT" for the rest;
+- quant_model_weights.safetensors: every tensor in float16 (tied tensors stored under each name), under the
+  names and in the layout of the model's checkpoint (fused MoE experts stored per expert, as
+  save_pretrained writes them and the Atlas toolchain reads them);
+- quant_model_description.json: "W16A16S" for the weight and bias of each pruned layer, "FLOAT" for the rest;
 - config.json with torch_dtype float16 (the card has no bfloat16), generation_config.json, tokenizer files.
 """
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Iterable
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import drop_gguf_quantization
+from . import checkpoint_state_dict, drop_gguf_quantization, sparse_tensor_names
 
 WEIGHTS_FILE = "quant_model_weights.safetensors"
 DESCRIPTION_FILE = "quant_model_description.json"
@@ -33,9 +35,9 @@ def to_float16(name: str, tensor: torch.Tensor) -> torch.Tensor:
 
 
 def atlas_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every state_dict tensor, floats in float16; each name gets its own storage (safetensors needs that)."""
+    """Every checkpoint tensor, floats in float16; each name gets its own storage (safetensors needs that)."""
     tensors, seen = {}, set()
-    for name, tensor in model.state_dict().items():
+    for name, tensor in checkpoint_state_dict(model).items():
         t = to_float16(name, tensor) if tensor.is_floating_point() else tensor.detach().cpu()
         t = t.contiguous()
         if t.data_ptr() in seen:  # tied weights (lm_head = embed_tokens) or an already-float16 shared tensor
@@ -45,15 +47,12 @@ def atlas_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def atlas_description(names: Iterable[str], pruned: Iterable[str]) -> dict:
-    """The quant_model_description.json content for tensor `names` when the Linear layers `pruned` are sparse."""
-    names = list(names)
-    sparse = set()
-    for layer in pruned:
-        keys = [k for k in (f"{layer}.weight", f"{layer}.bias") if k in names]
-        if not keys:
-            raise ValueError(f"pruned layer {layer!r} has no weight in the model's state_dict")
-        sparse.update(keys)
+def atlas_description(names: Iterable[str], sparse: Iterable[str]) -> dict:
+    """The quant_model_description.json content for tensor `names` when the tensors `sparse` are pruned."""
+    names, sparse = list(names), set(sparse)
+    unknown = sorted(sparse - set(names))
+    if unknown:
+        raise ValueError(f"sparse tensor(s) {unknown} are not among the model's tensors")
     desc = {"version": "1.0.0", "model_quant_type": QUANT_TYPE}
     desc.update({name: QUANT_TYPE if name in sparse else "FLOAT" for name in names})
     desc.update({"metadata": {}, "group_size": 0, "optional": {}})
@@ -79,7 +78,7 @@ def write_atlas(model: torch.nn.Module, folder: str | Path, pruned: Iterable[str
     """Write the W16A16S files into an existing (empty) folder; see export.export_model for the atomic version."""
     folder = Path(folder)
     tensors = atlas_tensors(model)
-    description = atlas_description(tensors, pruned)
+    description = atlas_description(tensors, sparse_tensor_names(model, pruned))
     save_file(tensors, str(folder / WEIGHTS_FILE))
     (folder / DESCRIPTION_FILE).write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
     write_config(model, folder)
