@@ -101,11 +101,13 @@ def find_block_stack(model: nn.Module, name: str | None = None) -> tuple[str, nn
 
 def candidate_modules(model: nn.Module, stack: tuple[str, nn.ModuleList] | None = None) -> list[tuple[str, nn.Module]]:
     """Modules that may be pruned: those inside the block stack; without one, all but the output embedding."""
+    # Every name of a module used in several places (so that a weight shared by two blocks is seen as tied).
+    modules = list(model.named_modules(remove_duplicate=False))
     if stack is not None:
         prefix = stack[0] + "."
-        return [(n, m) for n, m in model.named_modules() if n.startswith(prefix)]
+        return [(n, m) for n, m in modules if n.startswith(prefix)]
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return [(n, m) for n, m in model.named_modules() if m is not head]
+    return [(n, m) for n, m in modules if m is not head]
 
 
 @dataclass

@@ -4,7 +4,8 @@ import copy
 import pytest
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, GemmaConfig, LlamaConfig, MistralConfig, OPTConfig, Qwen2Config
+from transformers import (AutoModelForCausalLM, Gemma3TextConfig, GemmaConfig, LlamaConfig, MistralConfig, OPTConfig,
+                          Qwen2Config)
 
 from admm_sparse.config import FloatSparseConfig
 from admm_sparse.pipeline import candidate_modules, find_block_stack, format_table, plan, prune_model, summarize
@@ -17,6 +18,9 @@ CONFIGS = {
     "qwen2": lambda n: Qwen2Config(num_hidden_layers=n, **_COMMON),
     "mistral": lambda n: MistralConfig(num_hidden_layers=n, **_COMMON),
     "gemma": lambda n: GemmaConfig(num_hidden_layers=n, head_dim=8, **_COMMON),
+    # Sliding-window and global blocks alternate: each gets its own mask (windows of 32 > the window of 8).
+    "gemma3": lambda n: Gemma3TextConfig(num_hidden_layers=n, head_dim=8, sliding_window=8,
+                                         layer_types=(["sliding_attention", "full_attention"] * n)[:n], **_COMMON),
     "opt": lambda n: OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_attention_heads=4, num_hidden_layers=n,
                                max_position_embeddings=256, word_embed_proj_dim=32),
 }
