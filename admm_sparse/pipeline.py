@@ -14,12 +14,16 @@ Models without a block stack fall back to collecting every selected layer in one
 from __future__ import annotations
 
 import inspect
+import math
+import resource
 import time
 import warnings
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -232,15 +236,14 @@ class _Interner:
 
 def _capture_block_inputs(model, stack_name, blocks, batches, device, count) -> tuple[list, list]:
     """Block 0's hidden states for each batch, and for each of the first `count` blocks the (extra args,
-    kwargs) the model passes it for each batch, on `device`. The model runs with recorders in place of the
-    blocks: the embeddings and whatever else precedes the stack run, the blocks do not."""
+    kwargs) the model passes it for each batch, on `device` (where the caller put what precedes the stack).
+    The model runs with recorders in place of the blocks: the embeddings and whatever else precedes the
+    stack run, the blocks do not."""
     records: list[list] = [[] for _ in range(count)]
     parent, attr = _parent(model, stack_name)
-    home = next(model.parameters()).device
     setattr(parent, attr, nn.ModuleList([_Recorder(blocks[i], records[i], i == count - 1) if i < count
                                          else blocks[i] for i in range(len(blocks))]))
     try:
-        model.to(device)  # moves everything but the blocks
         for batch in batches:
             try:
                 _call_model(model, batch.to(device))
@@ -248,7 +251,6 @@ def _capture_block_inputs(model, stack_name, blocks, batches, device, count) -> 
                 pass
     finally:
         setattr(parent, attr, blocks)
-        model.to(home)
     if any(len(r) != len(batches) for r in records):
         raise RuntimeError(f"the model did not call each block of its stack '{stack_name}' once per batch; "
                            "this model is not supported by the block-by-block pipeline")
@@ -405,7 +407,55 @@ def _batches(calib, batch_size: int) -> list[torch.Tensor]:
     return [c if c.dim() == 2 else c.reshape(1, -1) for c in calib]
 
 
+# ---------------------------------------------------------------- where weights come from
+
+class InMemorySource:
+    """The whole model is in memory: a block moves to the compute device for its turn and back after it;
+    what runs before and after the stack (embeddings, final norm, head) likewise while it is needed."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.home = next(model.parameters()).device
+
+    @contextmanager
+    def outside(self, stack_name: str, device: torch.device):
+        self._move_all_but(stack_name, device)
+        try:
+            yield
+        finally:
+            self._move_all_but(stack_name, self.home)
+
+    def _move_all_but(self, stack_name: str, device: torch.device) -> None:
+        parent, attr = _parent(self.model, stack_name)
+        blocks = getattr(parent, attr)
+        setattr(parent, attr, nn.ModuleList())
+        try:
+            self.model.to(device)
+        finally:
+            setattr(parent, attr, blocks)
+
+    @contextmanager
+    def block(self, stack_name: str, i: int, device: torch.device):
+        block = self.model.get_submodule(stack_name)[i].to(device)
+        try:
+            yield block
+        finally:
+            block.to(self.home)
+
+
 # ---------------------------------------------------------------- the whole model
+
+@dataclass
+class PruneResult:
+    """What prune_blocks did: the per-layer reports, and, when evaluation windows were given, the perplexity
+    of the dense and the pruned model on them (each computed block by block as the blocks pass)."""
+
+    rows: list[dict]
+    perplexity_before: float | None = None
+    perplexity_after: float | None = None
+    block_seconds: list[float] = field(default_factory=list)
+    peak_memory_bytes: int = 0
+
 
 def prune_model(model: nn.Module, calib: torch.Tensor | Iterable[torch.Tensor], config: FloatSparseConfig | None = None,
                 *, device: str | torch.device | None = None, make_pruner: PrunerFactory | None = None,
@@ -419,45 +469,140 @@ def prune_model(model: nn.Module, calib: torch.Tensor | Iterable[torch.Tensor], 
     of the decoder stack, when find_block_stack's choice is not the right one. A selected layer that no
     calibration token reaches (an unused branch) is left dense, with a warning.
     """
+    return prune_blocks(model, calib, config, device=device, make_pruner=make_pruner, batch_size=batch_size,
+                        progress=progress, blocks=blocks).rows
+
+
+def prune_blocks(model: nn.Module, calib, config: FloatSparseConfig | None = None, *,
+                 device: str | torch.device | None = None, make_pruner: PrunerFactory | None = None,
+                 batch_size: int = 1, progress: bool = True, blocks: str | None = None, source=None, writer=None,
+                 state=None, eval_windows: torch.Tensor | None = None) -> PruneResult:
+    """prune_model with the loop's seams open (see ARCHITECTURE.md): the block loop reads
+    materialise block -> capture its layers' inputs -> prune them -> run the block for the next inputs ->
+    write -> release.
+
+    source: where weights come from (default InMemorySource(model); admm_sparse.source.StreamingSource
+    materialises one block at a time from safetensors files). writer: receives every tensor of the model in
+    its checkpoint layout as soon as it is final (a finished block's, then those outside the stack), e.g. an
+    admm_sparse.export.shards.ShardWriter; without one the model is pruned in place only. state: a
+    resume.ResumeState, saved after every block, from which an interrupted run continues. eval_windows:
+    [n, seq_len] token windows on which the dense and the pruned model's perplexities are measured as the
+    blocks pass (no extra pass over the weights).
+    """
     config = config or FloatSparseConfig()
     make_pruner = make_pruner or admm_pruner_factory(config)
     the_plan = make_plan(model, config, blocks)
-    if not the_plan.targets:
-        return []
+    if not the_plan.targets and writer is None:
+        return PruneResult([])
+    source = source or InMemorySource(model)
     home = next(model.parameters()).device
-    device = torch.device(device) if device is not None else home
+    device = torch.device(device) if device is not None else (home if home.type != "meta" else torch.device("cpu"))
     batches = _batches(calib, batch_size)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             if the_plan.stack is None:
-                return _prune_one_pass(model, the_plan.targets, batches, device, home, make_pruner, config, progress)
-            return _prune_blockwise(model, the_plan, batches, device, home, make_pruner, config, progress)
+                if writer is not None or eval_windows is not None:
+                    raise ValueError("this model has no stack of blocks: it can only be pruned in memory, as a whole")
+                return PruneResult(_prune_one_pass(model, the_plan.targets, batches, device, home, make_pruner,
+                                                   config, progress))
+            return _prune_blockwise(model, the_plan, batches, device, make_pruner, config, progress, source, writer,
+                                    state, eval_windows, batch_size)
     finally:
         model.train(was_training)
 
 
-def _prune_blockwise(model, the_plan: Plan, batches, device, home, make_pruner, config, progress) -> list[dict]:
+def _prune_blockwise(model, the_plan: Plan, batches, device, make_pruner, config, progress, source, writer, state,
+                     eval_windows, batch_size) -> PruneResult:
     stack_name, blocks = the_plan.stack
     per_block = [[t for n, t in the_plan.targets.items() if n.startswith(f"{stack_name}.{i}.")]
                  for i in range(len(blocks))]
-    last = max(i for i, targets in enumerate(per_block) if targets)  # later blocks need no inputs
-    hidden, extras = _capture_block_inputs(model, stack_name, blocks, batches, device, last + 1)
-    rows = []
-    for i in tqdm(range(last + 1), desc="blocks", unit="block", disable=not progress):
-        block = blocks[i].to(device)
-        try:
+    # Later blocks need no inputs, unless they are evaluated or written.
+    with_targets = [i for i, targets in enumerate(per_block) if targets]
+    last = len(blocks) - 1 if (writer is not None or eval_windows is not None or not with_targets) else with_targets[-1]
+    evals = _batches(eval_windows, batch_size) if eval_windows is not None else []
+    with source.outside(stack_name, device):
+        hidden, extras = _capture_block_inputs(model, stack_name, blocks, batches + evals, device, last + 1)
+    hidden, dense_eval = hidden[:len(batches)], hidden[len(batches):]
+    pruned_eval = dense_eval
+    rows, seconds, first = [], [], 0
+    if state is not None and state.exists():
+        first, rows, seconds, (hidden, dense_eval, pruned_eval) = state.load()
+    for i in tqdm(range(first, last + 1), initial=first, total=last + 1, desc="blocks", unit="block",
+                  disable=not progress):
+        start = time.perf_counter()
+        calib_extras, eval_extras = extras[i][:len(batches)], extras[i][len(batches):]
+        with source.block(stack_name, i, device) as block:
+            if evals:
+                dense_eval = _run_block(block, dense_eval, eval_extras)  # before its layers are pruned
             if per_block[i]:
-                rows += _prune_targets(per_block[i], lambda: _run_block(block, hidden, extras[i]), block,
+                rows += _prune_targets(per_block[i], lambda: _run_block(block, hidden, calib_extras), block,
                                        make_pruner, config.sparse_ratio, progress, f"block {i}")
             if i < last:
-                hidden = _run_block(block, hidden, extras[i])  # with the pruned weights
-        finally:
-            block.to(home)
+                hidden = _run_block(block, hidden, calib_extras)  # with the pruned weights
+            if evals:
+                pruned_eval = _run_block(block, pruned_eval, eval_extras)
+            if writer is not None:
+                writer.add(_checkpoint_tensors(model, f"{stack_name}.{i}.", block))
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return rows
+        seconds.append(time.perf_counter() - start)
+        if state is not None:
+            state.save(i + 1, rows, seconds, (hidden, dense_eval, pruned_eval))
+    result = PruneResult(rows, block_seconds=seconds)
+    if writer is not None or evals:
+        with source.outside(stack_name, device):
+            if writer is not None:
+                writer.add(_checkpoint_tensors(model, "", model, skip=f"{stack_name}."))
+            if evals:
+                result.perplexity_before = _perplexity(model, stack_name, blocks, evals, dense_eval, device)
+                result.perplexity_after = _perplexity(model, stack_name, blocks, evals, pruned_eval, device)
+    result.peak_memory_bytes = peak_memory_bytes()
+    return result
+
+
+def _checkpoint_tensors(model, prefix: str, module: nn.Module, skip: str | None = None) -> dict[str, torch.Tensor]:
+    """module's tensors under their full names, in the model's checkpoint layout (fused experts split per
+    expert); names starting with `skip` left out."""
+    from .export import checkpoint_state_dict
+
+    tensors = {prefix + name: t for name, t in module.state_dict().items()
+               if skip is None or not (prefix + name).startswith(skip)}
+    return checkpoint_state_dict(model, tensors)
+
+
+class _Injector(nn.Module):
+    """Stands in for a block: the first one returns the given final hidden states (the stack's output), the
+    others pass them on, so that what follows the stack (final norm, head) runs as the model runs it."""
+
+    def __init__(self, outputs: torch.Tensor | None = None):
+        super().__init__()
+        self.outputs = outputs
+
+    def forward(self, *args, **kwargs):
+        return self.outputs if self.outputs is not None else (args[0] if args else kwargs["hidden_states"])
+
+
+def _perplexity(model, stack_name, blocks, windows: list[torch.Tensor], finals: list[torch.Tensor], device) -> float:
+    """exp(mean next-token NLL) of windows whose final hidden states (the stack's outputs) are `finals`."""
+    parent, attr = _parent(model, stack_name)
+    nll, count = 0.0, 0
+    try:
+        for batch, final in zip(windows, finals):
+            setattr(parent, attr, nn.ModuleList([_Injector(final)] + [_Injector() for _ in range(len(blocks) - 1)]))
+            batch = batch.to(device)
+            logits = model(input_ids=batch, use_cache=False).logits
+            nll += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum").item()
+            count += batch[:, 1:].numel()
+    finally:
+        setattr(parent, attr, blocks)
+    return math.exp(nll / count)
+
+
+def peak_memory_bytes() -> int:
+    """Peak resident memory of this process so far (Linux reports kilobytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _prune_one_pass(model, selected, batches, device, home, make_pruner, config, progress) -> list[dict]:
