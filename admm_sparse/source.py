@@ -320,17 +320,23 @@ def _tied_groups(model: nn.Module) -> list[tuple[str, ...]]:
 def _non_persistent_buffers(model) -> dict[str, torch.Tensor]:
     """{name: CPU value} of the skeleton's non-persistent buffers, which no checkpoint holds.
 
-    from_pretrained computes them with the model's initialize_weights on empty tensors; the same call here,
-    with every parameter still on meta, fills only these buffers.
+    from_pretrained computes them with the model's initialize_weights; the same call here, with every
+    parameter still on meta, fills only these buffers. They start as NaN, so one it leaves unset is seen.
     """
     names = []
     for module_name, module in model.named_modules():
         for attr in module._non_persistent_buffers_set:
-            if module._buffers.get(attr) is not None:
-                module._buffers[attr] = torch.empty_like(module._buffers[attr], device="cpu")
+            buffer = module._buffers.get(attr)
+            if buffer is not None:
+                fill = float("nan") if buffer.is_floating_point() else 0
+                module._buffers[attr] = torch.full_like(buffer, fill, device="cpu")
                 names.append(f"{module_name}.{attr}" if module_name else attr)
     model.initialize_weights()
     values = {name: model.get_buffer(name) for name in names}
+    unset = [name for name, value in values.items() if value.is_floating_point() and value.isnan().any()]
+    if unset:
+        raise NotImplementedError(f"{type(model).__name__}.initialize_weights does not compute the buffer(s) "
+                                  f"{', '.join(unset)}; this model cannot be read lazily: load it with from_pretrained")
     for name in names:
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
