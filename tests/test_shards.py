@@ -4,10 +4,11 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3MoeConfig
 
 from admm_sparse.export.atlas import atlas_tensors
-from admm_sparse.export.shards import STATE_FILE, ShardWriter, parse_size
+from admm_sparse.export.shards import STATE_FILE, ShardWriter, hf_checkpoint_tensors, parse_size
+from admm_sparse.source import LazySource
 
 
 def read_back(folder, fmt):
@@ -110,22 +111,49 @@ def tiny_llama():
     return AutoModelForCausalLM.from_config(config).eval()
 
 
+def assert_same_logits(folder, ref_folder):
+    ours, ref = AutoModelForCausalLM.from_pretrained(folder), AutoModelForCausalLM.from_pretrained(ref_folder)
+    ids = torch.randint(0, ref.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(ours(ids).logits, ref(ids).logits)
+
+
 def test_hf_shards_load_like_save_pretrained(tmp_path):
     model = tiny_llama()
     model.save_pretrained(tmp_path / "ref")
     writer = ShardWriter(tmp_path / "out", "hf", "40KB")
     state = model.state_dict()
-    for i in range(3):  # block by block, the tied lm_head left out as save_pretrained does
-        writer.add({k: v for k, v in state.items() if k.startswith(f"model.layers.{i}.")})
-    writer.add({k: v for k, v in state.items() if not k.startswith("model.layers.") and k != "lm_head.weight"})
+    for i in range(3):  # block by block, then the rest
+        writer.add(hf_checkpoint_tensors(model, {k: v for k, v in state.items() if k.startswith(f"model.layers.{i}.")}))
+    rest = hf_checkpoint_tensors(model, {k: v for k, v in state.items() if not k.startswith("model.layers.")})
+    assert "lm_head.weight" not in rest  # tied to embed_tokens: save_pretrained leaves it out too
+    writer.add(rest)
     assert len(writer.finish()) > 2
     model.config.save_pretrained(tmp_path / "out")
+    assert_same_logits(tmp_path / "out", tmp_path / "ref")
 
-    ours = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
-    ref = AutoModelForCausalLM.from_pretrained(tmp_path / "ref")
-    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        assert torch.equal(ours(ids).logits, ref(ids).logits)
+
+def test_streaming_a_fused_expert_model_from_source_to_shards(tmp_path):
+    # The block loop's path: materialise a block from the input's shards, write it, release it.
+    config = Qwen3MoeConfig(hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=8, vocab_size=64, num_experts=4,
+                            num_experts_per_tok=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "in", max_shard_size="8KB")
+    source = LazySource(tmp_path / "in")
+    writer = ShardWriter(tmp_path / "out", "hf", "10KB")
+    for i in range(2):
+        block = source.materialize(f"model.layers.{i}")
+        tensors = hf_checkpoint_tensors(source.model, {f"model.layers.{i}.{k}": v for k, v in block.state_dict().items()})
+        assert f"model.layers.{i}.mlp.experts.3.up_proj.weight" in tensors  # per expert again, as on disk
+        writer.add(tensors)
+        source.release(f"model.layers.{i}")
+    source.materialize_outside("model.layers")
+    writer.add(hf_checkpoint_tensors(source.model, {k: v for k, v in source.model.state_dict().items()
+                                                    if not k.startswith("model.layers.")}))
+    writer.finish()
+    source.config.save_pretrained(tmp_path / "out")
+    assert_same_logits(tmp_path / "out", tmp_path / "in")
 
 
 def test_atlas_layout_float16(tmp_path):

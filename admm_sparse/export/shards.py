@@ -17,7 +17,8 @@ its own). While running, the folder holds:
 | "atlas" | quant_model_weights.safetensors    | quant_model_weights-00001-of-0000N.safetensors + quant_model_weights.safetensors.index.json |
 
 The index is `{"metadata": {"total_size": bytes}, "weight_map": {tensor name: file}}` in both formats. The
-HF names are what `from_pretrained` reads. The Atlas names are msModelSlim's: its AscendV1Saver, with
+HF names are what `from_pretrained` reads; `hf_checkpoint_tensors` turns a block's state_dict tensors into
+the names and tensors save_pretrained would write (tied copies dropped, fused experts split per expert). The Atlas names are msModelSlim's: its AscendV1Saver, with
 `part_file_size` > 0, writes through `BufferedSafetensorsWriter` with the prefix `quant_model_weights`, files
 `quant_model_weights-00001-of-00002.safetensors` and `quant_model_weights.safetensors.index.json` with the
 same index content (github.com/Ascend/msmodelslim: msmodelslim/core/quant_service/modelslim_v1/save/ascendv1.py
@@ -71,6 +72,16 @@ def shard_names(fmt: str, count: int) -> list[str]:
 
 def index_name(fmt: str) -> str:
     return f"{LAYOUTS[fmt][1]}.safetensors.index.json"
+
+
+def hf_checkpoint_tensors(model, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What save_pretrained writes for some of `model`'s state_dict tensors (one block, or the rest): the
+    tie's copies left out (lm_head.weight when tied to embed_tokens) and transformers' weight conversions
+    reverted (a fused 3D `mlp.experts.gate_up_proj` back to per-expert gate_proj/up_proj weights)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    tied_copies = set(getattr(model, "all_tied_weights_keys", None) or {})
+    return revert_weight_conversion(model, {k: v for k, v in tensors.items() if k not in tied_copies})
 
 
 class ShardWriter:
