@@ -106,7 +106,8 @@ class LazySource:
     # ------------------------------------------------------------ public API
 
     def materialize(self, prefix: str, device: str | torch.device = "cpu") -> nn.Module:
-        """Load the submodule `prefix` ("model.layers.3"; "" for the whole model) onto `device`; returns it."""
+        """Load the submodule `prefix` ("model.layers.3"; "" for the whole model) onto `device`; returns it.
+        Its tensors are read from the files again, replacing any values it had."""
         prefix = prefix.rstrip(".")
         module = self.model.get_submodule(prefix)
         self._load([n for n in self._names() if _under(n, prefix)], torch.device(device))
@@ -119,10 +120,12 @@ class LazySource:
 
     def materialize_outside(self, stack_name: str, device: str | torch.device = "cpu") -> None:
         """Load every tensor outside the block stack `stack_name` (embeddings, rotary buffers, norm, lm_head)."""
+        stack_name = stack_name.rstrip(".")
         self._load([n for n in self._names() if not _under(n, stack_name)], torch.device(device))
 
     def release_outside(self, stack_name: str) -> None:
         """Put every tensor outside the block stack `stack_name` back on the meta device."""
+        stack_name = stack_name.rstrip(".")
         self._to_meta([n for n in self._names() if not _under(n, stack_name)])
 
     def fingerprint(self) -> str:
@@ -140,9 +143,8 @@ class LazySource:
 
     def _build_index(self, headers: dict[str, dict]) -> dict[str, tuple[_Group, str]]:
         """{state_dict name: (group that makes it, the group's output name)}; checks that nothing is missing."""
-        from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key
-
         from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key
 
         model = self.model
         expected = model.state_dict()
@@ -169,9 +171,10 @@ class LazySource:
             # A dry run on meta tensors names a converter's outputs and checks their shapes, reading nothing.
             for out, tensor in self._convert(group, empty).items():
                 if out in expected and tensor.shape != expected[out].shape:
+                    _, key, file = group.sources[0]
                     raise ValueError(f"{self.folder}: tensor {out!r} has shape {list(tensor.shape)} in the checkpoint "
-                                     f"({group.sources[0][1]} in {group.sources[0][2]}) but {list(expected[out].shape)} "
-                                     "in the model its config.json builds")
+                                     f"({key} in {file}) but {list(expected[out].shape)} in the model its "
+                                     "config.json builds")
                 targets.setdefault(out, (group, out))
 
         for tied in self._ties:  # one parameter: made from the first of its names that the checkpoint has
@@ -284,7 +287,7 @@ def _under(name: str, prefix: str) -> bool:
 
 
 def _model_dtype(dtype, config, headers: dict[str, dict]) -> torch.dtype:
-    """The given dtype, else the config's, else that of the checkpoint's first float tensor (from_pretrained's "auto")."""
+    """The given dtype, else the config's, else the checkpoint's first float tensor's (from_pretrained's "auto")."""
     if dtype is None or dtype == "auto":
         dtype = getattr(config, "dtype", None)
     if dtype is None:

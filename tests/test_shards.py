@@ -30,7 +30,8 @@ def read_back(folder, fmt):
         index_data = json.loads((folder / index).read_text())
         assert index_data["weight_map"] == {name: file for file, names in layout for name in names}
         assert index_data["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
-    assert not (folder / STATE_FILE).exists() and not list(folder.glob("*.tmp*")) and not list(folder.glob("*.partial*"))
+    assert not (folder / STATE_FILE).exists()
+    assert not list(folder.glob("*.tmp*")) and not list(folder.glob("*.partial*"))
     return layout, tensors
 
 
@@ -144,7 +145,8 @@ def test_streaming_a_fused_expert_model_from_source_to_shards(tmp_path):
     writer = ShardWriter(tmp_path / "out", "hf", "10KB")
     for i in range(2):
         block = source.materialize(f"model.layers.{i}")
-        tensors = hf_checkpoint_tensors(source.model, {f"model.layers.{i}.{k}": v for k, v in block.state_dict().items()})
+        state = {f"model.layers.{i}.{k}": v for k, v in block.state_dict().items()}
+        tensors = hf_checkpoint_tensors(source.model, state)
         assert f"model.layers.{i}.mlp.experts.3.up_proj.weight" in tensors  # per expert again, as on disk
         writer.add(tensors)
         source.release(f"model.layers.{i}")

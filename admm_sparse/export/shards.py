@@ -10,19 +10,20 @@ its own). While running, the folder holds:
   completed shards, drops partial files, and numbers on; `written()` is what need not be added again.
 
 `finish()` gives the shards their final names and writes the index (then drops the state file):
-
-| fmt     | one shard                          | N shards                                                        |
-|---------|------------------------------------|-----------------------------------------------------------------|
-| "hf"    | model.safetensors                  | model-00001-of-0000N.safetensors + model.safetensors.index.json |
-| "atlas" | quant_model_weights.safetensors    | quant_model_weights-00001-of-0000N.safetensors + quant_model_weights.safetensors.index.json |
+- "hf", one shard: `model.safetensors`; N shards: `model-00001-of-0000N.safetensors` ... and
+  `model.safetensors.index.json`;
+- "atlas", one shard: `quant_model_weights.safetensors`; N shards: `quant_model_weights-00001-of-0000N.safetensors`
+  ... and `quant_model_weights.safetensors.index.json`.
 
 The index is `{"metadata": {"total_size": bytes}, "weight_map": {tensor name: file}}` in both formats. The
 HF names are what `from_pretrained` reads; `hf_checkpoint_tensors` turns a block's state_dict tensors into
-the names and tensors save_pretrained would write (tied copies dropped, fused experts split per expert). The Atlas names are msModelSlim's: its AscendV1Saver, with
-`part_file_size` > 0, writes through `BufferedSafetensorsWriter` with the prefix `quant_model_weights`, files
+the names and tensors save_pretrained would write (tied copies dropped, fused experts split per expert).
+The Atlas names are msModelSlim's: its AscendV1Saver, with `part_file_size` > 0, writes through
+`BufferedSafetensorsWriter` with the prefix `quant_model_weights`, files
 `quant_model_weights-00001-of-00002.safetensors` and `quant_model_weights.safetensors.index.json` with the
 same index content (github.com/Ascend/msmodelslim: msmodelslim/core/quant_service/modelslim_v1/save/ascendv1.py
-and save/utils/safetensors.py). With one shard both formats keep today's single-file layout. The Atlas
+and save/utils/safetensors.py). Unlike msModelSlim (which writes `-00001-of-00001` when sharding is on, and
+counts part_file_size in GiB), one shard keeps today's single-file layout and sizes follow parse_size. The Atlas
 writer stores floating tensors in float16 (atlas.to_float16: a value beyond float16 is an error naming it).
 """
 from __future__ import annotations
@@ -40,7 +41,8 @@ from .atlas import to_float16
 
 STATE_FILE = ".shard_writer.json"
 # fmt -> (single-file name, shard prefix); the index is "<prefix>.safetensors.index.json"
-LAYOUTS = {"hf": ("model.safetensors", "model"), "atlas": (ATLAS_WEIGHTS_FILE, ATLAS_WEIGHTS_FILE.removesuffix(".safetensors"))}
+LAYOUTS = {"hf": ("model.safetensors", "model"),
+           "atlas": (ATLAS_WEIGHTS_FILE, ATLAS_WEIGHTS_FILE.removesuffix(".safetensors"))}
 _UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
           "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
 _SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(?:([kKmMgGtT]i?)?B)?\s*")
