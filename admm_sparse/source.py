@@ -179,8 +179,8 @@ class LazySource:
 
         for tied in self._ties:  # one parameter: made from the first of its names that the checkpoint has
             present = [n for n in tied if n in targets]
-            for name in tied:
-                if present:
+            if present:
+                for name in tied:
                     targets.setdefault(name, targets[present[0]])
         missing = [n for n in expected if n not in targets]
         if missing:

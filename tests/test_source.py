@@ -136,6 +136,19 @@ def test_extra_checkpoint_keys_are_ignored_missing_ones_are_named(tmp_path):
     assert str(folder) in str(error.value)
 
 
+def test_dtype_from_the_weights_when_the_config_has_none(tmp_path):
+    folder = save_tiny(llama_config(dtype="bfloat16"), tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    del config["dtype"]
+    (folder / "config.json").write_text(json.dumps(config))
+    assert LazySource(folder).dtype == AutoModelForCausalLM.from_pretrained(folder).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="unknown dtype 'float17'"):
+        LazySource(folder, dtype="float17")
+    (folder / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "fp8"}}))
+    with pytest.raises(ValueError, match="quantised weights"):
+        LazySource(folder)
+
+
 def test_shape_mismatch_and_missing_weights_are_errors(tmp_path):
     folder = save_tiny(llama_config(), tmp_path / "m")
     config = json.loads((folder / "config.json").read_text())
