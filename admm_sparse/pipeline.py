@@ -528,7 +528,7 @@ def _prune_blockwise(model, the_plan: Plan, batches, device, make_pruner, config
     pruned_eval = dense_eval
     rows, seconds, first = [], [], 0
     if state is not None and state.exists():
-        first, rows, seconds, (hidden, dense_eval, pruned_eval) = state.load()
+        first, rows, seconds, (hidden, dense_eval, pruned_eval) = state.load(device)
     for i in tqdm(range(first, last + 1), initial=first, total=last + 1, desc="blocks", unit="block",
                   disable=not progress):
         start = time.perf_counter()

@@ -7,6 +7,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3MoeConfig
 
 from admm_sparse.export.atlas import atlas_tensors
+from admm_sparse.export import shards
 from admm_sparse.export.shards import STATE_FILE, ShardWriter, hf_checkpoint_tensors, parse_size
 from admm_sparse.source import LazySource
 
@@ -182,13 +183,13 @@ def test_reopen_after_a_killed_run_gives_the_same_files(tmp_path):
 
     folder = tmp_path / "run"
     ShardWriter(folder, "atlas", 50)
-    writer = ShardWriter.reopen(folder, "atlas", 50)  # killed before its first shard: nothing written yet
+    writer = ShardWriter.reopen(folder, "atlas", 50)  # killed before its first piece: nothing written yet
     assert writer.written() == set()
     for block in blocks[:4]:
         writer.add(block)
     written = writer.written()
-    assert 0 < len(written) < 20  # the last tensors were still pending when the run was "killed"
-    (folder / "quant_model_weights-00006.partial.safetensors").write_bytes(b"half a shard")
+    assert written == {name for block in blocks[:4] for name in block}  # every add is on disk at once
+    (folder / ".pieces" / "piece-00005.safetensors.partial").write_bytes(b"half a piece")
     del writer
 
     with pytest.raises(FileExistsError, match="reopen"):
@@ -197,7 +198,7 @@ def test_reopen_after_a_killed_run_gives_the_same_files(tmp_path):
         ShardWriter.reopen(folder, "hf", 50)
     writer = ShardWriter.reopen(folder, "atlas", "50B")
     assert writer.written() == written
-    assert not (folder / "quant_model_weights-00006.partial.safetensors").exists()
+    assert not (folder / ".pieces" / "piece-00005.safetensors.partial").exists()
     with pytest.raises(ValueError, match="already added"):
         writer.add({sorted(written)[0]: torch.zeros(1)})
     for block in blocks:
@@ -207,14 +208,34 @@ def test_reopen_after_a_killed_run_gives_the_same_files(tmp_path):
         assert (folder / name).read_bytes() == (tmp_path / "ref" / name).read_bytes()
     index = "quant_model_weights.safetensors.index.json"
     assert (folder / index).read_text() == (tmp_path / "ref" / index).read_text()
+    assert not (folder / ".pieces").exists()
 
 
-def test_reopen_while_finish_was_renaming(tmp_path):
+def test_reopen_after_a_killed_finish(tmp_path, monkeypatch):
     tensors = floats(*[3] * 10)
     reference = write(tmp_path / "ref", "hf", 50, tensors)
     writer = ShardWriter(tmp_path / "run", "hf", 50)
     writer.add(tensors)
-    writer._flush()
-    (tmp_path / "run" / "model-00001.tmp.safetensors").rename(tmp_path / "run" / reference[0])  # killed here
+    calls = []
+
+    def killed_after_two(path, entries, real=shards._assemble):
+        if len(calls) == 2:
+            (path.with_name(path.stem + ".partial.safetensors")).write_bytes(b"half")
+            raise KeyboardInterrupt
+        calls.append(path)
+        real(path, entries)
+
+    monkeypatch.setattr(shards, "_assemble", killed_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        writer.finish()
+    monkeypatch.undo()
     assert ShardWriter.reopen(tmp_path / "run", "hf", 50).finish() == reference
     assert read_back(tmp_path / "run", "hf")[0] == read_back(tmp_path / "ref", "hf")[0]
+    for name in reference:
+        assert (tmp_path / "run" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes()
+
+
+def test_memory_holds_one_add_at_a_time(tmp_path):
+    writer = ShardWriter(tmp_path, "hf", "1GB")
+    writer.add({"a": torch.ones(1000)})
+    assert writer.written() == {"a"} and (tmp_path / ".pieces" / "piece-00001.safetensors").is_file()
