@@ -31,6 +31,7 @@ import copy
 import hashlib
 import json
 import struct
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -345,3 +346,27 @@ def _non_persistent_buffers(model) -> dict[str, torch.Tensor]:
         module = model.get_submodule(module_name)
         module._buffers[attr] = torch.empty_like(module._buffers[attr], device="meta")
     return values
+
+
+class StreamingSource:
+    """The block loop's model source (pipeline.prune_blocks) for a LazySource: each block is read from the files
+    for its turn and released after it; what precedes and follows the stack only while it is needed."""
+
+    def __init__(self, lazy: LazySource):
+        self.lazy = lazy
+
+    @contextmanager
+    def outside(self, stack_name: str, device: torch.device):
+        self.lazy.materialize_outside(stack_name, device)
+        try:
+            yield
+        finally:
+            self.lazy.release_outside(stack_name)
+
+    @contextmanager
+    def block(self, stack_name: str, i: int, device: torch.device):
+        prefix = f"{stack_name}.{i}"
+        try:
+            yield self.lazy.materialize(prefix, device)
+        finally:
+            self.lazy.release(prefix)

@@ -184,11 +184,11 @@ def test_reopen_after_a_killed_run_gives_the_same_files(tmp_path):
     folder = tmp_path / "run"
     ShardWriter(folder, "atlas", 50)
     writer = ShardWriter.reopen(folder, "atlas", 50)  # killed before its first piece: nothing written yet
-    assert writer.written() == set()
+    assert writer.written() == []
     for block in blocks[:4]:
         writer.add(block)
     written = writer.written()
-    assert written == {name for block in blocks[:4] for name in block}  # every add is on disk at once
+    assert written == [name for block in blocks[:4] for name in block]  # every add is on disk at once
     (folder / ".pieces" / "piece-00005.safetensors.partial").write_bytes(b"half a piece")
     del writer
 
@@ -238,4 +238,4 @@ def test_reopen_after_a_killed_finish(tmp_path, monkeypatch):
 def test_memory_holds_one_add_at_a_time(tmp_path):
     writer = ShardWriter(tmp_path, "hf", "1GB")
     writer.add({"a": torch.ones(1000)})
-    assert writer.written() == {"a"} and (tmp_path / ".pieces" / "piece-00001.safetensors").is_file()
+    assert writer.written() == ["a"] and (tmp_path / ".pieces" / "piece-00001.safetensors").is_file()

@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 FORMATS = ("atlas", "hf")
 REPORT_FILE = "prune_report.json"
@@ -106,17 +106,54 @@ def atomic_output(out: str | Path, force: bool = False, protect: Iterable[str | 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         yield tmp
-        _ordinary_permissions(tmp)
-        if out.exists() or out.is_symlink():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent)) / out.name
-            out.rename(trash)
-            tmp.rename(out)
-            shutil.rmtree(trash.parent)
-        else:
-            tmp.rename(out)
+        _move_into_place(tmp, out)
     except BaseException:  # KeyboardInterrupt included: no partial output
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def work_folder(out: str | Path) -> Path:
+    """Where a resumable run writes `out` until it is complete: `.<name>.partial` beside it."""
+    out = Path(out).absolute()
+    return out.parent / f".{out.name}.partial"
+
+
+@contextmanager
+def resumable_output(out: str | Path, force: bool = False, resume: bool = False,
+                     protect: Iterable[str | Path] = (), keep: Callable[[Path], bool] = lambda work: False
+                     ) -> Iterator[Path]:
+    """Like atomic_output, but the work folder is work_folder(out), a fixed name, so that a run that was killed
+    (or failed) can be continued with resume=True. A failed run's folder is kept when keep(work) says it holds
+    something to resume from, and deleted otherwise; force=True starts over, deleting an old one."""
+    check_output(out, force, protect)
+    out, work = Path(out).absolute(), work_folder(out)
+    if work.exists() and not resume:
+        if not force:
+            raise FileExistsError(f"an interrupted run left {work}; pass --resume to continue it, or --force to "
+                                  "start over")
+        shutil.rmtree(work)
+    elif resume and not work.exists():
+        raise FileNotFoundError(f"--resume: there is no interrupted run to continue ({work} does not exist)")
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        yield work
+        _move_into_place(work, out)
+    except BaseException:
+        if not keep(work):
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished folder `tmp` to `out`, replacing an old `out` (the caller checked force)."""
+    _ordinary_permissions(tmp)
+    if out.exists() or out.is_symlink():
+        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent)) / out.name
+        out.rename(trash)
+        tmp.rename(out)
+        shutil.rmtree(trash.parent)
+    else:
+        tmp.rename(out)
 
 
 def export_model(model, out: str | Path, pruned: Iterable[str], fmt: str = "atlas", tokenizer=None,

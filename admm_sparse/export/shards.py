@@ -139,13 +139,13 @@ class ShardWriter:
         self._pieces = state["pieces"]  # {"file", "tensors": [[name, bytes], ...]}, in the order added
         self._finished = state.get("finished")  # the final files, once finish() wrote them all
 
-    def written(self) -> set[str]:
-        """Names of the tensors safely on disk."""
-        return {name for piece in self._pieces for name, _ in piece["tensors"]}
+    def written(self) -> list[str]:
+        """Names of the tensors safely on disk, in the order they were added."""
+        return [name for piece in self._pieces for name, _ in piece["tensors"]]
 
     def add(self, tensors: dict[str, torch.Tensor]) -> None:
         """Write tensors (copied to CPU; float16 for Atlas) to disk now, as one piece."""
-        done = self.written()
+        done = set(self.written())
         prepared = {}
         for name, tensor in tensors.items():
             if name in done or name in prepared:

@@ -1,0 +1,107 @@
+"""One prune job, from a model to a finished output folder: the library behind `admm-sparse prune`.
+
+A Hugging Face folder with safetensors weights is streamed (source.LazySource: the model is a skeleton and
+only the block being pruned is in memory); any other model (a GGUF file, a model object) is pruned in
+memory. Either way the block loop (pipeline.prune_blocks) hands each finished block to a shard writer in the
+output's work folder `.<out>.partial` (export.resumable_output), so memory does not grow with depth, and a
+run that is killed continues from the last finished block with resume=True (resume.ResumeState), with the
+same result bit for bit. Nothing is at `out` until the whole folder is complete.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from .config import FloatSparseConfig
+from .export import REPORT_FILE, checkpoint_state_dict, drop_gguf_quantization, resumable_output, sparse_tensor_names
+from .export.atlas import DESCRIPTION_FILE, atlas_description, write_config
+from .export.shards import STATE_FILE, ShardWriter, hf_checkpoint_tensors, parse_size
+from .pipeline import PruneResult, prune_blocks
+from .resume import ResumeState, digest
+from .source import LazySource, StreamingSource
+
+DEFAULT_SHARD_SIZE = "5GB"  # as transformers 4 wrote them
+
+
+def streamable(path: str | Path) -> bool:
+    """Whether `path` is a Hugging Face folder whose safetensors weights can be read block by block."""
+    path = Path(path)
+    return (path.is_dir() and (path / "config.json").is_file() and not (path / DESCRIPTION_FILE).is_file()
+            and ((path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()))
+
+
+class ModelWriter:
+    """Writes a model's tensors, given under their state_dict names, in the layout of its checkpoint on disk:
+    for "hf" what save_pretrained writes (a tied copy once), for "atlas" every name (tied copies stored under
+    each, as SPEC §5 has it). Tensors already on disk (a resumed run) are skipped."""
+
+    def __init__(self, model, shards: ShardWriter):
+        self.model, self.shards = model, shards
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        if self.shards.fmt == "hf":
+            tensors = hf_checkpoint_tensors(self.model, tensors)
+        else:
+            tensors = checkpoint_state_dict(self.model, tensors)
+        done = set(self.shards.written())
+        self.shards.add({name: t for name, t in tensors.items() if name not in done})
+
+
+def write_metadata(model, folder: Path, fmt: str, tokenizer=None, pruned: Iterable[str] = (),
+                   names: Iterable[str] = ()) -> None:
+    """Everything of an output folder but the weights: config (float16 for Atlas) and generation config, the
+    Atlas description of the tensors `names` (pruned layers' W16A16S), the tokenizer."""
+    if fmt == "atlas":
+        write_config(model, folder)
+        description = atlas_description(names, sparse_tensor_names(model, pruned))
+        (folder / DESCRIPTION_FILE).write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
+    else:
+        drop_gguf_quantization(model)  # a dequantised GGUF model is a plain float model; save it as one
+        model.config.save_pretrained(folder)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+
+
+def prune_to_folder(model, calib: torch.Tensor, out: str | Path, config: FloatSparseConfig | None = None, *,
+                    fmt: str = "atlas", tokenizer=None, source: LazySource | None = None,
+                    shard_size: int | str = DEFAULT_SHARD_SIZE, device=None, batch_size: int = 1, progress: bool = True,
+                    blocks: str | None = None, eval_windows: torch.Tensor | None = None, resume: bool = False,
+                    force: bool = False, protect: Iterable[str | Path] = (), report: dict | None = None,
+                    finish_report=None) -> PruneResult:
+    """Prune `model` (a LazySource's skeleton when `source` is given) block by block and write it to `out`.
+
+    Shards of at most shard_size; the report (`report` with the result's rows, summary, perplexities, per-block
+    seconds and peak memory, as finish_report(result, report) completes it) is saved as prune_report.json.
+    resume: continue the run that was interrupted while writing `out`; it must have had the same model
+    files, config, calibration and evaluation windows, format, shard size and stack (else a ValueError says
+    which differ). force: replace an existing `out`, and start over an interrupted run's folder.
+    """
+    config = config or FloatSparseConfig()
+    fingerprint = {"model": source.fingerprint() if source is not None else None, "config": config.to_dict(),
+                   "calibration windows": digest(calib),
+                   "evaluation windows": None if eval_windows is None else digest(eval_windows),
+                   "format": fmt, "shard size": parse_size(shard_size), "blocks": blocks}
+    keep = lambda work: ResumeState(work, fingerprint).exists()  # noqa: E731 - something to resume from
+    with resumable_output(out, force, resume, protect, keep) as work:
+        state = ResumeState(work, fingerprint)
+        if state.exists():
+            state.check()  # before the expensive part
+        resuming = (work / STATE_FILE).is_file()
+        shards = ShardWriter.reopen(work, fmt, shard_size) if resuming else ShardWriter(work, fmt, shard_size)
+        result = prune_blocks(model, calib, config, device=device, batch_size=batch_size, progress=progress,
+                              blocks=blocks, source=StreamingSource(source) if source is not None else None,
+                              writer=ModelWriter(model, shards), state=state, eval_windows=eval_windows)
+        names = shards.written()
+        shards.finish()
+        write_metadata(model, work, fmt, tokenizer, [row["name"] for row in result.rows], names)
+        report = dict(report or {})
+        if finish_report is not None:
+            report = finish_report(result, report)
+        (work / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        state.remove()
+    return result
