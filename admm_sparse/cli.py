@@ -39,8 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--model", type=Path, help="Hugging Face folder, .gguf file or Atlas export folder "
-                        "(default: the built-in SmolLM2-135M-Instruct)")
+    common.add_argument("--model", type=Path, help="Hugging Face folder, .gguf file (or a folder holding one), or "
+                        "Atlas export folder (default: the built-in SmolLM2-135M-Instruct)")
     common.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                         help="dtype to load the model in (default: the model's own; float32 for GGUF)")
     common.add_argument("--device", default="auto", help="compute device, e.g. cpu, cuda, cuda:1 (default: cuda "
