@@ -25,7 +25,7 @@ from .config import FloatSparseConfig, load_config
 from .evaluate import perplexity
 from .export import FORMATS, check_output, export_model
 from .layer import MODES, parse_mask_structure
-from .pipeline import find_block_stack, format_table, plan, prune_model, summarize
+from .pipeline import candidate_modules, find_block_stack, format_table, plan, prune_model, summarize
 
 # Windows of --seq-len tokens. A user's model gets the BENCHMARKS.md protocol's 64 calibration and 100
 # evaluation windows; the built-in demo gets fewer so that it runs in a few minutes on a 2-core CPU
@@ -114,8 +114,21 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _dry_run(model, config) -> int:
+def _check_selection(model, config, source: str) -> dict:
+    """The layers to prune; none is an error here, before calibration (prune_model would just return [])."""
     selected = plan(model, config)
+    if selected:
+        return selected
+    names = [name for name, m in candidate_modules(model) if isinstance(m, torch.nn.Linear)]
+    fits, fix = "", "the patterns"
+    if parse_mask_structure(config.mask_structure)[0] == "N:M":  # plan() drops the layers N:M does not fit
+        fits, fix = f" that mask_structure {config.mask_structure!r} fits", "the patterns or the mask structure"
+    raise ValueError(f"{source} selects no layer to prune: include {config.include} and exclude {config.exclude} "
+                     f"match none of the model's {len(names)} prunable nn.Linear layers{fits} "
+                     f"(named like {names[:8]}); fix {fix}")
+
+
+def _dry_run(model, config, selected) -> int:
     stack = find_block_stack(model)
     total = sum(1 for m in model.modules() if isinstance(m, torch.nn.Linear))
     for name, layer in selected.items():
@@ -153,8 +166,9 @@ def cmd_prune(args) -> int:
     if not args.dry_run:
         check_output(args.out, args.force, protect)  # before the expensive part
     model, tokenizer = builtin.load_model(args.model, args.dtype)
+    selected = _check_selection(model, config, f"the config {args.config}" if args.config else "the default config")
     if args.dry_run:
-        return _dry_run(model, config)
+        return _dry_run(model, config, selected)
 
     if args.calib is not None:
         calib = windows_from_file(args.calib, tokenizer, args.num_samples, args.seq_len)

@@ -3,6 +3,7 @@ import hashlib
 import json
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -151,6 +152,29 @@ def test_include_patterns_and_unused_pattern_warning(model_dir, files, tmp_path,
         assert main(["prune", "--model", str(model_dir), "--config", str(config), "--dry-run"]) == 0
     stdout = capsys.readouterr().out
     assert "7 of 15" in stdout and "model.layers.0" not in stdout
+
+
+@pytest.mark.parametrize("patterns,flags,cause", [
+    ('exclude: ["*"]', [], "include ['*'] and exclude ['*'] match none of the model's 14 prunable nn.Linear "
+                           "layers (named"),
+    ('include: ["*mpl*"]', [], "include ['*mpl*'] and exclude [] match none"),
+    ('include: ["*gate_proj"]', ["--mask-structure", "32:64"], "layers that mask_structure '32:64' fits (named"),
+])
+def test_config_that_selects_nothing_is_an_error_before_calibration(model_dir, tmp_path, capsys, patterns, flags,
+                                                                    cause):
+    config = tmp_path / "none.yaml"
+    config.write_text(f'spec:\n  process:\n    - type: "float_sparse"\n      {patterns}\n')
+    out = tmp_path / "out"
+    # The calibration file does not exist: the selection is checked first.
+    args = ["prune", "--model", str(model_dir), "--config", str(config), "--calib", str(tmp_path / "missing.txt"),
+            "--out", str(out), *flags]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the unused-pattern warning of the typo
+        assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"the config {config} selects no layer to prune: " in err and cause in err
+    assert "'model.layers.0.self_attn.q_proj'" in err and "'model.layers.0.mlp.down_proj'" in err
+    assert "fix the patterns" in err and not out.exists()
 
 
 def test_errors_exit_2_with_a_message_and_no_output(model_dir, files, tmp_path, capsys):
