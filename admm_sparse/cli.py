@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from . import builtin
-from .calib import calibration_windows, read_texts, tokenize, windows_from_file
+from .calib import HELDOUT_FRACTION, calibration_windows, read_texts, split_heldout, tokenize
 from .config import FloatSparseConfig, load_config
 from .evaluate import perplexity
 from .export import FORMATS, check_output, export_model
@@ -71,8 +71,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="atlas: W16A16S for the Atlas 300I Duo (default); hf: a Hugging Face folder")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--dry-run", action="store_true", help="list the layers that would be pruned, then exit")
-    p.add_argument("--eval-text", type=Path, help="measure perplexity before and after on this text "
-                   "(default for the built-in model: the held-out Wikipedia articles)")
+    p.add_argument("--eval-text", type=Path, help="measure perplexity before and after on this text (default: "
+                   f"the last {HELDOUT_FRACTION * 100:g}%% of --calib, held out from calibration; without --calib, "
+                   "the held-out Wikipedia articles)")
     p.add_argument("--eval-windows", type=int, help=f"evaluation windows of --seq-len tokens (default "
                    f"{EVAL_WINDOWS['model']}; {EVAL_WINDOWS['builtin']} for the built-in model; 0 skips evaluation)")
 
@@ -93,11 +94,36 @@ def _model_name(path: Path | None) -> str:
     return str(path) if path is not None else f"builtin:{builtin.GGUF_FILE}"
 
 
-def _text_stream(path: Path | None, tokenizer) -> torch.Tensor:
-    """Token stream of an evaluation text file, or of the built-in held-out articles."""
+def _text_stream(path: Path | None, tokenizer, builtin_part: str = "heldout") -> torch.Tensor:
+    """Token stream of a text file, or of that part of the built-in Wikipedia articles."""
     if path is None:
-        return builtin.builtin_stream(tokenizer, "heldout")
+        return builtin.builtin_stream(tokenizer, builtin_part)
     return tokenize("\n\n".join(read_texts(path)), tokenizer)
+
+
+def _prune_texts(args, tokenizer) -> tuple[torch.Tensor, torch.Tensor | None, str | None]:
+    """(calibration windows, evaluation stream or None, what that stream is) for `prune`.
+
+    Without --eval-text, perplexity is measured on text held out from the calibration text: the built-in
+    Wikipedia's held-out articles, or the end of --calib (cut off before the windows are drawn).
+    """
+    stream = _text_stream(args.calib, tokenizer, "calibration")
+    eval_ids = eval_name = None
+    if args.eval_windows > 0:
+        if args.eval_text is not None:
+            eval_ids, eval_name = _text_stream(args.eval_text, tokenizer), str(args.eval_text)
+        elif args.calib is None or args.model is None:  # the built-in text or model: its held-out articles
+            eval_ids, eval_name = _text_stream(None, tokenizer), "builtin:wikipedia-heldout"
+        else:
+            kept, heldout = split_heldout(stream)
+            name = f"held-out last {HELDOUT_FRACTION:.0%} of {args.calib}"
+            if heldout.numel() < args.seq_len:
+                warnings.warn(f"the {name} has {heldout.numel()} tokens, fewer than one window of {args.seq_len}: "
+                              "no perplexity is measured and all of it calibrates; give --eval-text FILE or a "
+                              "longer calibration text")
+            else:
+                stream, eval_ids, eval_name = kept, heldout, name
+    return calibration_windows(stream, args.num_samples, args.seq_len), eval_ids, eval_name
 
 
 def cmd_eval(args) -> int:
@@ -170,13 +196,7 @@ def cmd_prune(args) -> int:
     if args.dry_run:
         return _dry_run(model, config, selected)
 
-    if args.calib is not None:
-        calib = windows_from_file(args.calib, tokenizer, args.num_samples, args.seq_len)
-    else:
-        calib = calibration_windows(builtin.builtin_stream(tokenizer, "calibration"), args.num_samples, args.seq_len)
-    eval_ids = None
-    if args.eval_windows > 0 and (args.eval_text is not None or args.model is None):
-        eval_ids = _text_stream(args.eval_text, tokenizer)
+    calib, eval_ids, eval_name = _prune_texts(args, tokenizer)
     device = _device(args.device)
     progress = not args.no_progress
 
@@ -197,7 +217,7 @@ def cmd_prune(args) -> int:
         "format": args.format,
         "summary": summarize(rows),
         "perplexity": None if eval_ids is None else {
-            "text": str(args.eval_text or "builtin:wikipedia-heldout"), "seq_len": args.seq_len,
+            "text": eval_name, "seq_len": args.seq_len,
             "windows": min(args.eval_windows, eval_ids.numel() // args.seq_len), "before": before, "after": after},
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from admm_sparse.calib import calibration_windows, read_texts, tokenize
 from admm_sparse.cli import main
 from admm_sparse.export import atlas
 from test_export import TEXT, tiny_model, tiny_tokenizer
@@ -93,6 +94,33 @@ def test_prune_hf_round_trip_and_eval_command(model_dir, files, tmp_path, capsys
                  "--no-progress", "--device", "cpu"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["windows"] == 2 and result["perplexity"] > 1
+
+
+def test_perplexity_defaults_to_the_held_out_end_of_the_calibration_text(model_dir, files, tmp_path, monkeypatch,
+                                                                        capsys):
+    from admm_sparse import cli
+
+    streams = []
+    monkeypatch.setattr(cli, "calibration_windows", lambda ids, *a: streams.append(ids) or calibration_windows(ids, *a))
+    assert prune(model_dir, files, tmp_path / "out", "--format", "hf") == 0
+    ppl = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["perplexity"]
+    full = tokenize("\n\n".join(read_texts(files[0])), tiny_tokenizer())
+    assert full.numel() == 8777 and streams[0].numel() == 8777 - 877  # the windows come from the first 90% only
+    assert ppl["text"] == f"held-out last 10% of {files[0]}" and ppl["windows"] == 877 // 64
+    assert 1 < ppl["before"] < 1e4 and 1 < ppl["after"] < 1e4
+
+    assert prune(model_dir, files, tmp_path / "out2", "--format", "hf", "--eval-windows", "0") == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["perplexity"] is None
+    assert streams[1].numel() == 8777  # nothing is held out when nothing is measured
+
+
+def test_held_out_end_shorter_than_a_window_warns_and_calibrates_on_all(model_dir, files, tmp_path, capsys):
+    short = tmp_path / "short.txt"
+    short.write_text(TEXT)  # 580 tokens: the last 58 are less than one window of 64
+    with pytest.warns(UserWarning, match=f"the held-out last 10% of {short} has 58 tokens, fewer than one window "
+                                         "of 64: no perplexity is measured"):
+        assert prune(model_dir, (short,) + files[1:], tmp_path / "out", "--format", "hf") == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["perplexity"] is None
 
 
 def test_mask_structure_and_mode_flags_override_the_config(model_dir, files, tmp_path, capsys):
