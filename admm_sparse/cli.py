@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import signal
 import sys
 import time
@@ -22,6 +23,7 @@ import torch
 from . import builtin
 from .calib import HELDOUT_FRACTION, calibration_windows, read_texts, split_heldout, tokenize
 from .config import FloatSparseConfig, load_config
+from .deploy import CHECK_WINDOWS, check_dtype, describe
 from .evaluate import perplexity
 from .export import FORMATS, check_output, export_model
 from .layer import MODES, parse_mask_structure
@@ -42,7 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--model", type=Path, help="Hugging Face folder, .gguf file (or a folder holding one), or "
                         "Atlas export folder (default: the built-in SmolLM2-135M-Instruct)")
     common.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
-                        help="dtype to load the model in (default: the model's own; float32 for GGUF)")
+                        help="dtype to load the model in (prune's default: the model's own, float32 for GGUF; "
+                        "eval's: float32, whatever the stored dtype)")
     common.add_argument("--device", default="auto", help="compute device, e.g. cpu, cuda, cuda:1 (default: cuda "
                         "when available). Blocks move there one at a time; the model stays in CPU memory")
     common.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
@@ -127,16 +130,26 @@ def _prune_texts(args, tokenizer) -> tuple[torch.Tensor, torch.Tensor | None, st
 
 
 def cmd_eval(args) -> int:
-    model, tokenizer = builtin.load_model(args.model, args.dtype)
+    # float32 unless asked, whatever the stored dtype (an Atlas export stores float16): the model's quality
+    # without float16's range limit; --dtype float16 shows that limit's effect
+    model, tokenizer = builtin.load_model(args.model, "float32" if args.dtype == "auto" else args.dtype)
+    dtype = next(model.parameters()).dtype
     ids = _text_stream(args.text, tokenizer)
+    device = _device(args.device)
     start = time.perf_counter()
-    ppl = perplexity(model, ids, args.seq_len, args.num_windows or None, _device(args.device),
-                     progress=not args.no_progress)
+    ppl = perplexity(model, ids, args.seq_len, args.num_windows or None, device, progress=not args.no_progress)
     available = ids.numel() // args.seq_len
     windows = min(args.num_windows, available) if args.num_windows else available
+    if not math.isfinite(ppl):  # find where, rather than report a NaN perplexity
+        found = check_dtype(model, ids[: windows * args.seq_len].reshape(windows, args.seq_len), device, dtype)
+        where = describe(found) if not found["ok"] else (
+            f"every block's output is finite in {found['dtype']}, so the overflow comes after the last block "
+            "(the final norm or the output layer)")
+        raise ValueError(f"the model's logits are not finite in {found['dtype']} (perplexity {ppl}): {where}; "
+                         "leave --dtype out to measure it in float32")
     print(json.dumps({"model": _model_name(args.model), "text": str(args.text or "builtin:wikipedia-heldout"),
-                      "windows": windows, "seq_len": args.seq_len, "perplexity": round(ppl, 4),
-                      "seconds": round(time.perf_counter() - start, 1)}))
+                      "dtype": str(dtype).removeprefix("torch."), "windows": windows, "seq_len": args.seq_len,
+                      "perplexity": round(ppl, 4), "seconds": round(time.perf_counter() - start, 1)}))
     return 0
 
 
@@ -206,6 +219,14 @@ def cmd_prune(args) -> int:
     before = ppl() if eval_ids is not None else None
     rows = prune_model(model, calib, config, device=device, batch_size=args.batch_size, progress=progress)
     after = ppl() if eval_ids is not None else None
+    float16 = None
+    if args.format == "atlas":  # the card computes in float16: will the pruned model overflow there?
+        float16 = check_dtype(model, calib[:CHECK_WINDOWS], device)
+        if not float16["ok"]:
+            command = "admm-sparse eval" + (f" --model {args.model}" if args.model else "") + " --dtype float16"
+            warnings.warn(f"the pruned model overflows float16, in which the Atlas 300I Duo computes, so it will give "
+                          f"inf/NaN on the card: {describe(float16)}, on {float16['windows']} calibration windows. "
+                          f"The export is written; see whether the unpruned model does the same: {command}")
 
     print(format_table(rows))
     report = {
@@ -219,6 +240,7 @@ def cmd_prune(args) -> int:
         "perplexity": None if eval_ids is None else {
             "text": eval_name, "seq_len": args.seq_len,
             "windows": min(args.eval_windows, eval_ids.numel() // args.seq_len), "before": before, "after": after},
+        "float16_check": float16,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "seconds": round(time.perf_counter() - start, 1),  # everything but writing the output
@@ -229,7 +251,7 @@ def cmd_prune(args) -> int:
         print(f"perplexity before {before:.4f}, after {after:.4f} "
               f"({report['perplexity']['windows']} windows x {args.seq_len} tokens)")
     print(f"wrote {args.out} ({args.format}) with its report in {args.out / 'prune_report.json'}")
-    print(json.dumps({k: report[k] for k in ("model", "config", "summary", "perplexity", "seconds")}))
+    print(json.dumps({k: report[k] for k in ("model", "config", "summary", "perplexity", "float16_check", "seconds")}))
     return 0
 
 

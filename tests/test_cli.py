@@ -61,6 +61,8 @@ def test_prune_atlas_end_to_end(model_dir, files, tmp_path, capsys):
                                  "allow_tf32": False}
     assert summary["summary"]["layers"] == 6
     assert summary["perplexity"]["windows"] == 3 and summary["perplexity"]["before"] > 1
+    check = summary["float16_check"]
+    assert check["ok"] and check["windows"] == 4 and 0 < check["max_abs"] < 100 and check["block"] is None
 
     report = json.loads((out / "prune_report.json").read_text())
     assert [r["name"] for r in report["layers"]] == [f"model.layers.{i}.mlp.{p}" for i in range(2)
@@ -83,6 +85,33 @@ def test_prune_atlas_end_to_end(model_dir, files, tmp_path, capsys):
     assert digest(model_dir) == before  # the input model's files are never modified
 
 
+def test_float16_overflow_is_reported_by_prune_and_by_eval(files, tmp_path, capsys):
+    model = tiny_model()
+    with torch.no_grad():  # block 1's MLP output (~1e5) overflows float16, not float32; its weights fit float16
+        model.model.layers[1].mlp.up_proj.weight *= 1e3
+        model.model.layers[1].mlp.down_proj.weight *= 3e4
+    model_dir, out = tmp_path / "big", tmp_path / "out"
+    model.save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    with pytest.warns(UserWarning, match=r"the pruned model overflows float16.*block 1 is the first whose output is "
+                                         r"not finite in float16: first in model\.layers\.1\.mlp\.down_proj"):
+        assert prune(model_dir, files, out) == 0
+    capsys.readouterr()
+    check = json.loads((out / "prune_report.json").read_text())["float16_check"]
+    assert (check["ok"], check["block"], check["module"], check["windows"]) == (False, 1, "model.layers.1.mlp.down_proj",
+                                                                                 4)
+    assert (out / "quant_model_weights.safetensors").is_file()  # the export is still written
+
+    evaluate = ["eval", "--model", str(out), "--text", str(files[1]), "--seq-len", "64", "--num-windows", "2",
+                "--no-progress", "--device", "cpu"]
+    assert main(evaluate) == 0  # float32 by default, although the Atlas folder stores float16
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["dtype"] == "float32" and 1 < result["perplexity"] < 1e4
+    assert main(evaluate + ["--dtype", "float16"]) == 2
+    assert ("error: the model's logits are not finite in float16 (perplexity nan): block 1 is the first whose output "
+            "is not finite in float16: first in model.layers.1.mlp.down_proj") in capsys.readouterr().err
+
+
 def test_prune_hf_round_trip_and_eval_command(model_dir, files, tmp_path, capsys):
     out = tmp_path / "hf"
     assert prune(model_dir, files, out, "--format", "hf") == 0
@@ -93,7 +122,7 @@ def test_prune_hf_round_trip_and_eval_command(model_dir, files, tmp_path, capsys
     assert main(["eval", "--model", str(out), "--text", str(files[1]), "--seq-len", "64", "--num-windows", "2",
                  "--no-progress", "--device", "cpu"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert result["windows"] == 2 and result["perplexity"] > 1
+    assert result["windows"] == 2 and result["perplexity"] > 1 and result["dtype"] == "float32"
 
 
 def test_perplexity_defaults_to_the_held_out_end_of_the_calibration_text(model_dir, files, tmp_path, monkeypatch,
