@@ -145,8 +145,8 @@ def cmd_eval(args) -> int:
         where = describe(found) if not found["ok"] else (
             f"every block's output is finite in {found['dtype']}, so the overflow comes after the last block "
             "(the final norm or the output layer)")
-        raise ValueError(f"the model's logits are not finite in {found['dtype']} (perplexity {ppl}): {where}; "
-                         "leave --dtype out to measure it in float32")
+        hint = "; leave --dtype out to measure it in float32" if dtype != torch.float32 else ""
+        raise ValueError(f"the model's logits are not finite in {found['dtype']} (perplexity {ppl}): {where}{hint}")
     print(json.dumps({"model": _model_name(args.model), "text": str(args.text or "builtin:wikipedia-heldout"),
                       "dtype": str(dtype).removeprefix("torch."), "windows": windows, "seq_len": args.seq_len,
                       "perplexity": round(ppl, 4), "seconds": round(time.perf_counter() - start, 1)}))

@@ -112,6 +112,24 @@ def test_float16_overflow_is_reported_by_prune_and_by_eval(files, tmp_path, caps
             "is not finite in float16: first in model.layers.1.mlp.down_proj") in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("scale,flags,message", [
+    (1e6, ["--dtype", "float16"], "not finite in float16 (perplexity nan): every block's output is finite in float16, "
+                                  "so the overflow comes after the last block (the final norm or the output layer); "
+                                  "leave --dtype out to measure it in float32\n"),
+    (1e38, [], "not finite in float32 (perplexity inf): every block's output is finite in float32, so the overflow "
+               "comes after the last block (the final norm or the output layer)\n"),
+])
+def test_eval_error_when_only_the_output_layer_overflows(files, tmp_path, capsys, scale, flags, message):
+    model = tiny_model()
+    with torch.no_grad():
+        model.lm_head.weight *= scale
+    model.save_pretrained(tmp_path / "m")
+    tiny_tokenizer().save_pretrained(tmp_path / "m")
+    assert main(["eval", "--model", str(tmp_path / "m"), "--text", str(files[1]), "--seq-len", "64",
+                 "--num-windows", "2", "--no-progress", "--device", "cpu", *flags]) == 2
+    assert capsys.readouterr().err.endswith(message)
+
+
 def test_prune_hf_round_trip_and_eval_command(model_dir, files, tmp_path, capsys):
     out = tmp_path / "hf"
     assert prune(model_dir, files, out, "--format", "hf") == 0
