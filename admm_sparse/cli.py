@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import signal
 import sys
 import time
@@ -20,12 +21,16 @@ from pathlib import Path
 import torch
 
 from . import builtin
-from .calib import calibration_windows, read_texts, tokenize, windows_from_file
+from .calib import HELDOUT_FRACTION, calibration_windows, read_texts, split_heldout, tokenize
 from .config import FloatSparseConfig, load_config
+from .deploy import CHECK_WINDOWS, DtypeCheck, check_dtype, describe
 from .evaluate import perplexity
-from .export import FORMATS, check_output, export_model
+from .export import FORMATS, check_output
+from .export.shards import parse_size
+from .job import DEFAULT_SHARD_SIZE, prune_to_folder, streamable
 from .layer import MODES, parse_mask_structure
-from .pipeline import format_table, make_plan, prune_model, summarize
+from .pipeline import PruneResult, candidate_modules, format_table, make_plan, summarize
+from .source import LazySource
 from .targets import find_targets
 
 # Windows of --seq-len tokens. A user's model gets the BENCHMARKS.md protocol's 64 calibration and 100
@@ -40,10 +45,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--model", type=Path, help="Hugging Face folder, .gguf file or Atlas export folder "
-                        "(default: the built-in SmolLM2-135M-Instruct)")
+    common.add_argument("--model", type=Path, help="Hugging Face folder, .gguf file (or a folder holding one), or "
+                        "Atlas export folder (default: the built-in SmolLM2-135M-Instruct)")
     common.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
-                        help="dtype to load the model in (default: the model's own; float32 for GGUF)")
+                        help="dtype to load the model in (prune's default: the model's own, float32 for GGUF; "
+                        "eval's: float32, whatever the stored dtype)")
     common.add_argument("--device", default="auto", help="compute device, e.g. cpu, cuda, cuda:1 (default: cuda "
                         "when available). Blocks move there one at a time; the model stays in CPU memory")
     common.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
@@ -72,10 +78,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("out"), help="output folder (default ./out)")
     p.add_argument("--format", default="atlas", choices=FORMATS,
                    help="atlas: W16A16S for the Atlas 300I Duo (default); hf: a Hugging Face folder")
-    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder (and start over a run "
+                   "that was interrupted while writing it)")
+    p.add_argument("--resume", action="store_true", help="continue the run that was interrupted while writing --out, "
+                   "from its last finished block (same model, config and calibration data)")
+    p.add_argument("--shard-size", default=DEFAULT_SHARD_SIZE, help=f"largest weight file of the output, e.g. 500MB, "
+                   f"2GB, 2GiB (default {DEFAULT_SHARD_SIZE}); a larger model is written as numbered shards and an index")
     p.add_argument("--dry-run", action="store_true", help="list the layers that would be pruned, then exit")
-    p.add_argument("--eval-text", type=Path, help="measure perplexity before and after on this text "
-                   "(default for the built-in model: the held-out Wikipedia articles)")
+    p.add_argument("--eval-text", type=Path, help="measure perplexity before and after on this text (default: "
+                   f"the last {HELDOUT_FRACTION * 100:g}%% of --calib, held out from calibration; without --calib, "
+                   "the held-out Wikipedia articles)")
     p.add_argument("--eval-windows", type=int, help=f"evaluation windows of --seq-len tokens (default "
                    f"{EVAL_WINDOWS['model']}; {EVAL_WINDOWS['builtin']} for the built-in model; 0 skips evaluation)")
 
@@ -96,25 +108,74 @@ def _model_name(path: Path | None) -> str:
     return str(path) if path is not None else f"builtin:{builtin.GGUF_FILE}"
 
 
-def _text_stream(path: Path | None, tokenizer) -> torch.Tensor:
-    """Token stream of an evaluation text file, or of the built-in held-out articles."""
+def _text_stream(path: Path | None, tokenizer, builtin_part: str = "heldout") -> torch.Tensor:
+    """Token stream of a text file, or of that part of the built-in Wikipedia articles."""
     if path is None:
-        return builtin.builtin_stream(tokenizer, "heldout")
+        return builtin.builtin_stream(tokenizer, builtin_part)
     return tokenize("\n\n".join(read_texts(path)), tokenizer)
 
 
+def _prune_texts(args, tokenizer) -> tuple[torch.Tensor, torch.Tensor | None, str | None]:
+    """(calibration windows, evaluation stream or None, what that stream is) for `prune`.
+
+    Without --eval-text, perplexity is measured on text held out from the calibration text: the built-in
+    Wikipedia's held-out articles, or the end of --calib (cut off before the windows are drawn).
+    """
+    stream = _text_stream(args.calib, tokenizer, "calibration")
+    eval_ids = eval_name = None
+    if args.eval_windows > 0:
+        if args.eval_text is not None:
+            eval_ids, eval_name = _text_stream(args.eval_text, tokenizer), str(args.eval_text)
+        elif args.calib is None or args.model is None:  # the built-in text or model: its held-out articles
+            eval_ids, eval_name = _text_stream(None, tokenizer), "builtin:wikipedia-heldout"
+        else:
+            kept, heldout = split_heldout(stream)
+            name = f"held-out last {HELDOUT_FRACTION:.0%} of {args.calib}"
+            if heldout.numel() < args.seq_len:
+                warnings.warn(f"the {name} has {heldout.numel()} tokens, fewer than one window of {args.seq_len}: "
+                              "no perplexity is measured and all of it calibrates; give --eval-text FILE or a "
+                              "longer calibration text")
+            else:
+                stream, eval_ids, eval_name = kept, heldout, name
+    return calibration_windows(stream, args.num_samples, args.seq_len), eval_ids, eval_name
+
+
 def cmd_eval(args) -> int:
-    model, tokenizer = builtin.load_model(args.model, args.dtype)
+    # float32 unless asked, whatever the stored dtype (an Atlas export stores float16): the model's quality
+    # without float16's range limit; --dtype float16 shows that limit's effect
+    model, tokenizer = builtin.load_model(args.model, "float32" if args.dtype == "auto" else args.dtype)
+    dtype = next(model.parameters()).dtype
     ids = _text_stream(args.text, tokenizer)
+    device = _device(args.device)
     start = time.perf_counter()
-    ppl = perplexity(model, ids, args.seq_len, args.num_windows or None, _device(args.device),
-                     progress=not args.no_progress)
+    ppl = perplexity(model, ids, args.seq_len, args.num_windows or None, device, progress=not args.no_progress)
     available = ids.numel() // args.seq_len
     windows = min(args.num_windows, available) if args.num_windows else available
+    if not math.isfinite(ppl):  # find where, rather than report a NaN perplexity
+        found = check_dtype(model, ids[: windows * args.seq_len].reshape(windows, args.seq_len), device, dtype)
+        where = describe(found) if not found["ok"] else (
+            f"every block's output is finite in {found['dtype']}, so the overflow comes after the last block "
+            "(the final norm or the output layer)")
+        hint = "; leave --dtype out to measure it in float32" if dtype != torch.float32 else ""
+        raise ValueError(f"the model's logits are not finite in {found['dtype']} (perplexity {ppl}): {where}{hint}")
     print(json.dumps({"model": _model_name(args.model), "text": str(args.text or "builtin:wikipedia-heldout"),
-                      "windows": windows, "seq_len": args.seq_len, "perplexity": round(ppl, 4),
-                      "seconds": round(time.perf_counter() - start, 1)}))
+                      "dtype": str(dtype).removeprefix("torch."), "windows": windows, "seq_len": args.seq_len,
+                      "perplexity": round(ppl, 4), "seconds": round(time.perf_counter() - start, 1)}))
     return 0
+
+
+def _check_selection(model, config, source: str, blocks: str | None) -> dict:
+    """The layers to prune; none is an error here, before calibration (prune_model would just return [])."""
+    the_plan = make_plan(model, config, blocks)
+    if the_plan.targets:
+        return the_plan.targets
+    names = [t.name for t in find_targets(candidate_modules(model, the_plan.stack))]
+    fits, fix = "", "the patterns"
+    if parse_mask_structure(config.mask_structure)[0] == "N:M":  # make_plan drops the layers N:M does not fit
+        fits, fix = f" that mask_structure {config.mask_structure!r} fits", "the patterns or the mask structure"
+    raise ValueError(f"{source} selects no layer to prune: include {config.include} and exclude {config.exclude} "
+                     f"match none of the model's {len(names)} prunable layers{fits} "
+                     f"(named like {names[:8]}); fix {fix}")
 
 
 def _dry_run(model, config, blocks) -> int:
@@ -136,6 +197,18 @@ def _dry_run(model, config, blocks) -> int:
           f"({config.mask_structure}, {config.mode} mode) {where}"
           + (f"; {experts} of them are experts' matrices" if experts else ""))
     return 0
+
+
+def _open_model(args):
+    """(model, tokenizer, LazySource or None): a Hugging Face safetensors folder is streamed block by block
+    (its model is a skeleton), anything else is loaded into memory."""
+    if args.model is not None and streamable(args.model):
+        from transformers import AutoTokenizer
+
+        source = LazySource(args.model, None if args.dtype == "auto" else args.dtype)
+        return source.model, AutoTokenizer.from_pretrained(args.model), source
+    model, tokenizer = builtin.load_model(args.model, args.dtype)
+    return model, tokenizer, None
 
 
 def _config(args) -> FloatSparseConfig:
@@ -161,32 +234,20 @@ def cmd_prune(args) -> int:
     for flag in ("seq_len", "num_samples", "batch_size"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least 1")
+    parse_size(args.shard_size)
     protect = [args.model or builtin.builtin_model_file()]
     if not args.dry_run:
         check_output(args.out, args.force, protect)  # before the expensive part
-    model, tokenizer = builtin.load_model(args.model, args.dtype)
+    model, tokenizer, source = _open_model(args)
+    _check_selection(model, config, f"the config {args.config}" if args.config else "the default config", args.blocks)
     if args.dry_run:
         return _dry_run(model, config, args.blocks)
 
-    if args.calib is not None:
-        calib = windows_from_file(args.calib, tokenizer, args.num_samples, args.seq_len)
-    else:
-        calib = calibration_windows(builtin.builtin_stream(tokenizer, "calibration"), args.num_samples, args.seq_len)
-    eval_ids = None
-    if args.eval_windows > 0 and (args.eval_text is not None or args.model is None):
-        eval_ids = _text_stream(args.eval_text, tokenizer)
+    calib, eval_ids, eval_name = _prune_texts(args, tokenizer)
+    eval_windows = None if eval_ids is None else _eval_windows(eval_ids, args.seq_len, args.eval_windows)
     device = _device(args.device)
-    progress = not args.no_progress
-
-    def ppl():
-        return perplexity(model, eval_ids, args.seq_len, args.eval_windows, device, progress=progress)
-
-    before = ppl() if eval_ids is not None else None
-    rows = prune_model(model, calib, config, device=device, batch_size=args.batch_size, progress=progress,
-                       blocks=args.blocks)
-    after = ppl() if eval_ids is not None else None
-
-    print(format_table(rows))
+    # The card computes in float16: will the pruned model overflow there? (Checked as the blocks pass.)
+    check = DtypeCheck(torch.float16, calib[:CHECK_WINDOWS]) if args.format == "atlas" else None
     report = {
         "model": _model_name(args.model),
         "config": config.to_dict(),
@@ -194,22 +255,52 @@ def cmd_prune(args) -> int:
                         "seq_len": int(calib.shape[1])},
         "device": str(device),
         "format": args.format,
-        "summary": summarize(rows),
-        "perplexity": None if eval_ids is None else {
-            "text": str(args.eval_text or "builtin:wikipedia-heldout"), "seq_len": args.seq_len,
-            "windows": min(args.eval_windows, eval_ids.numel() // args.seq_len), "before": before, "after": after},
+        "streamed": source is not None,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "seconds": round(time.perf_counter() - start, 1),  # everything but writing the output
-        "layers": rows,
     }
-    export_model(model, args.out, [r["name"] for r in rows], args.format, tokenizer, args.force, report, protect)
-    if eval_ids is not None:
-        print(f"perplexity before {before:.4f}, after {after:.4f} "
-              f"({report['perplexity']['windows']} windows x {args.seq_len} tokens)")
+
+    def finish_report(result: PruneResult, report: dict) -> dict:
+        return {**report, "summary": summarize(result.rows),
+                "perplexity": None if eval_windows is None else {
+                    "text": eval_name, "seq_len": args.seq_len, "windows": int(eval_windows.shape[0]),
+                    "before": result.perplexity_before, "after": result.perplexity_after},
+                "float16_check": None if check is None else check.result,
+                "peak_memory_bytes": result.peak_memory_bytes, "block_seconds": result.block_seconds,
+                "seconds": round(time.perf_counter() - start, 1), "layers": result.rows}
+
+    result = prune_to_folder(model, calib, args.out, config, fmt=args.format, tokenizer=tokenizer, source=source,
+                             shard_size=args.shard_size, device=device, batch_size=args.batch_size,
+                             progress=not args.no_progress, blocks=args.blocks, eval_windows=eval_windows,
+                             dtype_check=check, resume=args.resume, force=args.force, protect=protect, report=report,
+                             finish_report=finish_report)
+    if check is not None and not check.result["ok"]:
+        command = "admm-sparse eval" + (f" --model {args.model}" if args.model else "") + " --dtype float16"
+        warnings.warn(f"the pruned model overflows float16, in which the Atlas 300I Duo computes, so it will give "
+                      f"inf/NaN on the card: {describe(check.result)}, on {check.result['windows']} calibration windows. "
+                      f"The export is written; see whether the unpruned model does the same: {command}")
+    print(format_table(result.rows))
+    if eval_windows is not None:
+        print(f"perplexity before {result.perplexity_before:.4f}, after {result.perplexity_after:.4f} "
+              f"({eval_windows.shape[0]} windows x {args.seq_len} tokens of {eval_name})")
     print(f"wrote {args.out} ({args.format}) with its report in {args.out / 'prune_report.json'}")
-    print(json.dumps({k: report[k] for k in ("model", "config", "summary", "perplexity", "seconds")}))
+    summary = finish_report(result, report)
+    print(json.dumps({k: summary[k] for k in ("model", "config", "summary", "perplexity", "float16_check",
+                                              "peak_memory_bytes", "seconds")}))
     return 0
+
+
+def _eval_windows(ids: torch.Tensor, seq_len: int, wanted: int) -> torch.Tensor:
+    """The first `wanted` non-overlapping windows of the stream (all of them when fewer, with a warning)."""
+    available = ids.numel() // seq_len
+    if available == 0:
+        raise ValueError(f"the evaluation text has {ids.numel()} tokens, fewer than one window of {seq_len}; "
+                         "give a longer text or a smaller --seq-len")
+    if wanted > available:
+        warnings.warn(f"the evaluation text has only {available} windows of {seq_len} tokens; using all of them "
+                      f"instead of {wanted}", stacklevel=2)
+    n = min(wanted, available)
+    return ids[: n * seq_len].reshape(n, seq_len)
 
 
 def _on_sigterm(signum, frame):
@@ -228,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"admm-sparse: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("admm-sparse: interrupted; no output was written", file=sys.stderr)
+        print("admm-sparse: interrupted; no output was written (a run that had finished a block can be continued "
+              "with --resume)", file=sys.stderr)
         return 130
     finally:
         warnings.formatwarning = old_format

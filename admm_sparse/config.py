@@ -54,7 +54,8 @@ def _check_pruner_options(options: dict, where: str) -> None:
         try:
             check_options({key: value})
         except (TypeError, ValueError) as exc:
-            raise ConfigError(f"{where}{key}: {exc}") from None
+            message = str(exc).removeprefix(f"{key} ")  # check_options names the key; `where` already does
+            raise ConfigError(f"{where}{key}: {message}") from None
 
 
 @dataclass
@@ -125,14 +126,14 @@ def parse_config(data, source: str = "<config>") -> FloatSparseConfig:
     ratio = entry.get("sparse_ratio")
     options = {key: entry.get(key, value) for key, value in defaults.pruner_options().items()}
     _check_pruner_options(options, f"{where}.")
+    checked = dict(
+        sparse_ratio=None if ratio is None else _check_ratio(ratio, f"{where}.sparse_ratio"),
+        include=_check_patterns(entry.get("include", defaults.include), f"{where}.include"),
+        exclude=_check_patterns(entry.get("exclude", defaults.exclude), f"{where}.exclude"),
+    )
     try:
-        return FloatSparseConfig(
-            sparse_ratio=None if ratio is None else _check_ratio(ratio, f"{where}.sparse_ratio"),
-            include=_check_patterns(entry.get("include", defaults.include), f"{where}.include"),
-            exclude=_check_patterns(entry.get("exclude", defaults.exclude), f"{where}.exclude"),
-            **options,
-        )
-    except ConfigError as exc:  # only the ratio against the structure is left to check
+        return FloatSparseConfig(**checked, **options)
+    except ConfigError as exc:  # only the ratio against the structure is left to check; its message has no prefix
         raise ConfigError(f"{where}.{exc}") from None
 
 

@@ -72,10 +72,10 @@ def prune_to_folder(model, calib: torch.Tensor, out: str | Path, config: FloatSp
                     shard_size: int | str = DEFAULT_SHARD_SIZE, device=None, batch_size: int = 1, progress: bool = True,
                     blocks: str | None = None, eval_windows: torch.Tensor | None = None, resume: bool = False,
                     force: bool = False, protect: Iterable[str | Path] = (), report: dict | None = None,
-                    finish_report=None) -> PruneResult:
+                    finish_report=None, dtype_check=None) -> PruneResult:
     """Prune `model` (a LazySource's skeleton when `source` is given) block by block and write it to `out`.
 
-    Shards of at most shard_size; the report (`report` with the result's rows, summary, perplexities, per-block
+    Shards of at most shard_size; dtype_check: a deploy.DtypeCheck run on the pruned blocks; the report (`report` with the result's rows, summary, perplexities, per-block
     seconds and peak memory, as finish_report(result, report) completes it) is saved as prune_report.json.
     resume: continue the run that was interrupted while writing `out`; it must have had the same model
     files, config, calibration and evaluation windows, format, shard size and stack (else a ValueError says
@@ -95,7 +95,8 @@ def prune_to_folder(model, calib: torch.Tensor, out: str | Path, config: FloatSp
         shards = ShardWriter.reopen(work, fmt, shard_size) if resuming else ShardWriter(work, fmt, shard_size)
         result = prune_blocks(model, calib, config, device=device, batch_size=batch_size, progress=progress,
                               blocks=blocks, source=StreamingSource(source) if source is not None else None,
-                              writer=ModelWriter(model, shards), state=state, eval_windows=eval_windows)
+                              writer=ModelWriter(model, shards), state=state, eval_windows=eval_windows,
+                              dtype_check=dtype_check)
         names = shards.written()
         shards.finish()
         write_metadata(model, work, fmt, tokenizer, [row["name"] for row in result.rows], names)

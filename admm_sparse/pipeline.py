@@ -476,18 +476,19 @@ def prune_model(model: nn.Module, calib: torch.Tensor | Iterable[torch.Tensor], 
 def prune_blocks(model: nn.Module, calib, config: FloatSparseConfig | None = None, *,
                  device: str | torch.device | None = None, make_pruner: PrunerFactory | None = None,
                  batch_size: int = 1, progress: bool = True, blocks: str | None = None, source=None, writer=None,
-                 state=None, eval_windows: torch.Tensor | None = None) -> PruneResult:
+                 state=None, eval_windows: torch.Tensor | None = None, dtype_check=None) -> PruneResult:
     """prune_model with the loop's seams open (see ARCHITECTURE.md): the block loop reads
     materialise block -> capture its layers' inputs -> prune them -> run the block for the next inputs ->
     write -> release.
 
-    source: where weights come from (default InMemorySource(model); admm_sparse.source.StreamingSource
-    materialises one block at a time from safetensors files). writer: receives every tensor of the model in
-    its checkpoint layout as soon as it is final (a finished block's, then those outside the stack), e.g. an
-    admm_sparse.export.shards.ShardWriter; without one the model is pruned in place only. state: a
+    source: where weights come from (default InMemorySource(model); source.StreamingSource materialises one
+    block at a time from safetensors files). writer: an object whose add(tensors) receives every tensor of the
+    model under its state_dict name as soon as it is final (a finished block's, then those outside the
+    stack), e.g. job.ModelWriter; without one the model is pruned in place only. state: a
     resume.ResumeState, saved after every block, from which an interrupted run continues. eval_windows:
     [n, seq_len] token windows on which the dense and the pruned model's perplexities are measured as the
-    blocks pass (no extra pass over the weights).
+    blocks pass (no extra pass over the weights). dtype_check: a deploy.DtypeCheck stepped with every pruned
+    block (does the pruned model stay finite in float16, as the Atlas card computes?).
     """
     config = config or FloatSparseConfig()
     make_pruner = make_pruner or admm_pruner_factory(config)
@@ -503,73 +504,74 @@ def prune_blocks(model: nn.Module, calib, config: FloatSparseConfig | None = Non
     try:
         with torch.no_grad():
             if the_plan.stack is None:
-                if writer is not None or eval_windows is not None:
+                if writer is not None or eval_windows is not None or dtype_check is not None:
                     raise ValueError("this model has no stack of blocks: it can only be pruned in memory, as a whole")
                 return PruneResult(_prune_one_pass(model, the_plan.targets, batches, device, home, make_pruner,
                                                    config, progress))
             return _prune_blockwise(model, the_plan, batches, device, make_pruner, config, progress, source, writer,
-                                    state, eval_windows, batch_size)
+                                    state, eval_windows, dtype_check, batch_size)
     finally:
         model.train(was_training)
 
 
 def _prune_blockwise(model, the_plan: Plan, batches, device, make_pruner, config, progress, source, writer, state,
-                     eval_windows, batch_size) -> PruneResult:
+                     eval_windows, dtype_check, batch_size) -> PruneResult:
     stack_name, blocks = the_plan.stack
     per_block = [[t for n, t in the_plan.targets.items() if n.startswith(f"{stack_name}.{i}.")]
                  for i in range(len(blocks))]
-    # Later blocks need no inputs, unless they are evaluated or written.
+    # Later blocks need no inputs, unless they are evaluated, checked or written.
     with_targets = [i for i, targets in enumerate(per_block) if targets]
-    last = len(blocks) - 1 if (writer is not None or eval_windows is not None or not with_targets) else with_targets[-1]
+    every = writer is not None or eval_windows is not None or dtype_check is not None or not with_targets
+    last = len(blocks) - 1 if every else with_targets[-1]
+    # Three streams of windows share one capture: calibration, evaluation, the dtype check.
     evals = _batches(eval_windows, batch_size) if eval_windows is not None else []
+    checks = _batches(dtype_check.windows, batch_size) if dtype_check is not None else []
+    cut = [len(batches), len(batches) + len(evals)]
     with source.outside(stack_name, device):
-        hidden, extras = _capture_block_inputs(model, stack_name, blocks, batches + evals, device, last + 1)
-    hidden, dense_eval = hidden[:len(batches)], hidden[len(batches):]
+        hidden, extras = _capture_block_inputs(model, stack_name, blocks, batches + evals + checks, device, last + 1)
+    hidden, dense_eval, check_inputs = hidden[:cut[0]], hidden[cut[0]:cut[1]], hidden[cut[1]:]
     pruned_eval = dense_eval
-    rows, seconds, first = [], [], 0
+    result, first = PruneResult([]), 0
     if state is not None and state.exists():
-        first, rows, seconds, (hidden, dense_eval, pruned_eval) = state.load(device)
+        first, data, (hidden, dense_eval, pruned_eval, checked) = state.load(device)
+        result.rows, result.block_seconds = data["rows"], data["seconds"]
+        if dtype_check is not None:
+            dtype_check.result, dtype_check.hidden = data["dtype_check"], checked or None
     for i in tqdm(range(first, last + 1), initial=first, total=last + 1, desc="blocks", unit="block",
                   disable=not progress):
         start = time.perf_counter()
-        calib_extras, eval_extras = extras[i][:len(batches)], extras[i][len(batches):]
+        calib_extras, eval_extras, check_extras = extras[i][:cut[0]], extras[i][cut[0]:cut[1]], extras[i][cut[1]:]
         with source.block(stack_name, i, device) as block:
             if evals:
                 dense_eval = _run_block(block, dense_eval, eval_extras)  # before its layers are pruned
             if per_block[i]:
-                rows += _prune_targets(per_block[i], lambda: _run_block(block, hidden, calib_extras), block,
-                                       make_pruner, config.sparse_ratio, progress, f"block {i}")
+                result.rows += _prune_targets(per_block[i], lambda: _run_block(block, hidden, calib_extras), block,
+                                              make_pruner, config.sparse_ratio, progress, f"block {i}")
             if i < last:
                 hidden = _run_block(block, hidden, calib_extras)  # with the pruned weights
             if evals:
                 pruned_eval = _run_block(block, pruned_eval, eval_extras)
+            if dtype_check is not None:
+                dtype_check.step(f"{stack_name}.{i}", i, block, check_inputs, check_extras)
             if writer is not None:
-                writer.add(_checkpoint_tensors(model, f"{stack_name}.{i}.", block))
+                writer.add({f"{stack_name}.{i}.{name}": t for name, t in block.state_dict().items()})
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        seconds.append(time.perf_counter() - start)
+        result.block_seconds.append(time.perf_counter() - start)
         if state is not None:
-            state.save(i + 1, rows, seconds, (hidden, dense_eval, pruned_eval))
-    result = PruneResult(rows, block_seconds=seconds)
+            checked = dtype_check.hidden if dtype_check is not None and dtype_check.hidden is not None else []
+            state.save(i + 1, (hidden, dense_eval, pruned_eval, checked),
+                       {"rows": result.rows, "seconds": result.block_seconds,
+                        "dtype_check": dtype_check.result if dtype_check is not None else None})
     if writer is not None or evals:
         with source.outside(stack_name, device):
             if writer is not None:
-                writer.add(_checkpoint_tensors(model, "", model, skip=f"{stack_name}."))
+                writer.add({name: t for name, t in model.state_dict().items() if not name.startswith(f"{stack_name}.")})
             if evals:
                 result.perplexity_before = _perplexity(model, stack_name, blocks, evals, dense_eval, device)
                 result.perplexity_after = _perplexity(model, stack_name, blocks, evals, pruned_eval, device)
     result.peak_memory_bytes = peak_memory_bytes()
     return result
-
-
-def _checkpoint_tensors(model, prefix: str, module: nn.Module, skip: str | None = None) -> dict[str, torch.Tensor]:
-    """module's tensors under their full names, in the model's checkpoint layout (fused experts split per
-    expert); names starting with `skip` left out."""
-    from .export import checkpoint_state_dict
-
-    tensors = {prefix + name: t for name, t in module.state_dict().items()
-               if skip is None or not (prefix + name).startswith(skip)}
-    return checkpoint_state_dict(model, tensors)
 
 
 class _Injector(nn.Module):

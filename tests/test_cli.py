@@ -3,14 +3,16 @@ import hashlib
 import json
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from admm_sparse.calib import calibration_windows, read_texts, tokenize
 from admm_sparse.cli import main
-from admm_sparse.export import atlas
+from admm_sparse.export import shards
 from test_export import TEXT, tiny_model, tiny_tokenizer
 
 
@@ -59,6 +61,8 @@ def test_prune_atlas_end_to_end(model_dir, files, tmp_path, capsys):
                                  "allow_tf32": False}
     assert summary["summary"]["layers"] == 6
     assert summary["perplexity"]["windows"] == 3 and summary["perplexity"]["before"] > 1
+    check = summary["float16_check"]
+    assert check["ok"] and check["windows"] == 4 and 0 < check["max_abs"] < 100 and check["block"] is None
 
     report = json.loads((out / "prune_report.json").read_text())
     assert [r["name"] for r in report["layers"]] == [f"model.layers.{i}.mlp.{p}" for i in range(2)
@@ -81,17 +85,89 @@ def test_prune_atlas_end_to_end(model_dir, files, tmp_path, capsys):
     assert digest(model_dir) == before  # the input model's files are never modified
 
 
+def test_float16_overflow_is_reported_by_prune_and_by_eval(files, tmp_path, capsys):
+    model = tiny_model()
+    with torch.no_grad():  # block 1's MLP output (~1e5) overflows float16, not float32; its weights fit float16
+        model.model.layers[1].mlp.up_proj.weight *= 1e3
+        model.model.layers[1].mlp.down_proj.weight *= 3e4
+    model_dir, out = tmp_path / "big", tmp_path / "out"
+    model.save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    with pytest.warns(UserWarning, match=r"the pruned model overflows float16.*block 1 is the first whose output is "
+                                         r"not finite in float16: first in model\.layers\.1\.mlp\.down_proj"):
+        assert prune(model_dir, files, out) == 0
+    capsys.readouterr()
+    check = json.loads((out / "prune_report.json").read_text())["float16_check"]
+    assert (check["ok"], check["block"], check["module"], check["windows"]) == (False, 1, "model.layers.1.mlp.down_proj",
+                                                                                 4)
+    assert (out / "quant_model_weights.safetensors").is_file()  # the export is still written
+
+    evaluate = ["eval", "--model", str(out), "--text", str(files[1]), "--seq-len", "64", "--num-windows", "2",
+                "--no-progress", "--device", "cpu"]
+    assert main(evaluate) == 0  # float32 by default, although the Atlas folder stores float16
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["dtype"] == "float32" and 1 < result["perplexity"] < 1e4
+    assert main(evaluate + ["--dtype", "float16"]) == 2
+    assert ("error: the model's logits are not finite in float16 (perplexity nan): block 1 is the first whose output "
+            "is not finite in float16: first in model.layers.1.mlp.down_proj") in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("scale,flags,message", [
+    (1e6, ["--dtype", "float16"], "not finite in float16 (perplexity nan): every block's output is finite in float16, "
+                                  "so the overflow comes after the last block (the final norm or the output layer); "
+                                  "leave --dtype out to measure it in float32\n"),
+    (1e38, [], "not finite in float32 (perplexity inf): every block's output is finite in float32, so the overflow "
+               "comes after the last block (the final norm or the output layer)\n"),
+])
+def test_eval_error_when_only_the_output_layer_overflows(files, tmp_path, capsys, scale, flags, message):
+    model = tiny_model()
+    with torch.no_grad():
+        model.lm_head.weight *= scale
+    model.save_pretrained(tmp_path / "m")
+    tiny_tokenizer().save_pretrained(tmp_path / "m")
+    assert main(["eval", "--model", str(tmp_path / "m"), "--text", str(files[1]), "--seq-len", "64",
+                 "--num-windows", "2", "--no-progress", "--device", "cpu", *flags]) == 2
+    assert capsys.readouterr().err.endswith(message)
+
+
 def test_prune_hf_round_trip_and_eval_command(model_dir, files, tmp_path, capsys):
     out = tmp_path / "hf"
     assert prune(model_dir, files, out, "--format", "hf") == 0
-    capsys.readouterr()
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["float16_check"] is None  # Atlas only
     loaded = AutoModelForCausalLM.from_pretrained(out)
     ups = [m.weight for n, m in loaded.named_modules() if n.endswith("up_proj")]
     assert len(ups) == 2 and all(int((w == 0).sum()) == int(w.numel() * 0.4) for w in ups)
     assert main(["eval", "--model", str(out), "--text", str(files[1]), "--seq-len", "64", "--num-windows", "2",
                  "--no-progress", "--device", "cpu"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert result["windows"] == 2 and result["perplexity"] > 1
+    assert result["windows"] == 2 and result["perplexity"] > 1 and result["dtype"] == "float32"
+
+
+def test_perplexity_defaults_to_the_held_out_end_of_the_calibration_text(model_dir, files, tmp_path, monkeypatch,
+                                                                        capsys):
+    from admm_sparse import cli
+
+    streams = []
+    monkeypatch.setattr(cli, "calibration_windows", lambda ids, *a: streams.append(ids) or calibration_windows(ids, *a))
+    assert prune(model_dir, files, tmp_path / "out", "--format", "hf") == 0
+    ppl = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["perplexity"]
+    full = tokenize("\n\n".join(read_texts(files[0])), tiny_tokenizer())
+    assert full.numel() == 8777 and streams[0].numel() == 8777 - 877  # the windows come from the first 90% only
+    assert ppl["text"] == f"held-out last 10% of {files[0]}" and ppl["windows"] == 877 // 64
+    assert 1 < ppl["before"] < 1e4 and 1 < ppl["after"] < 1e4
+
+    assert prune(model_dir, files, tmp_path / "out2", "--format", "hf", "--eval-windows", "0") == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["perplexity"] is None
+    assert streams[1].numel() == 8777  # nothing is held out when nothing is measured
+
+
+def test_held_out_end_shorter_than_a_window_warns_and_calibrates_on_all(model_dir, files, tmp_path, capsys):
+    short = tmp_path / "short.txt"
+    short.write_text(TEXT)  # 580 tokens: the last 58 are less than one window of 64
+    with pytest.warns(UserWarning, match=f"the held-out last 10% of {short} has 58 tokens, fewer than one window "
+                                         "of 64: no perplexity is measured"):
+        assert prune(model_dir, (short,) + files[1:], tmp_path / "out", "--format", "hf") == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["perplexity"] is None
 
 
 def test_mask_structure_and_mode_flags_override_the_config(model_dir, files, tmp_path, capsys):
@@ -153,6 +229,29 @@ def test_include_patterns_and_unused_pattern_warning(model_dir, files, tmp_path,
     assert "7 of 15" in stdout and "model.layers.0" not in stdout
 
 
+@pytest.mark.parametrize("patterns,flags,cause", [
+    ('exclude: ["*"]', [], "include ['*'] and exclude ['*'] match none of the model's 14 prunable layers "
+                           "(named"),
+    ('include: ["*mpl*"]', [], "include ['*mpl*'] and exclude [] match none"),
+    ('include: ["*gate_proj"]', ["--mask-structure", "32:64"], "layers that mask_structure '32:64' fits (named"),
+])
+def test_config_that_selects_nothing_is_an_error_before_calibration(model_dir, tmp_path, capsys, patterns, flags,
+                                                                    cause):
+    config = tmp_path / "none.yaml"
+    config.write_text(f'spec:\n  process:\n    - type: "float_sparse"\n      {patterns}\n')
+    out = tmp_path / "out"
+    # The calibration file does not exist: the selection is checked first.
+    args = ["prune", "--model", str(model_dir), "--config", str(config), "--calib", str(tmp_path / "missing.txt"),
+            "--out", str(out), *flags]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the unused-pattern warning of the typo
+        assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"the config {config} selects no layer to prune: " in err and cause in err
+    assert "'model.layers.0.self_attn.q_proj'" in err and "'model.layers.0.mlp.down_proj'" in err
+    assert "fix the patterns" in err and not out.exists()
+
+
 def test_errors_exit_2_with_a_message_and_no_output(model_dir, files, tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("spec:\n  process:\n    - type: float_sparse\n      sparse_ratio: 3\n")
@@ -173,7 +272,8 @@ def test_errors_exit_2_with_a_message_and_no_output(model_dir, files, tmp_path, 
 
 
 def test_interrupt_during_export_leaves_nothing(model_dir, files, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(atlas, "save_file", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    # Interrupted while writing the first block: nothing to resume from, so nothing is left.
+    monkeypatch.setattr(shards, "save_file", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
     assert prune(model_dir, files, tmp_path / "out") == 130
     assert "interrupted" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.jsonl", "cfg.yaml", "eval.txt"]

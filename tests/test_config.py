@@ -91,6 +91,29 @@ def test_every_config_error_names_file_and_key(tmp_path, case):
     assert isinstance(err.value, ValueError)
 
 
+EXACT = {
+    "sparse_ratio: 1.5": "sparse_ratio: must be from 0.0 up to (not including) 1.0, got 1.5; 0.3 is the usual start",
+    "sparse_ratio: '0.3'": "sparse_ratio: expected a number from 0.0 up to (not including) 1.0, got '0.3'",
+    "mode: fast": "mode: must be one of ('seed', 'quality'), got 'fast'",
+    "mask_structure: '2-4'": 'mask_structure: must be "unstructured", "per_row" or "N:M" with 1 <= N <= M <= 64 '
+                             "(e.g. \"2:4\"), got '2-4'",
+    "include: '*'": "include: expected a list of strings such as [\"*mlp*\"], got '*'",
+    "exclude: [1]": "exclude: expected a list of strings such as [\"*mlp*\"], got [1]",
+    "{mask_structure: '2:4', sparse_ratio: 0.3}": "sparse_ratio: mask_structure '2:4' prunes 2 of every 4 weights "
+                                                  "(sparse_ratio 0.5); sparse_ratio=0.3 contradicts it: pass "
+                                                  "sparse_ratio=None or 0.5",
+}
+
+
+@pytest.mark.parametrize("line", sorted(EXACT))
+def test_error_names_file_and_key_path_once(tmp_path, line):
+    entry = line[1:-1] if line.startswith("{") else line
+    path = write(tmp_path, f"spec:\n  process:\n    - {{type: float_sparse, {entry}}}\n", "bad.yaml")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == f"{path}: spec.process[0].{EXACT[line]}"
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
