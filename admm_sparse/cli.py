@@ -22,13 +22,13 @@ import torch
 
 from . import builtin
 from .calib import HELDOUT_FRACTION, calibration_windows, read_texts, split_heldout, tokenize
-from .config import FloatSparseConfig, load_config
+from .config import OPTIONS, FloatSparseConfig, load_config
 from .deploy import CHECK_WINDOWS, DtypeCheck, check_dtype, describe
 from .evaluate import perplexity
 from .export import FORMATS, check_output
 from .export.shards import parse_size
 from .job import DEFAULT_SHARD_SIZE, prune_to_folder, streamable
-from .layer import MODES, parse_mask_structure
+from .layer import parse_mask_structure
 from .pipeline import PruneResult, candidate_modules, format_table, make_plan, summarize
 from .source import LazySource
 from .targets import find_targets
@@ -60,16 +60,15 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prune", parents=[common], help="prune a model's Linear layers and export it")
     p.add_argument("--config", type=Path, help="float_sparse YAML (default: sparse_ratio 0.3, include *, exclude none)")
-    p.add_argument("--sparse-ratio", type=float, help="fraction of weights to prune; overrides the config's")
-    p.add_argument("--mask-structure", help="unstructured (default), per_row, or N:M such as 2:4 (sparsity 1 - N/M); "
-                   "overrides the config's")
-    p.add_argument("--mode", choices=MODES, help="seed (default: the original algorithm) or quality (ADMM until "
-                   "the mask settles, then an exact refit; slower); overrides the config's")
-    p.add_argument("--round-in-admm", action=argparse.BooleanOptionalAction, default=None,
-                   help="keep-bit rounding with error compensation inside the solver instead of after it "
-                   "(default: on in quality mode only); overrides the config's")
-    p.add_argument("--allow-tf32", action=argparse.BooleanOptionalAction, default=None,
-                   help="on a GPU, float32 GEMMs in TF32: faster, less exact (default: off); overrides the config's")
+    for option in OPTIONS:  # the processor's options; each one given overrides the config's
+        flag, help_text = "--" + option.name.replace("_", "-"), f"{option.doc}; overrides the config's"
+        if option.parse is None:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+        elif option.parse == "list":
+            p.add_argument(flag, nargs="+", metavar="PATTERN", default=argparse.SUPPRESS, help=help_text)
+        else:
+            p.add_argument(flag, type=option.parse, default=argparse.SUPPRESS, help=help_text,
+                           metavar=option.name.split("_")[-1].upper())
     p.add_argument("--calib", type=Path, help="calibration text: a text file or JSONL with a \"text\" field "
                    "(default: the built-in Wikipedia calibration articles)")
     p.add_argument("--num-samples", type=int, help=f"calibration windows of --seq-len tokens (default "
@@ -214,9 +213,7 @@ def _open_model(args):
 def _config(args) -> FloatSparseConfig:
     """The YAML config (or the default one) with the command line's overrides."""
     config = load_config(args.config) if args.config else FloatSparseConfig()
-    changes = {key: getattr(args, key)
-               for key in ("sparse_ratio", "mask_structure", "mode", "round_in_admm", "allow_tf32")
-               if getattr(args, key) is not None}
+    changes = {o.name: getattr(args, o.name) for o in OPTIONS if hasattr(args, o.name)}
     if not changes:
         return config
     if "mask_structure" in changes and "sparse_ratio" not in changes:

@@ -12,21 +12,58 @@ spec:
       mode: "seed"                    # or "quality": ADMM until the mask settles, then an exact refit
       round_in_admm: null             # keep-bit rounding with compensation; null = on in quality mode only
       allow_tf32: false               # CUDA float32 GEMMs in TF32 (faster, less exact)
+      keep_bits: 2                    # mantissa bits the keep-bit rounding keeps (SPEC §3); null: no rounding
 ```
 Every mistake is a ConfigError naming the file and the key.
+
+OPTIONS declares every processor option once (name, default, one-line doc, how a command-line string
+reads); the YAML keys, the `admm-sparse prune` flags (--sparse-ratio, --keep-bits, ...) and FloatSparseConfig's
+keyword arguments all come from it, and the checks live in one place (FloatSparseConfig / layer.check_options).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
 PROCESSOR_TYPE = "float_sparse"
 # Descriptive top-level keys of the original tool's files; accepted and ignored.
 _IGNORED_TOP_KEYS = {"apiversion", "metadata"}
-_PROCESSOR_KEYS = {"type", "sparse_ratio", "include", "exclude", "mask_structure", "mode", "round_in_admm",
-                   "allow_tf32"}
+
+
+def _optional_int(text: str) -> int | None:
+    return None if text.lower() in ("none", "null", "off") else int(text)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One processor option: its name (YAML key, keyword argument; the flag is --name-with-dashes), default,
+    one-line doc, and how a command-line string reads (None: a --flag / --no-flag switch; "list": several
+    words)."""
+
+    name: str
+    default: object
+    doc: str
+    parse: Callable[[str], object] | str | None
+
+
+OPTIONS = (
+    Option("sparse_ratio", None, "fraction of the selected weights to prune, 0 <= r < 1 (default 0.3; 1 - N/M for an "
+           "N:M structure)", float),
+    Option("include", ["*"], "wildcards on full layer names to prune (default *)", "list"),
+    Option("exclude", [], "wildcards on full layer names to leave dense; they win over include", "list"),
+    Option("mask_structure", "unstructured", "unstructured, per_row, or N:M such as 2:4 (sparsity 1 - N/M)", str),
+    Option("mode", "seed", "seed (the original algorithm), quality (ADMM until the mask settles, then an exact "
+           "refit; slower) or another of layer.MODES", str),
+    Option("round_in_admm", None, "keep-bit rounding with error compensation inside the solver instead of after it "
+           "(default: on in quality mode only)", None),
+    Option("allow_tf32", False, "on a GPU, float32 GEMMs in TF32: faster, less exact", None),
+    Option("keep_bits", 2, "mantissa bits kept by the keep-bit rounding for the Atlas card's compression "
+           "(SPEC §3); none: no rounding", _optional_int),
+)
+_PROCESSOR_KEYS = {"type"} | {o.name for o in OPTIONS}
 
 
 class ConfigError(ValueError):
@@ -72,6 +109,7 @@ class FloatSparseConfig:
     mode: str = "seed"
     round_in_admm: bool | None = None
     allow_tf32: bool = False
+    keep_bits: int | None = 2
 
     def __post_init__(self):
         from .layer import resolve_sparse_ratio
@@ -89,10 +127,13 @@ class FloatSparseConfig:
     def pruner_options(self) -> dict:
         """The options this config gives the ADMM pruner's fasterprune."""
         return dict(mask_structure=self.mask_structure, mode=self.mode, round_in_admm=self.round_in_admm,
-                    allow_tf32=self.allow_tf32)
+                    allow_tf32=self.allow_tf32, keep_bits=self.keep_bits)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+assert [f.name for f in fields(FloatSparseConfig)] == [o.name for o in OPTIONS], "OPTIONS and the config differ"
 
 
 def parse_config(data, source: str = "<config>") -> FloatSparseConfig:

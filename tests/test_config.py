@@ -24,7 +24,7 @@ def test_load_good_file(tmp_path):
     assert cfg == FloatSparseConfig(0.5, ["*mlp*"], ["*self_attn*"])
     assert cfg.to_dict() == {"sparse_ratio": 0.5, "include": ["*mlp*"], "exclude": ["*self_attn*"],
                              "mask_structure": "unstructured", "mode": "seed", "round_in_admm": None,
-                             "allow_tf32": False}
+                             "allow_tf32": False, "keep_bits": 2}
 
 
 def test_defaults_match_spec():
@@ -40,10 +40,11 @@ def test_integer_ratio_and_descriptive_top_keys_accepted():
 
 def test_extension_keys(tmp_path):
     cfg = load_config(write(tmp_path, GOOD.replace("sparse_ratio: 0.5", 'mask_structure: "2:4"\n      mode: quality\n'
-                                                   '      round_in_admm: false\n      allow_tf32: true')))
+                                                   '      round_in_admm: false\n      allow_tf32: true\n'
+                                                   '      keep_bits: null')))
     assert (cfg.sparse_ratio, cfg.mask_structure, cfg.mode, cfg.round_in_admm) == (0.5, "2:4", "quality", False)
     assert cfg.pruner_options() == {"mask_structure": "2:4", "mode": "quality", "round_in_admm": False,
-                                    "allow_tf32": True}
+                                    "allow_tf32": True, "keep_bits": None}
     assert FloatSparseConfig(mask_structure="1:4").sparse_ratio == 0.75  # N:M implies the ratio
     assert FloatSparseConfig(0.75, mask_structure="1:4").sparse_ratio == 0.75  # an agreeing ratio is fine
     assert FloatSparseConfig(0.6, mask_structure="per_row").sparse_ratio == 0.6
