@@ -167,7 +167,7 @@ def load_model(path: str | Path | None = None, dtype: str | torch.dtype | None =
     unless dtype says otherwise); a folder written by `admm-sparse prune --format atlas`; or any Hugging Face
     causal-LM folder (dtype "auto" keeps the dtype its config.json names).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(path)
     if path.is_file() and path.suffix == ".gguf":
@@ -176,11 +176,9 @@ def load_model(path: str | Path | None = None, dtype: str | torch.dtype | None =
         model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=_dtype(dtype, torch.float32), **kwargs)
         drop_gguf_quantization(model)  # dequantised: plain float Linear layers
     elif path.is_dir() and (path / "quant_model_description.json").is_file():
-        from .export.atlas import load_atlas_weights
+        from .export.atlas import load_atlas
 
-        config = AutoConfig.from_pretrained(path)
-        model = AutoModelForCausalLM.from_config(config, dtype=_dtype(dtype, torch.float16))
-        load_atlas_weights(model, path)
+        model = load_atlas(path, _dtype(dtype, torch.float16))
         tokenizer = AutoTokenizer.from_pretrained(path)
     elif path.is_dir():
         model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(dtype, "auto"))

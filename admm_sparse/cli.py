@@ -25,9 +25,9 @@ from .calib import HELDOUT_FRACTION, calibration_windows, read_texts, split_held
 from .config import OPTIONS, FloatSparseConfig, load_config
 from .deploy import CHECK_WINDOWS, DtypeCheck, check_dtype, describe
 from .evaluate import perplexity
-from .export import FORMATS, check_output
+from .export import DEFAULT_SHARD_SIZE, FORMATS, check_output
 from .export.shards import parse_size
-from .job import DEFAULT_SHARD_SIZE, prune_to_folder, streamable
+from .job import prune_to_folder, streamable
 from .layer import parse_mask_structure
 from .pipeline import PruneResult, candidate_modules, format_table, make_plan, summarize
 from .source import LazySource

@@ -16,55 +16,18 @@ from typing import Iterable
 import torch
 
 from .config import FloatSparseConfig
-from .export import REPORT_FILE, checkpoint_state_dict, drop_gguf_quantization, resumable_output, sparse_tensor_names
-from .export.atlas import DESCRIPTION_FILE, atlas_description, write_config
-from .export.shards import STATE_FILE, ShardWriter, hf_checkpoint_tensors, parse_size
+from .export import DEFAULT_SHARD_SIZE, REPORT_FILE, ModelWriter, resumable_output, write_metadata
+from .export.atlas import DESCRIPTION_FILE
+from .export.shards import STATE_FILE, ShardWriter, parse_size
 from .pipeline import PruneResult, prune_blocks
 from .resume import ResumeState, digest
 from .source import LazySource, StreamingSource
-
-DEFAULT_SHARD_SIZE = "5GB"  # as transformers 4 wrote them
-
 
 def streamable(path: str | Path) -> bool:
     """Whether `path` is a Hugging Face folder whose safetensors weights can be read block by block."""
     path = Path(path)
     return (path.is_dir() and (path / "config.json").is_file() and not (path / DESCRIPTION_FILE).is_file()
             and ((path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()))
-
-
-class ModelWriter:
-    """Writes a model's tensors, given under their state_dict names, in the layout of its checkpoint on disk:
-    for "hf" what save_pretrained writes (a tied copy once), for "atlas" every name (tied copies stored under
-    each, as SPEC §5 has it). Tensors already on disk (a resumed run) are skipped."""
-
-    def __init__(self, model, shards: ShardWriter):
-        self.model, self.shards = model, shards
-
-    def add(self, tensors: dict[str, torch.Tensor]) -> None:
-        if self.shards.fmt == "hf":
-            tensors = hf_checkpoint_tensors(self.model, tensors)
-        else:
-            tensors = checkpoint_state_dict(self.model, tensors)
-        done = set(self.shards.written())
-        self.shards.add({name: t for name, t in tensors.items() if name not in done})
-
-
-def write_metadata(model, folder: Path, fmt: str, tokenizer=None, pruned: Iterable[str] = (),
-                   names: Iterable[str] = ()) -> None:
-    """Everything of an output folder but the weights: config (float16 for Atlas) and generation config, the
-    Atlas description of the tensors `names` (pruned layers' W16A16S), the tokenizer."""
-    if fmt == "atlas":
-        write_config(model, folder)
-        description = atlas_description(names, sparse_tensor_names(model, pruned))
-        (folder / DESCRIPTION_FILE).write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
-    else:
-        drop_gguf_quantization(model)  # a dequantised GGUF model is a plain float model; save it as one
-        model.config.save_pretrained(folder)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(folder)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
 
 
 def prune_to_folder(model, calib: torch.Tensor, out: str | Path, config: FloatSparseConfig | None = None, *,

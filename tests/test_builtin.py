@@ -86,7 +86,7 @@ def test_cli_loads_the_gguf_folder_of_the_package(capsys):
     from admm_sparse.cli import main
 
     assert main(["prune", "--model", str(builtin.builtin_model_file().parent), "--dry-run"]) == 0
-    assert "210 of 211 nn.Linear layers would be pruned" in capsys.readouterr().out
+    assert "210 of 211 prunable layers would be pruned" in capsys.readouterr().out
 
 
 @pytest.mark.slow

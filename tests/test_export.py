@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTr
 from admm_sparse import export as export_pkg
 from admm_sparse.builtin import load_model
 from admm_sparse.config import FloatSparseConfig
-from admm_sparse.export import atlas, export_model
+from admm_sparse.export import atlas, export_model, shards
 from admm_sparse.pipeline import prune_model
 
 TEXT = "The quick brown fox jumps over the lazy dog; pruning keeps the large weights. " * 20
@@ -150,12 +150,12 @@ def test_description_rejects_unknown_tensors_and_layers(tmp_path):
 def test_interrupted_export_leaves_no_partial_folder(pruned, tmp_path, monkeypatch, exc):
     model, names = pruned
 
-    def half_written(tensors, path):
+    def half_written(tensors, path, metadata=None):
         with open(path, "wb") as f:
             f.write(b"partial")
         raise exc("interrupted while writing")
 
-    monkeypatch.setattr(atlas, "save_file", half_written)
+    monkeypatch.setattr(shards, "save_file", half_written)
     with pytest.raises(exc):
         export_model(model, tmp_path / "out", names, "atlas")
     assert list(tmp_path.iterdir()) == []
@@ -165,7 +165,7 @@ def test_interrupted_forced_export_keeps_the_old_output(pruned, tmp_path, monkey
     model, names = pruned
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "old.txt").write_text("old")
-    monkeypatch.setattr(atlas, "save_file", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    monkeypatch.setattr(shards, "save_file", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         export_model(model, tmp_path / "out", names, "atlas", force=True)
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and (tmp_path / "out" / "old.txt").exists()

@@ -1,4 +1,5 @@
-"""Writing pruned models, atomically: the Atlas W16A16S folder (SPEC §5) or a Hugging Face folder.
+"""Writing pruned models, atomically: the Atlas W16A16S folder (SPEC §5) or a Hugging Face folder, their
+weights in size-capped shards (export.shards) in the layout of the model's checkpoint on disk.
 
 Everything is written into a temporary folder beside the output and renamed into place at the end,
 so a failed or interrupted export leaves no half-written output; an existing output is replaced only
@@ -16,6 +17,7 @@ from typing import Callable, Iterable, Iterator
 
 FORMATS = ("atlas", "hf")
 REPORT_FILE = "prune_report.json"
+DEFAULT_SHARD_SIZE = "5GB"  # as transformers 4 wrote them
 
 
 def drop_gguf_quantization(model) -> None:
@@ -156,25 +158,64 @@ def _move_into_place(tmp: Path, out: Path) -> None:
         tmp.rename(out)
 
 
+class ModelWriter:
+    """Writes a model's tensors, given under their state_dict names, into a ShardWriter in the layout of the
+    model's checkpoint on disk: for "hf" what save_pretrained writes (a tied copy once), for "atlas" every name
+    (tied copies stored under each, as SPEC §5 has it). Tensors already on disk (a resumed run) are skipped."""
+
+    def __init__(self, model, shards):
+        self.model, self.shards = model, shards
+
+    def add(self, tensors: dict) -> None:
+        from .shards import hf_checkpoint_tensors
+
+        if self.shards.fmt == "hf":
+            tensors = hf_checkpoint_tensors(self.model, tensors)
+        else:
+            tensors = checkpoint_state_dict(self.model, tensors)
+        done = set(self.shards.written())
+        self.shards.add({name: t for name, t in tensors.items() if name not in done})
+
+
+def write_metadata(model, folder: Path, fmt: str, tokenizer=None, pruned: Iterable[str] = (),
+                   names: Iterable[str] = ()) -> None:
+    """Everything of an output folder but the weights: config (float16 for Atlas) and generation config, the
+    Atlas description of the tensors `names` (the pruned layers' W16A16S), the tokenizer."""
+    from .atlas import DESCRIPTION_FILE, atlas_description, write_config
+
+    if fmt == "atlas":
+        write_config(model, folder)
+        description = atlas_description(names, sparse_tensor_names(model, pruned))
+        (folder / DESCRIPTION_FILE).write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
+    else:
+        drop_gguf_quantization(model)  # a dequantised GGUF model is a plain float model; save it as one
+        model.config.save_pretrained(folder)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+
+
 def export_model(model, out: str | Path, pruned: Iterable[str], fmt: str = "atlas", tokenizer=None,
-                 force: bool = False, report: dict | None = None, protect: Iterable[str | Path] = ()) -> Path:
-    """Write `model` to the folder `out` in format "atlas" (SPEC §5) or "hf"; returns the folder.
+                 force: bool = False, report: dict | None = None, protect: Iterable[str | Path] = (),
+                 shard_size: int | str = DEFAULT_SHARD_SIZE) -> Path:
+    """Write `model` (in memory) to the folder `out` in format "atlas" (SPEC §5) or "hf"; returns the folder.
 
     pruned: names of the pruned layers as the pipeline reports them (their tensors are marked W16A16S in the
-    Atlas description).
-    report: saved as prune_report.json inside the folder when given.
+    Atlas description). report: saved as prune_report.json inside the folder when given. Weight files of at
+    most shard_size, numbered with an index beyond one (export.shards).
     """
-    from .atlas import write_atlas
-    from .hf import write_hf
+    from .shards import ShardWriter
 
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
     pruned = list(pruned)
     with atomic_output(out, force=force, protect=protect) as tmp:
-        if fmt == "atlas":
-            write_atlas(model, tmp, pruned, tokenizer)
-        else:
-            write_hf(model, tmp, tokenizer)
+        shards = ShardWriter(tmp, fmt, shard_size)
+        ModelWriter(model, shards).add(model.state_dict())
+        names = shards.written()
+        shards.finish()
+        write_metadata(model, tmp, fmt, tokenizer, pruned, names)
         if report is not None:
             (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return Path(out)

@@ -1,21 +1,20 @@
 """The Atlas 300I Duo W16A16S folder (SPEC §5).
 
-- quant_model_weights.safetensors: every tensor in float16 (tied tensors stored under each name), under the
-  names and in the layout of the model's checkpoint (fused MoE experts stored per expert, as
-  save_pretrained writes them and the Atlas toolchain reads them);
+- quant_model_weights.safetensors (or its numbered shards and index, export.shards): every tensor in float16
+  (tied tensors stored under each name), under the names and in the layout of the model's checkpoint (fused
+  MoE experts stored per expert, as save_pretrained writes them and the Atlas toolchain reads them);
 - quant_model_description.json: "W16A16S" for the weight and bias of each pruned layer, "FLOAT" for the rest;
 - config.json with torch_dtype float16 (the card has no bfloat16), generation_config.json, tokenizer files.
 """
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 from typing import Iterable
 
 import torch
-from safetensors.torch import load_file, save_file
-
-from . import checkpoint_state_dict, drop_gguf_quantization, sparse_tensor_names
+from . import drop_gguf_quantization
 
 WEIGHTS_FILE = "quant_model_weights.safetensors"
 DESCRIPTION_FILE = "quant_model_description.json"
@@ -32,19 +31,6 @@ def to_float16(name: str, tensor: torch.Tensor) -> torch.Tensor:
                          f"(largest |x| = {worst:.4g} > 65504); the Atlas 300I Duo has no bfloat16, so this model "
                          "cannot be exported as W16A16S without rescaling that tensor")
     return half
-
-
-def atlas_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every checkpoint tensor, floats in float16; each name gets its own storage (safetensors needs that)."""
-    tensors, seen = {}, set()
-    for name, tensor in checkpoint_state_dict(model).items():
-        t = to_float16(name, tensor) if tensor.is_floating_point() else tensor.detach().cpu()
-        t = t.contiguous()
-        if t.data_ptr() in seen:  # tied weights (lm_head = embed_tokens) or an already-float16 shared tensor
-            t = t.clone()
-        seen.add(t.data_ptr())
-        tensors[name] = t
-    return tensors
 
 
 def atlas_description(names: Iterable[str], sparse: Iterable[str]) -> dict:
@@ -74,20 +60,21 @@ def write_config(model, folder: Path) -> None:
         generation.save_pretrained(folder)
 
 
-def write_atlas(model: torch.nn.Module, folder: str | Path, pruned: Iterable[str], tokenizer=None) -> None:
-    """Write the W16A16S files into an existing (empty) folder; see export.export_model for the atomic version."""
-    folder = Path(folder)
-    tensors = atlas_tensors(model)
-    description = atlas_description(tensors, sparse_tensor_names(model, pruned))
-    save_file(tensors, str(folder / WEIGHTS_FILE))
-    (folder / DESCRIPTION_FILE).write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
-    write_config(model, folder)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
+def load_atlas(folder: str | Path, dtype: torch.dtype = torch.float16) -> torch.nn.Module:
+    """The model of an Atlas folder, loaded by transformers' own from_pretrained (so checkpoint names, fused
+    experts and shards are read exactly as for a Hugging Face folder): from_pretrained reads a temporary
+    folder whose config.json and weight files are links to the Atlas folder's."""
+    from transformers import AutoModelForCausalLM
 
-
-def load_atlas_weights(model: torch.nn.Module, folder: str | Path) -> None:
-    """Load quant_model_weights.safetensors of an Atlas folder into a model built from its config.json."""
-    tensors = load_file(str(Path(folder) / WEIGHTS_FILE))
-    dtype = next(model.parameters()).dtype
-    model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}, strict=True)
+    folder = Path(folder).absolute()
+    index = folder / f"{WEIGHTS_FILE.removesuffix('.safetensors')}.safetensors.index.json"
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "config.json").symlink_to(folder / "config.json")
+        if index.is_file():
+            (tmp / "model.safetensors.index.json").symlink_to(index)
+            for shard in set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()):
+                (tmp / shard).symlink_to(folder / shard)
+        else:
+            (tmp / "model.safetensors").symlink_to(folder / WEIGHTS_FILE)
+        return AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).eval()
