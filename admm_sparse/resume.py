@@ -53,7 +53,7 @@ class ResumeState:
         saved = json.loads((self.dir / "state.json").read_text(encoding="utf-8"))["fingerprint"]
         differs = sorted(k for k in set(saved) | set(self.fingerprint) if saved.get(k) != self.fingerprint.get(k))
         if differs:
-            raise ValueError(f"cannot resume: the interrupted run in {self.dir.parent} had another "
+            raise ValueError(f"cannot resume: the interrupted run in {self.dir.parent} was made with a different "
                              f"{', '.join(differs)}; run with the same inputs, or pass --force instead of --resume "
                              "to start over")
 
