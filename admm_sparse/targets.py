@@ -129,14 +129,18 @@ def find_targets(modules: Iterable[tuple[str, nn.Module]]) -> list[Target]:
     return out
 
 
+ROUTER_NAMES = ("gate", "router", "shared_expert_gate")
+
+
 def routers(modules: Iterable[tuple[str, nn.Module]]) -> list[str]:
-    """Names of MoE routers (the modules scoring the experts): never pruned, since a pruned router changes
-    which experts run. A router is the `gate` / `router` child of a module that also has `experts`."""
+    """Names of MoE routers (the modules scoring the experts, and Qwen2-MoE's gate of its shared expert):
+    never pruned, since a pruned router changes which experts run and how much each counts. A router is a
+    child named as in ROUTER_NAMES of a module that also has `experts`."""
     names = []
     for name, module in modules:
         if not hasattr(module, "experts"):
             continue
-        for attr in ("gate", "router"):
+        for attr in ROUTER_NAMES:
             child = getattr(module, attr, None)
             if isinstance(child, nn.Module) and not hasattr(child, "experts"):
                 names.append(f"{name}.{attr}" if name else attr)

@@ -128,6 +128,18 @@ def test_moe_block_is_pruned_to_the_ratio_and_routers_are_left_alone():
     assert all(torch.equal(p, routers[n]) for n, p in model.named_parameters() if n in routers)
 
 
+def test_qwen2_moe_shared_expert_gate_is_a_router_and_its_shared_expert_a_layer():
+    from transformers import Qwen2MoeConfig
+
+    config = Qwen2MoeConfig(hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=1,
+                            shared_expert_intermediate_size=32, num_attention_heads=4, num_key_value_heads=2,
+                            vocab_size=VOCAB, num_experts=4, num_experts_per_tok=2)
+    the_plan = make_plan(AutoModelForCausalLM.from_config(config), FloatSparseConfig(0.5))
+    assert the_plan.routers == ["model.layers.0.mlp.gate", "model.layers.0.mlp.shared_expert_gate"]
+    assert "model.layers.0.mlp.shared_expert.down_proj" in the_plan.targets
+    assert not any("gate." in n or n.endswith("_gate") for n in the_plan.targets)
+
+
 class StatsRecorder(admm_sparse.AdmmPruner):
     """The ADMM pruner, keeping a copy of the statistics it prunes with."""
     seen: dict = {}
