@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -19,11 +20,13 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch.distributed.elastic.multiprocessing.errors import record
 
 from . import builtin
 from .calib import HELDOUT_FRACTION, calibration_windows, read_texts, split_heldout, tokenize
 from .config import OPTIONS, FloatSparseConfig, load_config
 from .deploy import CHECK_WINDOWS, DtypeCheck, check_dtype, describe
+from .distributed import DEFAULT_TIMEOUT_S, from_environment, launched
 from .evaluate import perplexity
 from .export import DEFAULT_SHARD_SIZE, FORMATS, check_output
 from .export.shards import parse_size
@@ -81,6 +84,8 @@ def _parser() -> argparse.ArgumentParser:
                    "that was interrupted while writing it)")
     p.add_argument("--resume", action="store_true", help="continue the run that was interrupted while writing --out, "
                    "from its last finished block (same model, config and calibration data)")
+    p.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S, help="under torchrun: seconds a collective "
+                   f"may wait for the other processes before the run fails (default {DEFAULT_TIMEOUT_S})")
     p.add_argument("--shard-size", default=DEFAULT_SHARD_SIZE, help=f"largest weight file of the output, e.g. 500MB, "
                    f"2GB, 2GiB (default {DEFAULT_SHARD_SIZE}); a larger model is written as numbered shards and an index")
     p.add_argument("--dry-run", action="store_true", help="list the layers that would be pruned, then exit")
@@ -242,9 +247,9 @@ def cmd_prune(args) -> int:
 
     calib, eval_ids, eval_name = _prune_texts(args, tokenizer)
     eval_windows = None if eval_ids is None else _eval_windows(eval_ids, args.seq_len, args.eval_windows)
-    device = _device(args.device)
+    group, device = from_environment(_device(args.device), args.dist_timeout)  # several processes under torchrun
     # The card computes in float16: will the pruned model overflow there? (Checked as the blocks pass.)
-    check = DtypeCheck(torch.float16, calib[:CHECK_WINDOWS]) if args.format == "atlas" else None
+    check = DtypeCheck(torch.float16, calib[:CHECK_WINDOWS]) if args.format == "atlas" and group.rank == 0 else None
     report = {
         "model": _model_name(args.model),
         "config": config.to_dict(),
@@ -253,6 +258,7 @@ def cmd_prune(args) -> int:
         "device": str(device),
         "format": args.format,
         "streamed": source is not None,
+        "processes": group.size,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
@@ -270,7 +276,9 @@ def cmd_prune(args) -> int:
                              shard_size=args.shard_size, device=device, batch_size=args.batch_size,
                              progress=not args.no_progress, blocks=args.blocks, eval_windows=eval_windows,
                              dtype_check=check, resume=args.resume, force=args.force, protect=protect, report=report,
-                             finish_report=finish_report)
+                             finish_report=finish_report, group=group)
+    if group.rank != 0:
+        return 0  # rank 0 reports
     if check is not None and not check.result["ok"]:
         command = "admm-sparse eval" + (f" --model {args.model}" if args.model else "") + " --dtype float16"
         warnings.warn(f"the pruned model overflows float16, in which the Atlas 300I Duo computes, so it will give "
@@ -300,10 +308,16 @@ def _eval_windows(ids: torch.Tensor, seq_len: int, wanted: int) -> torch.Tensor:
     return ids[: n * seq_len].reshape(n, seq_len)
 
 
+def _which_process() -> str:
+    """" (rank R of N)" in an error under torchrun, so that the failing process is named."""
+    return f" (rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']})" if launched() else ""
+
+
 def _on_sigterm(signum, frame):
     raise KeyboardInterrupt  # so that a killed export cleans up its temporary folder
 
 
+@record  # under torchrun, a failed rank's error reaches the launcher's summary
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.threads:
@@ -313,7 +327,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return cmd_prune(args) if args.command == "prune" else cmd_eval(args)
     except (ValueError, TypeError, OSError) as exc:
-        print(f"admm-sparse: error: {exc}", file=sys.stderr)
+        print(f"admm-sparse: error{_which_process()}: {exc}", file=sys.stderr)
+        return 2
+    except torch.distributed.DistError as exc:  # another process failed or hung: its own error says why
+        print(f"admm-sparse: error{_which_process()}: waiting for the other processes failed ({exc}); another "
+              "process has failed (see its error above), or none answered within --dist-timeout", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("admm-sparse: interrupted; no output was written (a run that had finished a block can be continued "
@@ -322,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         warnings.formatwarning = old_format
         signal.signal(signal.SIGTERM, old_sigterm)
+        if launched() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

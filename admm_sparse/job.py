@@ -16,6 +16,7 @@ from typing import Iterable
 import torch
 
 from .config import FloatSparseConfig
+from .distributed import Group
 from .export import DEFAULT_SHARD_SIZE, REPORT_FILE, ModelWriter, resumable_output, write_metadata
 from .export.atlas import DESCRIPTION_FILE
 from .export.shards import STATE_FILE, ShardWriter, parse_size
@@ -35,31 +36,40 @@ def prune_to_folder(model, calib: torch.Tensor, out: str | Path, config: FloatSp
                     shard_size: int | str = DEFAULT_SHARD_SIZE, device=None, batch_size: int = 1, progress: bool = True,
                     blocks: str | None = None, eval_windows: torch.Tensor | None = None, resume: bool = False,
                     force: bool = False, protect: Iterable[str | Path] = (), report: dict | None = None,
-                    finish_report=None, dtype_check=None) -> PruneResult:
+                    finish_report=None, dtype_check=None, group: Group | None = None) -> PruneResult:
     """Prune `model` (a LazySource's skeleton when `source` is given) block by block and write it to `out`.
 
-    Shards of at most shard_size; dtype_check: a deploy.DtypeCheck run on the pruned blocks; the report (`report` with the result's rows, summary, perplexities, per-block
-    seconds and peak memory, as finish_report(result, report) completes it) is saved as prune_report.json.
-    resume: continue the run that was interrupted while writing `out`; it must have had the same model
-    files, config, calibration and evaluation windows, format, shard size and stack (else a ValueError says
-    which differ). force: replace an existing `out`, and start over an interrupted run's folder.
+    Shards of at most shard_size. dtype_check: a deploy.DtypeCheck run on the pruned blocks. The report
+    (`report`, completed by finish_report(result, report) with the result's rows, perplexities, seconds and
+    peak memory) is saved as prune_report.json. resume: continue the run that was interrupted while writing
+    `out`; it must have had the same model files, config, calibration and evaluation windows, format, shard
+    size and stack (else a ValueError says which differ). force: replace an existing `out`, and start over an
+    interrupted run's folder. group: the processes sharing the work (distributed.Group): all of them call
+    this, rank 0 writes (and runs the dtype check); a run of several processes cannot be resumed.
     """
     config = config or FloatSparseConfig()
+    group = group or Group()
+    streaming = StreamingSource(source) if source is not None else None
+    if group.rank != 0:  # the others share the work; rank 0 writes
+        return prune_blocks(model, calib, config, device=device, batch_size=batch_size, progress=False,
+                            blocks=blocks, source=streaming, eval_windows=eval_windows, group=group)
+    if resume and group.size > 1:
+        raise ValueError("--resume continues a run of one process; a run of several processes keeps no state to "
+                         "resume from")
     fingerprint = {"model": source.fingerprint() if source is not None else None, "config": config.to_dict(),
                    "calibration windows": digest(calib),
                    "evaluation windows": None if eval_windows is None else digest(eval_windows),
                    "format": fmt, "shard size": parse_size(shard_size), "blocks": blocks}
     keep = lambda work: ResumeState(work, fingerprint).exists()  # noqa: E731 - something to resume from
     with resumable_output(out, force, resume, protect, keep) as work:
-        state = ResumeState(work, fingerprint)
-        if state.exists():
+        state = ResumeState(work, fingerprint) if group.size == 1 else None
+        if state is not None and state.exists():
             state.check()  # before the expensive part
         resuming = (work / STATE_FILE).is_file()
         shards = ShardWriter.reopen(work, fmt, shard_size) if resuming else ShardWriter(work, fmt, shard_size)
         result = prune_blocks(model, calib, config, device=device, batch_size=batch_size, progress=progress,
-                              blocks=blocks, source=StreamingSource(source) if source is not None else None,
-                              writer=ModelWriter(model, shards), state=state, eval_windows=eval_windows,
-                              dtype_check=dtype_check)
+                              blocks=blocks, source=streaming, writer=ModelWriter(model, shards), state=state,
+                              eval_windows=eval_windows, dtype_check=dtype_check, group=group)
         names = shards.written()
         shards.finish()
         write_metadata(model, work, fmt, tokenizer, [row["name"] for row in result.rows], names)
@@ -67,5 +77,6 @@ def prune_to_folder(model, calib: torch.Tensor, out: str | Path, config: FloatSp
         if finish_report is not None:
             report = finish_report(result, report)
         (work / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        state.remove()
+        if state is not None:
+            state.remove()
     return result

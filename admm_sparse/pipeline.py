@@ -28,6 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import FloatSparseConfig
+from .distributed import Group, layer_cost, reduce_statistics
 from .layer import AdmmPruner, parse_mask_structure
 from .select import select_targets
 from .targets import Target, feeding, find_targets, is_conv1d, is_fused_experts, routers
@@ -334,11 +335,23 @@ class _Feed:
         for follower, leader in self.leader.items():
             self.pruners[follower].share_statistics(self.pruners[leader])
 
+    def gather(self, group: Group) -> None:
+        """Every rank's calls, tokens and groupings combined (a rank may not see an expert that others do)."""
+        if not self.sharing or not all(hasattr(p, "H") for p in self.pruners.values()):
+            raise ValueError("pruning on several processes sums per-layer statistics: it needs the ADMM pruner "
+                             "(or one with the same H / scaler / nsamples / tokens statistics)")
+        names = list(self.pruners)
+        counts = group.sum(torch.tensor([[self.calls[n], self.tokens[n]] for n in names], dtype=torch.float64))
+        for name, (calls, tokens) in zip(names, counts.tolist()):
+            self.calls[name], self.tokens[name] = int(calls), int(tokens)
+        for leaders in group.gather_objects(self.leader):
+            self.leader.update(leaders)
+
 
 def _prune_targets(targets: list[Target], run: Callable[[], Any], batch_start: nn.Module, make_pruner: PrunerFactory,
-                   sparse_ratio: float, progress: bool, desc: str) -> list[dict]:
-    """Hook `targets`, call run() to feed them calibration data (batch_start's forward begins each batch),
-    then prune each one."""
+                   sparse_ratio: float, progress: bool, desc: str, group: Group) -> list[dict]:
+    """Hook `targets`, call run() to feed them this rank's calibration data (batch_start's forward begins each
+    batch), sum the statistics onto each layer's owner rank, prune there, and share the pruned weights."""
     pruners = {t.name: make_pruner(t.name, t) for t in targets}
     feed = _Feed(pruners)
     handle = batch_start.register_forward_pre_hook(feed.new_batch)
@@ -347,7 +360,14 @@ def _prune_targets(targets: list[Target], run: Callable[[], Any], batch_start: n
             run()
     finally:
         handle.remove()
-    priors = _expert_priors(targets, feed, run, batch_start, make_pruner)
+    if group.size > 1:
+        feed.gather(group)
+    owners = _owners(targets, feed, group)
+    priors = _expert_priors(targets, feed, run, batch_start, make_pruner, group, owners)
+    if group.size > 1:
+        for name, pruner in pruners.items():  # leaders only: followers share their leader's statistics
+            if name not in feed.leader:
+                reduce_statistics(group, pruner, owners[name])
     feed.share()
     unused = [name for name, n in feed.calls.items() if n == 0 and name not in priors]
     if unused:
@@ -356,7 +376,7 @@ def _prune_targets(targets: list[Target], run: Callable[[], Any], batch_start: n
     rows = []
     for name in tqdm(list(pruners), desc=desc, unit="layer", leave=False, disable=not progress):
         pruner = pruners.pop(name)
-        if feed.calls[name] or name in priors:
+        if (feed.calls[name] or name in priors) and owners[name] == group.rank:
             start = time.perf_counter()
             report = _report_dict(pruner.fasterprune(sparse_ratio))
             report.setdefault("seconds", time.perf_counter() - start)
@@ -365,11 +385,31 @@ def _prune_targets(targets: list[Target], run: Callable[[], Any], batch_start: n
                 report["prior_tokens"] = priors[name]
             rows.append({"name": name, **report})
         pruner.free()
-    return rows
+    if group.size == 1:
+        return rows
+    for t in targets:  # every rank runs the pruned block next
+        if feed.calls[t.name] or t.name in priors:
+            weight = t.weight.clone()
+            group.broadcast(weight, owners[t.name])
+            t.weight.copy_(weight)
+    order = {t.name: i for i, t in enumerate(targets)}
+    return sorted((row for part in group.gather_objects(rows) for row in part), key=lambda row: order[row["name"]])
+
+
+def _owners(targets: list[Target], feed: _Feed, group: Group) -> dict[str, int]:
+    """The rank that prunes each layer: whole statistics groups (a leader and its followers) at a time,
+    balanced by their ADMM cost."""
+    units = [t for t in targets if t.name not in feed.leader]
+    members = {t.name: [t] for t in units}
+    for t in targets:
+        if t.name in feed.leader:
+            members[feed.leader[t.name]].append(t)
+    owner_of = group.assign([sum(layer_cost(m.shape) for m in members[t.name]) for t in units])
+    return {m.name: owner for t, owner in zip(units, owner_of) for m in members[t.name]}
 
 
 def _expert_priors(targets: list[Target], feed: _Feed, run: Callable[[], Any], batch_start: nn.Module,
-                   make_pruner: PrunerFactory) -> dict[str, int]:
+                   make_pruner: PrunerFactory, group: Group, owners: dict[str, int]) -> dict[str, int]:
     """Give every expert that saw fewer routed tokens than it has inputs a prior; returns {name: prior tokens}.
 
     Below d_in tokens an expert's Hessian is singular and the damping alone would decide its solve (with no
@@ -388,12 +428,18 @@ def _expert_priors(targets: list[Target], feed: _Feed, run: Callable[[], Any], b
             run()
     finally:
         handle.remove()
+    if group.size > 1:
+        prior_feed.gather(group)
+        for t in rare:
+            if t.name not in prior_feed.leader:
+                reduce_statistics(group, prior_feed.pruners[t.name], owners[t.name])
     prior_feed.share()
     added = {}
     for t in rare:
         missing = t.shape[1] - feed.tokens[t.name]
-        prior = prior_feed.pruners[t.name]
-        feed.pruners[t.name].add_statistics(prior, missing / prior_feed.tokens[t.name])
+        if owners[t.name] == group.rank:
+            prior = prior_feed.pruners[t.name]
+            feed.pruners[t.name].add_statistics(prior, missing / prior_feed.tokens[t.name])
         added[t.name] = missing
     for t in rare:
         prior_feed.pruners[t.name].free()
@@ -476,7 +522,8 @@ def prune_model(model: nn.Module, calib: torch.Tensor | Iterable[torch.Tensor], 
 def prune_blocks(model: nn.Module, calib, config: FloatSparseConfig | None = None, *,
                  device: str | torch.device | None = None, make_pruner: PrunerFactory | None = None,
                  batch_size: int = 1, progress: bool = True, blocks: str | None = None, source=None, writer=None,
-                 state=None, eval_windows: torch.Tensor | None = None, dtype_check=None) -> PruneResult:
+                 state=None, eval_windows: torch.Tensor | None = None, dtype_check=None,
+                 group: Group | None = None) -> PruneResult:
     """prune_model with the loop's seams open (see ARCHITECTURE.md): the block loop reads
     materialise block -> capture its layers' inputs -> prune them -> run the block for the next inputs ->
     write -> release.
@@ -488,7 +535,10 @@ def prune_blocks(model: nn.Module, calib, config: FloatSparseConfig | None = Non
     resume.ResumeState, saved after every block, from which an interrupted run continues. eval_windows:
     [n, seq_len] token windows on which the dense and the pruned model's perplexities are measured as the
     blocks pass (no extra pass over the weights). dtype_check: a deploy.DtypeCheck stepped with every pruned
-    block (does the pruned model stay finite in float16, as the Atlas card computes?).
+    block (does the pruned model stay finite in float16, as the Atlas card computes?). group: the processes
+    sharing the work (distributed.Group; default this process alone): each runs its share of the windows,
+    the statistics are summed onto each layer's owner, and every rank ends with the same pruned model and
+    report; pass writer, state and dtype_check on one rank only.
     """
     config = config or FloatSparseConfig()
     make_pruner = make_pruner or admm_pruner_factory(config)
@@ -496,6 +546,7 @@ def prune_blocks(model: nn.Module, calib, config: FloatSparseConfig | None = Non
     if not the_plan.targets and writer is None:
         return PruneResult([])
     source = source or InMemorySource(model)
+    group = group or Group()
     home = next(model.parameters()).device
     device = torch.device(device) if device is not None else (home if home.type != "meta" else torch.device("cpu"))
     batches = _batches(calib, batch_size)
@@ -504,18 +555,18 @@ def prune_blocks(model: nn.Module, calib, config: FloatSparseConfig | None = Non
     try:
         with torch.no_grad():
             if the_plan.stack is None:
-                if writer is not None or eval_windows is not None or dtype_check is not None:
+                if writer is not None or eval_windows is not None or dtype_check is not None or group.size > 1:
                     raise ValueError("this model has no stack of blocks: it can only be pruned in memory, as a whole")
                 return PruneResult(_prune_one_pass(model, the_plan.targets, batches, device, home, make_pruner,
                                                    config, progress))
             return _prune_blockwise(model, the_plan, batches, device, make_pruner, config, progress, source, writer,
-                                    state, eval_windows, dtype_check, batch_size)
+                                    state, eval_windows, dtype_check, batch_size, group)
     finally:
         model.train(was_training)
 
 
 def _prune_blockwise(model, the_plan: Plan, batches, device, make_pruner, config, progress, source, writer, state,
-                     eval_windows, dtype_check, batch_size) -> PruneResult:
+                     eval_windows, dtype_check, batch_size, group: Group) -> PruneResult:
     stack_name, blocks = the_plan.stack
     per_block = [[t for n, t in the_plan.targets.items() if n.startswith(f"{stack_name}.{i}.")]
                  for i in range(len(blocks))]
@@ -523,8 +574,13 @@ def _prune_blockwise(model, the_plan: Plan, batches, device, make_pruner, config
     with_targets = [i for i, targets in enumerate(per_block) if targets]
     every = writer is not None or eval_windows is not None or dtype_check is not None or not with_targets
     last = len(blocks) - 1 if every else with_targets[-1]
-    # Three streams of windows share one capture: calibration, evaluation, the dtype check.
-    evals = _batches(eval_windows, batch_size) if eval_windows is not None else []
+    # Three streams of windows share one capture: calibration, evaluation, the dtype check; each rank runs its
+    # share of the first two.
+    if len(batches) < group.size:
+        raise ValueError(f"{len(batches)} calibration batches for {group.size} processes: each needs at least one; "
+                         "give more --num-samples or a smaller --batch-size")
+    batches = group.split(batches)
+    evals = group.split(_batches(eval_windows, batch_size)) if eval_windows is not None else []
     checks = _batches(dtype_check.windows, batch_size) if dtype_check is not None else []
     cut = [len(batches), len(batches) + len(evals)]
     with source.outside(stack_name, device):
@@ -546,7 +602,7 @@ def _prune_blockwise(model, the_plan: Plan, batches, device, make_pruner, config
                 dense_eval = _run_block(block, dense_eval, eval_extras)  # before its layers are pruned
             if per_block[i]:
                 result.rows += _prune_targets(per_block[i], lambda: _run_block(block, hidden, calib_extras), block,
-                                              make_pruner, config.sparse_ratio, progress, f"block {i}")
+                                              make_pruner, config.sparse_ratio, progress, f"block {i}", group)
             if i < last:
                 hidden = _run_block(block, hidden, calib_extras)  # with the pruned weights
             if evals:
@@ -563,13 +619,15 @@ def _prune_blockwise(model, the_plan: Plan, batches, device, make_pruner, config
             state.save(i + 1, (hidden, dense_eval, pruned_eval, checked),
                        {"rows": result.rows, "seconds": result.block_seconds,
                         "dtype_check": dtype_check.result if dtype_check is not None else None})
-    if writer is not None or evals:
+    if writer is not None or eval_windows is not None:
         with source.outside(stack_name, device):
-            if writer is not None:
-                writer.add({name: t for name, t in model.state_dict().items() if not name.startswith(f"{stack_name}.")})
-            if evals:
-                result.perplexity_before = _perplexity(model, stack_name, blocks, evals, dense_eval, device)
-                result.perplexity_after = _perplexity(model, stack_name, blocks, evals, pruned_eval, device)
+            if writer is not None:  # a tensor at a time: the embeddings and head are the largest tensors
+                for name, t in model.state_dict().items():
+                    if not name.startswith(f"{stack_name}."):
+                        writer.add({name: t})
+            if eval_windows is not None:
+                result.perplexity_before = _perplexity(model, stack_name, blocks, evals, dense_eval, device, group)
+                result.perplexity_after = _perplexity(model, stack_name, blocks, evals, pruned_eval, device, group)
     result.peak_memory_bytes = peak_memory_bytes()
     return result
 
@@ -586,8 +644,10 @@ class _Injector(nn.Module):
         return self.outputs if self.outputs is not None else (args[0] if args else kwargs["hidden_states"])
 
 
-def _perplexity(model, stack_name, blocks, windows: list[torch.Tensor], finals: list[torch.Tensor], device) -> float:
-    """exp(mean next-token NLL) of windows whose final hidden states (the stack's outputs) are `finals`."""
+def _perplexity(model, stack_name, blocks, windows: list[torch.Tensor], finals: list[torch.Tensor], device,
+                group: Group) -> float:
+    """exp(mean next-token NLL) of windows whose final hidden states (the stack's outputs) are `finals`, over
+    every rank's windows."""
     parent, attr = _parent(model, stack_name)
     nll, count = 0.0, 0
     try:
@@ -599,6 +659,7 @@ def _perplexity(model, stack_name, blocks, windows: list[torch.Tensor], finals: 
             count += batch[:, 1:].numel()
     finally:
         setattr(parent, attr, blocks)
+    nll, count = group.sum(torch.tensor([nll, count], dtype=torch.float64)).tolist()
     return math.exp(nll / count)
 
 
@@ -615,7 +676,7 @@ def _prune_one_pass(model, selected, batches, device, home, make_pruner, config,
     model.to(device)
     try:
         return _prune_targets(list(selected.values()), run, model, make_pruner, config.sparse_ratio, progress,
-                              "layers")
+                              "layers", Group())
     finally:
         model.to(home)
 

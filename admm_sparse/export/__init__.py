@@ -54,23 +54,37 @@ def sparse_tensor_names(model, pruned: Iterable[str]) -> set[str]:
     """Checkpoint names (see checkpoint_state_dict) of the tensors that hold the pruned layers' weights and
     biases. pruned: layer names as the pipeline reports them (admm_sparse.targets). Found by marking each
     layer's region of its parameter and letting transformers re-split the marks into the checkpoint layout,
-    so an expert's slice of a fused parameter lands on exactly the tensor stored for it."""
+    so an expert's slice of a fused parameter lands on exactly the tensor stored for it. One block's marks
+    at a time (a byte per weight), so this needs no memory in proportion to the model."""
     import torch
 
     from ..targets import find_targets
 
     by_name = {t.name: t for t in find_targets(model.named_modules())}
     params = dict(model.named_parameters(remove_duplicate=False))
-    marks: dict[str, torch.Tensor] = {}
+    per_block: dict[str, list] = {}
     for layer in pruned:
         target = by_name.get(layer)
         if target is None:
             raise ValueError(f"pruned layer {layer!r} is not a prunable layer of this model")
-        for name, view_of in ((target.param_name, target.view_of), (target.bias_name, target.bias_view_of)):
-            if name is not None:
-                mark = marks.setdefault(name, torch.zeros(params[name].shape, dtype=torch.bool))
-                view_of(mark).fill_(True)
-    return {name for name, mark in checkpoint_state_dict(model, marks).items() if mark.any()}
+        per_block.setdefault(_block_of(target.param_name), []).append(target)
+    sparse = set()
+    for targets in per_block.values():
+        marks: dict[str, torch.Tensor] = {}
+        for target in targets:
+            for name, view_of in ((target.param_name, target.view_of), (target.bias_name, target.bias_view_of)):
+                if name is not None:
+                    mark = marks.setdefault(name, torch.zeros(params[name].shape, dtype=torch.bool))
+                    view_of(mark).fill_(True)
+        sparse |= {name for name, mark in checkpoint_state_dict(model, marks).items() if mark.any()}
+    return sparse
+
+
+def _block_of(name: str) -> str:
+    """The block a tensor name belongs to: its name up to the first index ("model.layers.3"), or "" outside."""
+    parts = name.split(".")
+    index = next((i for i, part in enumerate(parts) if part.isdigit()), None)
+    return "" if index is None else ".".join(parts[: index + 1])
 
 
 def _is_inside(path: Path, folder: Path) -> bool:

@@ -1,0 +1,127 @@
+"""Who does which part: a group of processes on torch.distributed, or one process alone.
+
+The block loop (pipeline.prune_blocks) talks to a Group and never asks how many processes there are: a
+single process is a group of one, whose collectives do nothing. Under `torchrun --nproc-per-node N`
+(WORLD_SIZE > 1 in the environment) `from_environment` joins the process group PyTorch's launcher set up:
+NCCL when the compute device is CUDA (one GPU per rank, from LOCAL_RANK), Gloo on CPUs. Then:
+- calibration (and evaluation) windows are split over the ranks, each rank capturing and running the blocks
+  for its own windows only;
+- per-layer statistics (the Hessian's lower triangle, the scaler as a weighted sum, token counts: all plain
+  sums) are reduced onto the rank that prunes the layer, one reduce per layer;
+- the layers of a block are assigned to ranks, whole statistics groups at a time (q/k/v share one Hessian,
+  so one rank prunes them), balanced by their cost d_in^3 + 20 * d_in^2 * d_out (the inverse and the
+  ADMM iterations' GEMMs);
+- each pruned weight is broadcast from its owner, then every rank runs the pruned block on its windows.
+A collective that waits longer than the timeout fails, so a rank that died or hangs ends every rank with an
+error; torchrun then names the failed rank and its cause (errors are recorded with its @record).
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from typing import Sequence
+
+import torch
+
+DEFAULT_TIMEOUT_S = 1800
+
+
+class Group:
+    """One process alone: rank 0 of 1; every collective leaves its tensor as it is."""
+
+    rank, size = 0, 1
+
+    def split(self, items: Sequence) -> list:
+        """This rank's share of items (every size-th, starting at rank), so shares differ by at most one."""
+        return list(items[self.rank::self.size])
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """In place: the sum of every rank's tensor, on every rank."""
+        return tensor
+
+    def reduce(self, tensor: torch.Tensor, owner: int) -> None:
+        """In place on `owner`: the sum of every rank's tensor (other ranks' tensors are left undefined)."""
+
+    def broadcast(self, tensor: torch.Tensor, owner: int) -> None:
+        """In place: every rank's tensor becomes owner's."""
+
+    def gather_objects(self, value) -> list:
+        """Every rank's picklable value, in rank order, on every rank."""
+        return [value]
+
+    def assign(self, costs: Sequence[float]) -> list[int]:
+        """An owner rank for each item: largest first, each to the rank with the least work so far."""
+        load = [0.0] * self.size
+        owners = [0] * len(costs)
+        for i in sorted(range(len(costs)), key=lambda i: -costs[i]):
+            owner = min(range(self.size), key=lambda r: (load[r], r))
+            owners[i] = owner
+            load[owner] += costs[i]
+        return owners
+
+
+class TorchGroup(Group):
+    """The default process group of torch.distributed."""
+
+    def __init__(self):
+        import torch.distributed as dist
+
+        self.dist = dist
+        self.rank, self.size = dist.get_rank(), dist.get_world_size()
+
+    def sum(self, tensor):
+        self.dist.all_reduce(tensor)
+        return tensor
+
+    def reduce(self, tensor, owner):
+        self.dist.reduce(tensor, dst=owner)
+
+    def broadcast(self, tensor, owner):
+        self.dist.broadcast(tensor, src=owner)
+
+    def gather_objects(self, value):
+        out = [None] * self.size
+        self.dist.all_gather_object(out, value)
+        return out
+
+
+def launched() -> bool:
+    """Whether this process is one of several started by torchrun (or another launcher setting WORLD_SIZE)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def from_environment(device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[Group, torch.device]:
+    """(the group this process belongs to, its compute device). Without a launcher: Group() and `device`.
+    Under torchrun: joins the process group (NCCL for CUDA, one GPU per rank by LOCAL_RANK; Gloo else)."""
+    if not launched():
+        return Group(), device
+    import torch.distributed as dist
+
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=timeout_s),
+                                **({"device_id": device} if device.type == "cuda" else {}))
+    return TorchGroup(), device
+
+
+def reduce_statistics(group: Group, pruner, owner: int) -> None:
+    """Sum an AdmmPruner's statistics (Hessian, scaler, sequence and token counts) over the ranks onto `owner`.
+    The scaler is a mean over sequences (SPEC §1), so it travels as a sum, scaler x sequences."""
+    counts = torch.tensor([pruner.nsamples, pruner.tokens], dtype=torch.float64, device=pruner.H.device)
+    pruner.scaler.mul_(pruner.nsamples)
+    group.reduce(pruner.H, owner)
+    group.reduce(pruner.scaler, owner)
+    group.reduce(counts, owner)
+    if group.rank == owner:
+        nsamples, tokens = (int(c) for c in counts.tolist())
+        pruner.scaler.div_(max(nsamples, 1))
+        pruner.nsamples, pruner.tokens = nsamples, tokens
+
+
+def layer_cost(shape: tuple[int, int]) -> float:
+    """The ADMM's cost for a weight [d_out, d_in]: the d_in x d_in inverse and 20 GEMMs d_in x d_in x d_out."""
+    d_out, d_in = shape
+    return float(d_in) ** 3 + 20.0 * d_in * d_in * d_out
