@@ -13,6 +13,7 @@ Models without a block stack fall back to collecting every selected layer in one
 """
 from __future__ import annotations
 
+import ctypes
 import inspect
 import math
 import resource
@@ -613,6 +614,7 @@ def _prune_blockwise(model, the_plan: Plan, batches, device, make_pruner, config
                 writer.add({f"{stack_name}.{i}.{name}": t for name, t in block.state_dict().items()})
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        _return_free_memory()
         result.block_seconds.append(time.perf_counter() - start)
         if state is not None:
             checked = dtype_check.hidden if dtype_check is not None and dtype_check.hidden is not None else []
@@ -661,6 +663,23 @@ def _perplexity(model, stack_name, blocks, windows: list[torch.Tensor], finals: 
         setattr(parent, attr, blocks)
     nll, count = group.sum(torch.tensor([nll, count], dtype=torch.float64)).tolist()
     return math.exp(nll / count)
+
+
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return None
+
+
+_LIBC = _libc()
+
+
+def _return_free_memory() -> None:
+    """Give the memory freed with a block back to the OS: glibc keeps freed chunks in its heap, where
+    fragmentation would carry each block's leftovers into the next and make the footprint grow with depth."""
+    if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
+        _LIBC.malloc_trim(0)
 
 
 def peak_memory_bytes() -> int:

@@ -51,6 +51,26 @@ def read_header(path: str | Path) -> dict:
         return json.loads(f.read(size))
 
 
+def _header_and_offset(path: Path) -> tuple[dict, int]:
+    """A safetensors file's header and the offset where its tensor data starts."""
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(size)), 8 + size
+
+
+def read_tensor(path: Path, key: str, header: dict, start: int) -> torch.Tensor:
+    """One tensor of a safetensors file, read into memory of its own. Not through a memory map: a map's pages
+    count as resident while the file is open, doubling the memory a large tensor (an embedding) takes while
+    it loads, and the tensor must not follow later changes to the file."""
+    info = header[key]
+    begin, end = info["data_offsets"]
+    data = torch.empty(end - begin, dtype=torch.uint8)
+    with open(path, "rb") as f:
+        f.seek(start + begin)
+        f.readinto(memoryview(data.numpy()))
+    return data.view(_SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
+
+
 def checkpoint_files(folder: str | Path) -> list[str]:
     """Names of the folder's safetensors weight files, in order."""
     folder = Path(folder)
@@ -217,16 +237,13 @@ class LazySource:
         return [n for n in self._names() if n in wanted]
 
     def _load(self, names: list[str], device: torch.device) -> None:
-        from safetensors import safe_open
-
         names = self._with_ties(names)
-        handles = {}
+        headers = {}
 
         def read(file, key, dtype):
-            if file not in handles:
-                handles[file] = safe_open(str(self.folder / file), framework="pt", device="cpu")
-            # get_tensor maps the file: copy, so the model owns its memory and may change it in place.
-            return handles[file].get_tensor(key).to(device=device, dtype=dtype, copy=True)
+            if file not in headers:
+                headers[file] = _header_and_offset(self.folder / file)
+            return read_tensor(self.folder / file, key, *headers[file]).to(device=device, dtype=dtype)
 
         wanted: dict[int, tuple[_Group, dict[str, list[str]]]] = {}
         for name in names:

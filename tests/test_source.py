@@ -3,11 +3,11 @@ import json
 import shutil
 
 import pytest
-import safetensors
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, GptOssConfig, LlamaConfig, Qwen3MoeConfig
 
+from admm_sparse import source as source_module
 from admm_sparse.pipeline import find_block_stack
 from admm_sparse.source import INDEX_FILE, SINGLE_FILE, LazySource
 
@@ -72,17 +72,13 @@ def test_blockwise_materialisation_equals_from_pretrained(llama_folder):
 
 def test_materialize_reads_only_that_block_and_release_frees_it(llama_folder, monkeypatch):
     source = LazySource(llama_folder)
-    read, real_open = [], safetensors.safe_open
+    read, real_read = [], source_module.read_tensor
 
-    class RecordingOpen:
-        def __init__(self, *args, **kwargs):
-            self.file = real_open(*args, **kwargs)
+    def recording_read(path, key, header, start):
+        read.append(key)
+        return real_read(path, key, header, start)
 
-        def get_tensor(self, key):
-            read.append(key)
-            return self.file.get_tensor(key)
-
-    monkeypatch.setattr(safetensors, "safe_open", RecordingOpen)
+    monkeypatch.setattr(source_module, "read_tensor", recording_read)
     block = source.materialize("model.layers.1", "cpu")
     assert block is source.model.model.layers[1]
     assert sorted(read) == sorted(k for k in weight_map(llama_folder) if k.startswith("model.layers.1."))
