@@ -683,7 +683,15 @@ def _return_free_memory() -> None:
 
 
 def peak_memory_bytes() -> int:
-    """Peak resident memory of this process so far (Linux reports kilobytes)."""
+    """Peak resident memory of this process so far: VmHWM on Linux (getrusage's maxrss is kept across exec, so
+    a process started by a large one would report its parent's size), maxrss elsewhere."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
