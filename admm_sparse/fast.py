@@ -65,11 +65,16 @@ def low_precision_dtype(device: torch.device) -> torch.dtype:
 
 def relax(gemm_out, wn0, z, u, rho: float, alpha: float) -> None:
     """In place: u <- alpha·(wn0 + rho·gemm_out) + (1 - alpha)·z + u, i.e. V = the over-relaxed Wn plus the
-    scaled dual. One native pass on the CPU; ATen ops elsewhere."""
+    scaled dual. One native pass on the CPU."""
     if u.is_cpu:
         torch.ops.admm_sparse.fast_relax(gemm_out, wn0, z, u, rho, alpha)
     else:
-        u.add_(z, alpha=1 - alpha).add_(wn0, alpha=alpha).add_(gemm_out.float(), alpha=alpha * rho)
+        relax_aten(gemm_out, wn0, z, u, rho, alpha)
+
+
+def relax_aten(gemm_out, wn0, z, u, rho: float, alpha: float) -> None:
+    """relax() in ATen ops, for devices without the native kernel."""
+    u.add_(z, alpha=1 - alpha).add_(wn0, alpha=alpha).add_(gemm_out.float(), alpha=alpha * rho)
 
 
 def project(u, pruned, previous, wn0, z, step) -> int:
@@ -77,6 +82,11 @@ def project(u, pruned, previous, wn0, z, step) -> int:
     dtype). Returns how many entries of pruned differ from previous (0 when None). One native pass on the CPU."""
     if u.is_cpu:
         return torch.ops.admm_sparse.fast_project(u, pruned, previous, wn0, z, step)
+    return project_aten(u, pruned, previous, wn0, z, step)
+
+
+def project_aten(u, pruned, previous, wn0, z, step) -> int:
+    """project() in ATen ops, for devices without the native kernel."""
     changed = 0 if previous is None else int((pruned != previous).sum())
     torch.where(pruned, torch.zeros((), device=u.device), u, out=z)
     u.masked_fill_(~pruned, 0.0)
