@@ -161,3 +161,9 @@ def test_native_passes_equal_their_aten_versions(low):
         assert fn(v, pruned, previous, wn0, zz, step) == 72
         assert torch.equal(v, native.masked_fill(~pruned, 0.0)) and torch.equal(zz, native.masked_fill(pruned, 0.0))
         assert torch.equal(step, (zz - v - wn0).to(low))
+
+
+def test_cli_accepts_fast_mode():
+    from admm_sparse.cli import _parser
+
+    assert _parser().parse_args(["prune", "--mode", "fast"]).mode == "fast"

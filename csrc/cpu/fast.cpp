@@ -9,7 +9,7 @@
 
 #include <functional>
 
-#include "cpu/select.h"
+#include "select.h"
 
 namespace admm_sparse {
 namespace {
@@ -64,14 +64,18 @@ int64_t fast_project_cpu(at::Tensor& u, const at::Tensor& pruned, const c10::opt
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, step.scalar_type(), "fast_project", [&] {
     scalar_t* s = step.data_ptr<scalar_t>();
     changed = at::parallel_reduce(0, u.numel(), cpu::kChunk, int64_t{0}, [&](int64_t i0, int64_t i1, int64_t count) {
+      // Bit operations, not branches: the mask follows the data, and a branch on it is mispredicted on a
+      // good share of the elements (measured 5-10x slower).
       for (int64_t i = i0; i < i1; ++i) {
-        const float v = u_p[i];
-        const float kept = p[i] ? 0.0f : v;
-        const float dual = p[i] ? v : 0.0f;
+        const uint32_t v = cpu::bits_of(u_p[i]);
+        const uint32_t all_if_pruned = 0u - static_cast<uint32_t>(p[i]);
+        const float kept = cpu::float_of(v & ~all_if_pruned), dual = cpu::float_of(v & all_if_pruned);
         z_p[i] = kept;
         u_p[i] = dual;
         s[i] = static_cast<scalar_t>(kept - dual - w0[i]);
-        if (prev) count += p[i] != prev[i];
+      }
+      if (prev) {
+        for (int64_t i = i0; i < i1; ++i) count += p[i] != prev[i];
       }
       return count;
     }, std::plus<int64_t>());
