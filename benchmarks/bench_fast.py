@@ -153,7 +153,7 @@ def real_layers(ratio: float, repeats: int) -> list[str]:
     for name in LAYERS:
         w0 = data.model.get_submodule(name).weight.detach().clone()
         r = compare(w0, inputs.pop(name), grams[name], ratio, repeats)
-        lines.append(row(f"`{name}` {w0.shape[0]}x{w0.shape[1]}", r))
+        lines.append(row(f"`{name}` {w0.shape[0]}x{w0.shape[1]}, ratio {ratio}", r))
         print(lines[-1], flush=True)
     return lines
 
