@@ -60,12 +60,14 @@ def patched(module, **values):
             setattr(module, name, value)
 
 
-# Fast mode with one lever taken away at a time (--levers): fast.py's constants patched for one call.
+# Fast mode with one lever taken away or changed at a time (--levers): fast.py's constants patched for one call.
 LEVERS = {
     "fast": {},
     "fast, float32 GEMMs (no bfloat16)": dict(_bf16_faster_on_cpu=lambda: False),
     "fast, no over-relaxation (alpha 1)": dict(ALPHA=1.0),
     "fast, no early stop (15 re-selections)": dict(MASK_TOL=-1.0),
+    "fast, mask tolerance 0.3% of k": dict(MASK_TOL=0.003),
+    "fast, 5 iterations on the settled mask": dict(FIXED_ITERS=5),
 }
 
 
