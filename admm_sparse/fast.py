@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import time
-from dataclasses import dataclass
 
 import torch
 
@@ -30,24 +29,20 @@ FIXED_ITERS = 2  # fixed-mask iterations after the mask settles (the last in flo
 BF16_MIN_SPEEDUP = 1.3  # use bfloat16 GEMMs only when measured at least this much faster
 
 
-@dataclass
-class FastInfo:
-    iterations: int  # all ADMM iterations (mask re-selections + fixed-mask)
-    mask_iterations: int  # iterations that re-chose the mask
-    low_precision: str  # dtype of the iterations before the last ("bfloat16" or "float32")
-
-
 @functools.lru_cache(maxsize=None)
-def _bf16_faster_on_cpu(size: int = 512) -> bool:
-    """Whether a bfloat16 GEMM beats float32 by BF16_MIN_SPEEDUP on this CPU (timed once: without AMX or
-    AVX512-BF16, torch runs bfloat16 GEMMs slower than float32)."""
+def _bf16_faster_on_cpu() -> bool:
+    """Whether a 512³ bfloat16 GEMM beats float32 by BF16_MIN_SPEEDUP on this CPU, timed once (bfloat16 GEMMs
+    are fast only with hardware support such as AMX or AVX512-BF16). Its own generator: the caller's random
+    stream is left alone."""
+    a = torch.randn(512, 512, generator=torch.Generator().manual_seed(0))
+
     def best(dtype):
-        a = torch.randn(size, size).to(dtype)
-        torch.mm(a, a)  # warm-up
+        m = a.to(dtype)
+        torch.mm(m, m)  # warm-up
         times = []
         for _ in range(3):
             start = time.perf_counter()
-            torch.mm(a, a)
+            torch.mm(m, m)
             times.append(time.perf_counter() - start)
         return min(times)
 
@@ -97,7 +92,7 @@ def project_aten(u, pruned, previous, wn0, z, step) -> int:
 def admm_fast(h_lower: torch.Tensor, weight: torch.Tensor, k: int, structure: tuple[str, int, int],
               percdamp: float, rho: float, max_mask_iters: int, low_dtype: torch.dtype):
     """Returns (pruned float32 weight in W layout with exactly k zeros, dampings (percdamp·mean, retry
-    extra), FastInfo). h_lower: the statistics' lower triangle; weight: float32 [d_out, d_in]."""
+    extra), ADMM iterations run). h_lower: the statistics' lower triangle; weight: float32 [d_out, d_in]."""
     d = h_lower.diagonal().sqrt() + 1e-8
     hn = h_lower / d[:, None] / d[None, :]  # only its lower triangle is read below
     damping = percdamp * hn.diagonal().mean().item()
@@ -132,5 +127,4 @@ def admm_fast(h_lower: torch.Tensor, weight: torch.Tensor, k: int, structure: tu
         relax(gemm_out, wn0, z, u, rho, ALPHA)
     # The result as the seed forms it (no over-relaxation): Z = (Wn + U) off the pruned set.
     out = gemm_out.mul_(rho).add_(wn0).add_(u).masked_fill_(pruned, 0.0).T / d
-    info = FastInfo(mask_iters + FIXED_ITERS, mask_iters, str(low_dtype).removeprefix("torch."))
-    return out, torch.tensor([damping, float(used) - shift]), info
+    return out, torch.tensor([damping, float(used) - shift]), mask_iters + FIXED_ITERS

@@ -306,13 +306,13 @@ class AdmmPruner:
         """Fast mode: see admm_sparse.fast."""
         from . import fast
 
-        pruned, damping, info = fast.admm_fast(self.H, old.float(), k, parse_mask_structure(structure),
+        pruned, damping, iterations = fast.admm_fast(self.H, old.float(), k, parse_mask_structure(structure),
                                                opts["percdamp"], opts["rho"], opts["fast_mask_iters"],
                                                fast.low_precision_dtype(old.device))
         if not all_finite(pruned):
             raise ValueError("fast-mode pruning produced non-finite weights; check the calibration data")
         dense = torch.tensor(quadratic_trace(self.H, old.float()))
-        return pruned.to(old.dtype), damping, dense, dict(iterations=info.iterations)
+        return pruned.to(old.dtype), damping, dense, dict(iterations=iterations)
 
     def _prune_quality(self, old: torch.Tensor, k: int, structure: str, opts: dict):
         """Quality mode (and/or rounding inside ADMM): see admm_sparse.quality."""

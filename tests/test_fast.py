@@ -167,3 +167,10 @@ def test_cli_accepts_fast_mode():
     from admm_sparse.cli import _parser
 
     assert _parser().parse_args(["prune", "--mode", "fast"]).mode == "fast"
+
+
+def test_bf16_detection_leaves_the_random_stream_alone():
+    fast._bf16_faster_on_cpu.cache_clear()
+    state = torch.get_rng_state()
+    assert isinstance(fast._bf16_faster_on_cpu(), bool)
+    assert torch.equal(torch.get_rng_state(), state)
