@@ -20,11 +20,15 @@ from .keepbits import apply_keepbits
 # percdamp 0.01 unless given (measured better than 0.1 there). round_in_admm None: on in quality mode when
 # keep_bits is set; it rounds with error compensation on the solver's support (quality.round_with_feedback).
 # allow_tf32: CUDA float32 GEMMs in TF32 (faster, less exact); off by default whatever torch's global setting.
+# mode="fast" (admm_sparse.fast): the seed's ADMM over-relaxed, the mask re-chosen until it settles or for
+# fast_mask_iters iterations, then 2 on that mask (prune_iters and iters are not used); bfloat16 GEMMs before
+# the last iteration where they are faster.
 DEFAULT_OPTIONS = dict(keep_bits=2, keep_proportion=0.02, percdamp=0.1, prune_iters=15, iters=20, rho=1.0,
                        mask_structure="unstructured", mode="seed", round_in_admm=None, quality_rho=0.1,
-                       quality_max_iters=300, quality_check_every=3, refit_iters=200, allow_tf32=False)
+                       quality_max_iters=300, quality_check_every=3, refit_iters=200, allow_tf32=False,
+                       fast_mask_iters=8)
 QUALITY_PERCDAMP = 0.01
-MODES = ("seed", "quality")
+MODES = ("seed", "quality", "fast")
 DEFAULT_SPARSE_RATIO = 0.3
 MAX_GROUP = 64  # largest M of an "N:M" structure (csrc/admm.h kMaxGroupSize)
 
@@ -40,8 +44,8 @@ class PruneReport:
     tokens: int
     mode: str = "seed"
     mask_structure: str = "unstructured"
-    # quality mode only: ADMM iterations, final rho, relative output error (before keep-bit rounding) of the
-    # ADMM's projected iterate and after the refit on its support.
+    # quality and fast mode: ADMM iterations; quality mode only: final rho, relative output error (before
+    # keep-bit rounding) of the ADMM's projected iterate and after the refit on its support.
     # round_in_admm only: relative output error of the solver's weight before it was rounded.
     iterations: int | None = None
     final_rho: float | None = None
@@ -142,12 +146,15 @@ def check_options(options: dict) -> dict:
         raise ValueError(f"allow_tf32 must be True or False, got {opts['allow_tf32']!r}")
     if opts["round_in_admm"] and opts["keep_bits"] is None:
         raise ValueError("round_in_admm=True needs keep_bits (it rounds to the keep-bit grid)")
-    for name in ("quality_max_iters", "quality_check_every", "refit_iters"):
+    for name in ("quality_max_iters", "quality_check_every", "refit_iters", "fast_mask_iters"):
         v = opts[name]
         if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "refit_iters" else 1):
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
     if not (math.isfinite(opts["quality_rho"]) and opts["quality_rho"] > 0):
         raise ValueError(f"quality_rho must be finite and > 0, got {opts['quality_rho']}")
+    if opts["mode"] == "fast" and opts["round_in_admm"]:
+        raise ValueError("round_in_admm=True is not supported with mode=\"fast\" (its compensation costs more than "
+                         "fast mode saves); use mode=\"seed\" or \"quality\"")
     if opts["mode"] == "quality" and "percdamp" not in options:
         opts["percdamp"] = QUALITY_PERCDAMP
     if opts["round_in_admm"] is None:
@@ -306,6 +313,8 @@ class AdmmPruner:
                                                             opts["iters"], opts["prune_iters"],
                                                             native_structure(structure))
             new = pruned.to(old.dtype)
+        elif opts["mode"] == "fast":
+            new, damping, dense_energy, extra = self._prune_fast(old, k, structure, opts)
         else:
             new, damping, dense_energy, extra = self._prune_quality(old, k, structure, opts)
         if opts["keep_bits"] is not None and not opts["round_in_admm"]:
@@ -314,6 +323,18 @@ class AdmmPruner:
                                  "(float16 for the Atlas card) cannot represent; pass keep_bits=None")
             new = apply_keepbits(new, self.scaler, opts["keep_bits"], opts["keep_proportion"])
         return new, damping, dense_energy, extra
+
+    def _prune_fast(self, old: torch.Tensor, k: int, structure: str, opts: dict):
+        """Fast mode: see admm_sparse.fast."""
+        from . import fast
+
+        pruned, damping, iterations = fast.admm_fast(self.H, old.float(), k, parse_mask_structure(structure),
+                                               opts["percdamp"], opts["rho"], opts["fast_mask_iters"],
+                                               fast.low_precision_dtype(old.device))
+        if not all_finite(pruned):
+            raise ValueError("fast-mode pruning produced non-finite weights; check the calibration data")
+        dense = torch.tensor(quadratic_trace(self.H, old.float()))
+        return pruned.to(old.dtype), damping, dense, dict(iterations=iterations)
 
     def _prune_quality(self, old: torch.Tensor, k: int, structure: str, opts: dict):
         """Quality mode (and/or rounding inside ADMM): see admm_sparse.quality."""

@@ -31,6 +31,14 @@ TORCH_LIBRARY(admm_sparse, m) {
   // structure: "unstructured" (the k smallest over the whole weight, SPEC section 2), "per_row" (k / d_out
   // in every output row, as prune_mask_rows) or "N:M" (as prune_mask_nm on each output row; k must be
   // d_out * d_in / M * (M - N)); the mask is re-chosen with that structure in each of the first prune_iters.
+  // Fast mode's elementwise passes (admm_sparse.fast; CPU kernels only, other devices use ATen ops there).
+  // u, wn0, z: float32 [d_in, d_out], contiguous. fast_relax: u <- alpha * (wn0 + rho * gemm_out) +
+  // (1 - alpha) * z + u (the over-relaxed iterate plus the scaled dual; gemm_out float32 or bfloat16).
+  m.def("fast_relax(Tensor gemm_out, Tensor wn0, Tensor z, Tensor(a!) u, float rho, float alpha) -> ()");
+  // With V in u and `pruned` (bool): z <- V where not pruned (else 0), u <- V where pruned (else 0),
+  // step <- z - u - wn0 (float32 or bfloat16). Returns how many entries of pruned differ from previous
+  // (0 without previous).
+  m.def("fast_project(Tensor(a!) u, Tensor pruned, Tensor? previous, Tensor wn0, Tensor(b!) z, Tensor(c!) step) -> int");
   m.def("admm_prune(Tensor hessian, Tensor weight, int k, float percdamp, float rho, int iters, int prune_iters, str structure=\"unstructured\") -> (Tensor, Tensor, Tensor)");
 }
 

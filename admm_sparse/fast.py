@@ -1,0 +1,130 @@
+"""Fast mode: the seed's ADMM (SPEC §2's normalisation, damping and rho) in fewer, cheaper iterations.
+
+What differs from the seed's 15 re-selections + 5 fixed-mask iterations (measured in benchmarks/RESULTS.md,
+"Fast mode"):
+- over-relaxation (Boyd et al. 2011, §3.4.3): the projection sees alpha·Wn + (1 - alpha)·Z instead of Wn,
+  which settles the mask in fewer iterations. alpha = 1.5: on correlated inputs 1.8 gave lower errors, on
+  independent ones with few tokens (T = d_in) it fitted the calibration tokens better and held-out ones worse;
+- the mask is re-chosen only until it settles: until at most MASK_TOL·k pruned entries swap in one
+  iteration, or fast_mask_iters times; then FIXED_ITERS more iterations on that mask;
+- the iterations before the last run their GEMM in bfloat16 where that is faster (AMX / AVX512-BF16 CPUs,
+  CUDA); the last iteration is float32, so the returned weights carry no bfloat16 rounding;
+- Wn = Wn0 + rho·Hinv·(Z - U - Wn0) (the seed's Hinv·(B + rho(Z - U)) with B = Hd Wn0 = (Hinv⁻¹ - rho)Wn0
+  expanded): no B, so no GEMM before the loop, and the bfloat16 rounding falls on the step, not the weight;
+- on the CPU, each iteration's elementwise work is two native passes (fast_relax, fast_project).
+"""
+from __future__ import annotations
+
+import functools
+import time
+
+import torch
+
+from . import _ops
+from .quality import pruned_set
+
+ALPHA = 1.5  # over-relaxation (convergent for alpha in (0, 2) in the convex case)
+MASK_TOL = 0.001  # re-select while more than this fraction of the k pruned entries swaps per iteration
+FIXED_ITERS = 2  # fixed-mask iterations after the mask settles (the last in float32)
+BF16_MIN_SPEEDUP = 1.3  # use bfloat16 GEMMs only when measured at least this much faster
+
+
+@functools.lru_cache(maxsize=None)
+def _bf16_faster_on_cpu() -> bool:
+    """Whether a 512³ bfloat16 GEMM beats float32 by BF16_MIN_SPEEDUP on this CPU, timed once (bfloat16 GEMMs
+    are fast only with hardware support such as AMX or AVX512-BF16). Its own generator: the caller's random
+    stream is left alone."""
+    a = torch.randn(512, 512, generator=torch.Generator().manual_seed(0))
+
+    def best(dtype):
+        m = a.to(dtype)
+        torch.mm(m, m)  # warm-up
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            torch.mm(m, m)
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    return best(torch.float32) >= BF16_MIN_SPEEDUP * best(torch.bfloat16)
+
+
+def low_precision_dtype(device: torch.device) -> torch.dtype:
+    """The GEMM dtype of the iterations that tolerate noise: bfloat16 where it is faster, else float32."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cpu":
+        return torch.bfloat16 if _bf16_faster_on_cpu() else torch.float32
+    return torch.float32
+
+
+def relax(gemm_out, wn0, z, u, rho: float, alpha: float) -> None:
+    """In place: u <- alpha·(wn0 + rho·gemm_out) + (1 - alpha)·z + u, i.e. V = the over-relaxed Wn plus the
+    scaled dual. One native pass on the CPU."""
+    if u.is_cpu:
+        torch.ops.admm_sparse.fast_relax(gemm_out, wn0, z, u, rho, alpha)
+    else:
+        relax_aten(gemm_out, wn0, z, u, rho, alpha)
+
+
+def relax_aten(gemm_out, wn0, z, u, rho: float, alpha: float) -> None:
+    """relax() in ATen ops, for devices without the native kernel."""
+    u.add_(z, alpha=1 - alpha).add_(wn0, alpha=alpha).add_(gemm_out.float(), alpha=alpha * rho)
+
+
+def project(u, pruned, previous, wn0, z, step) -> int:
+    """With V in u: z <- V off the pruned set, u <- V on it (the scaled dual), step <- z - u - wn0 (in step's
+    dtype). Returns how many entries of pruned differ from previous (0 when None). One native pass on the CPU."""
+    if u.is_cpu:
+        return torch.ops.admm_sparse.fast_project(u, pruned, previous, wn0, z, step)
+    return project_aten(u, pruned, previous, wn0, z, step)
+
+
+def project_aten(u, pruned, previous, wn0, z, step) -> int:
+    """project() in ATen ops, for devices without the native kernel."""
+    changed = 0 if previous is None else int((pruned != previous).sum())
+    torch.where(pruned, torch.zeros((), device=u.device), u, out=z)
+    u.masked_fill_(~pruned, 0.0)
+    step.copy_(z - u - wn0)
+    return changed
+
+
+def admm_fast(h_lower: torch.Tensor, weight: torch.Tensor, k: int, structure: tuple[str, int, int],
+              percdamp: float, rho: float, max_mask_iters: int, low_dtype: torch.dtype):
+    """Returns (pruned float32 weight in W layout with exactly k zeros, dampings (percdamp·mean, retry
+    extra), ADMM iterations run). h_lower: the statistics' lower triangle; weight: float32 [d_out, d_in]."""
+    d = h_lower.diagonal().sqrt() + 1e-8
+    hn = h_lower / d[:, None] / d[None, :]  # only its lower triangle is read below
+    damping = percdamp * hn.diagonal().mean().item()
+    shift = float(torch.tensor(damping + rho, dtype=torch.float32))  # as the op holds it: no false retry warning
+    hinv, used = _ops.damped_cholesky_inverse(hn, shift)
+    del hn
+    hinv_low = hinv.to(low_dtype)
+    wn0 = (weight * d).T.contiguous()
+
+    # Wn is never stored: V = alpha·Wn + (1 - alpha)·Z + U is built from the GEMM's output directly.
+    # The first iteration's V is Wn0 (U = 0, Z = Wn = Wn0).
+    u, z = wn0.clone(), torch.empty_like(wn0)
+    step = torch.empty_like(wn0, dtype=low_dtype)
+    pruned, settled, mask_iters, after = None, False, 0, 0
+    while True:
+        if not settled:
+            previous, pruned = pruned, pruned_set(u, k, structure).contiguous()  # structured: a transposed view
+            mask_iters += 1
+        last = settled and after == FIXED_ITERS - 1  # the last iteration: its GEMM in float32
+        if last:
+            step = step.float()
+        changed = project(u, pruned, previous if not settled else None, wn0, z, step)
+        if not settled:
+            # settled: fewer swaps than the tolerance (as many entries leave the pruned set as enter it)
+            settled = (previous is not None and changed // 2 <= MASK_TOL * k) or k == 0 \
+                or mask_iters >= max_mask_iters
+        else:
+            after += 1
+        gemm_out = torch.mm(hinv if last else hinv_low, step)
+        if last:
+            break
+        relax(gemm_out, wn0, z, u, rho, ALPHA)
+    # The result as the seed forms it (no over-relaxation): Z = (Wn + U) off the pruned set.
+    out = gemm_out.mul_(rho).add_(wn0).add_(u).masked_fill_(pruned, 0.0).T / d
+    return out, torch.tensor([damping, float(used) - shift]), mask_iters + FIXED_ITERS

@@ -1,0 +1,206 @@
+"""Fast mode against the seed mode and SparseGPT on one layer, side by side in one process: time of
+fasterprune (same statistics, same torch threads) and relative output error on held-out inputs
+(statistics from the first half of the tokens, error ||X (W - W')ᵀ|| / ||X Wᵀ|| on the second half).
+
+    python benchmarks/bench_fast.py                         # 1024, 2048, 4096 square layers; prints tables
+    python benchmarks/bench_fast.py --write                 # and stores them in benchmarks/RESULTS.md
+    python benchmarks/bench_fast.py --shapes 4096x11008 --repeats 1
+    python benchmarks/bench_fast.py --real                  # the built-in model's layers instead
+
+Inputs: "iid" are bench_core's (independent unit-variance channels); "correlated" mix the channels and give
+them log-normal scales, as real activations have (tests/test_quality.py's generator). Keep-bit rounding is
+off in every mode (SparseGPT has none): this compares the pruning alone. SparseGPT is
+benchmarks/baselines.py (percdamp 0.01, blocks of 128; its column sweep runs on one thread by its own design,
+measured faster there on this 2-core machine).
+"""
+from __future__ import annotations
+
+import argparse
+from contextlib import contextmanager
+import math
+import platform
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from admm_sparse import fast  # noqa: E402
+from admm_sparse.layer import AdmmPruner  # noqa: E402
+from benchmarks.baselines import SparseGPTPruner, relative_output_error  # noqa: E402
+from benchmarks.results_md import RESULTS_MD, write_section  # noqa: E402
+
+BEGIN, END = "<!-- fast:begin -->", "<!-- fast:end -->"
+METHODS = ("seed", "fast", "sparsegpt")
+
+
+def make_inputs(kind: str, tokens: int, d_in: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, d_in, generator=g)
+    if kind == "correlated":
+        x = x @ (torch.randn(d_in, d_in, generator=g) * (2 / math.sqrt(d_in)) + torch.eye(d_in))
+        x = x * torch.exp(torch.randn(d_in, generator=g) * 0.7)
+    return x
+
+
+@contextmanager
+def patched(module, **values):
+    old = {name: getattr(module, name) for name in values}
+    for name, value in values.items():
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for name, value in old.items():
+            setattr(module, name, value)
+
+
+# Fast mode with one lever taken away or changed at a time (--levers): fast.py's constants patched for one call.
+LEVERS = {
+    "fast": {},
+    "fast, float32 GEMMs (no bfloat16)": dict(_bf16_faster_on_cpu=lambda: False),
+    "fast, no over-relaxation (alpha 1)": dict(ALPHA=1.0),
+    "fast, no early stop (15 re-selections)": dict(MASK_TOL=-1.0),
+    "fast, mask tolerance 0.3% of k": dict(MASK_TOL=0.003),
+    "fast, 5 iterations on the settled mask": dict(FIXED_ITERS=5),
+}
+
+
+def run(method: str, admm: AdmmPruner, sgpt: SparseGPTPruner, ratio: float):
+    if method == "sparsegpt":
+        return sgpt.fasterprune(ratio)
+    if method == "seed":
+        return admm.fasterprune(ratio, mode="seed")
+    options = dict(fast_mask_iters=15) if method == "fast, no early stop (15 re-selections)" else {}
+    with patched(fast, **LEVERS[method]):
+        return admm.fasterprune(ratio, mode="fast", **options)
+
+
+def compare(w0: torch.Tensor, calib: list[torch.Tensor], heldout_gram: torch.Tensor, ratio: float,
+            repeats: int, methods=METHODS) -> dict:
+    """Seconds (median over repeats, the methods alternating), held-out error and iterations of each method."""
+    layer = nn.Linear(w0.shape[1], w0.shape[0], bias=False)
+    admm = AdmmPruner(layer, keep_bits=None)
+    sgpt = SparseGPTPruner(layer)
+    for x in calib:
+        admm.add_batch(x)
+        sgpt.add_batch(x)
+    times, errors, iterations = {m: [] for m in methods}, {}, {}
+    for _ in range(repeats):
+        for method in methods:
+            layer.weight.data.copy_(w0)
+            report = run(method, admm, sgpt, ratio)
+            times[method].append(report.seconds)
+            errors[method] = relative_output_error(w0, layer.weight.detach(), heldout_gram)
+            iterations[method] = getattr(report, "iterations", None)
+    return dict(seconds={m: statistics.median(t) for m, t in times.items()}, errors=errors, iterations=iterations)
+
+
+def synthetic(shape: tuple[int, int], kind: str, tokens: int, ratio: float, repeats: int, methods=METHODS) -> dict:
+    d_out, d_in = shape
+    x = make_inputs(kind, 2 * tokens, d_in)
+    w0 = torch.randn(d_out, d_in, generator=torch.Generator().manual_seed(1)) / math.sqrt(d_in)
+    heldout = x[tokens:]
+    gram = heldout.T.double() @ heldout.double()
+    del heldout
+    return compare(w0, [x[:tokens]], gram, ratio, repeats, methods)
+
+
+def row(label: str, r: dict) -> str:
+    s, e = r["seconds"], r["errors"]
+    return (f"| {label} | {s['seed']:.2f} | {s['fast']:.2f} | {s['sparsegpt']:.2f} | {s['fast'] / s['sparsegpt']:.2f} "
+            f"| {e['seed']:.5f} | {e['fast']:.5f} | {e['sparsegpt']:.5f} | {e['fast'] / e['seed']:.4f} "
+            f"| {r['iterations']['fast']} |")
+
+
+HEADER = ["| layer | seed s | fast s | SparseGPT s | fast / SparseGPT time | seed error | fast error | SparseGPT error "
+          "| fast / seed error | fast iterations |", "|---|---|---|---|---|---|---|---|---|---|"]
+
+
+LEVER_HEADER = ["| layer | setting | seconds | x seed time | held-out error | x seed error | iterations |",
+                "|---|---|---|---|---|---|---|"]
+
+
+def lever_rows(args, ratio: float) -> list[str]:
+    lines = []
+    for kind in args.kinds:
+        for shape in args.shapes:
+            d_out, d_in = (int(t) for t in shape.split("x"))
+            methods = ("seed", *LEVERS)
+            r = synthetic((d_out, d_in), kind, args.tokens, ratio, args.repeats, methods)
+            s, e = r["seconds"], r["errors"]
+            for m in methods:
+                lines.append(f"| {shape} {kind}, ratio {ratio} | {m} | {s[m]:.2f} | {s[m] / s['seed']:.2f} | {e[m]:.5f} "
+                             f"| {e[m] / e['seed']:.4f} | {r['iterations'][m] or 20} |")
+                print(lines[-1], flush=True)
+    return lines
+
+
+def real_layers(ratio: float, repeats: int) -> list[str]:
+    """The built-in model's layers of tune_quality.py, inputs captured as there (64 x 512 tokens, error on
+    16 held-out windows)."""
+    from admm_sparse.builtin import load_builtin
+    from benchmarks.quality import _capture_inputs, _heldout_grams
+    from benchmarks.tune_quality import LAYERS
+
+    data = load_builtin(num_calib=64, seq_len=512)
+    grams = _heldout_grams(data.model, data.heldout, LAYERS, 16, 512)
+    inputs = _capture_inputs(data.model, data.calib, LAYERS)
+    lines = []
+    for name in LAYERS:
+        w0 = data.model.get_submodule(name).weight.detach().clone()
+        r = compare(w0, inputs.pop(name), grams[name], ratio, repeats)
+        lines.append(row(f"`{name}` {w0.shape[0]}x{w0.shape[1]}, ratio {ratio}", r))
+        print(lines[-1], flush=True)
+    return lines
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", nargs="+", default=["1024x1024", "2048x2048", "4096x4096"], help="OUTxIN")
+    p.add_argument("--kinds", nargs="+", default=["iid", "correlated"], choices=["iid", "correlated"])
+    p.add_argument("--tokens", type=int, default=4096, help="calibration tokens (as many again are held out)")
+    p.add_argument("--ratios", type=float, nargs="+", default=[0.5])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--real", action="store_true", help="the built-in model's layers instead of synthetic ones")
+    p.add_argument("--levers", action="store_true", help="instead: fast mode with one lever taken away at a "
+                   "time, against the seed mode")
+    p.add_argument("--write", action="store_true", help="append the table to benchmarks/RESULTS.md's fast section")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    head = (f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}, fast mode's "
+            f"low-precision GEMMs: {str(fast.low_precision_dtype(torch.device('cpu'))).removeprefix('torch.')}; "
+            f"median of {args.repeats} run(s), methods alternating")
+    lines = []
+    for ratio in args.ratios:
+        if args.levers:
+            lines += lever_rows(args, ratio)
+            continue
+        if args.real:
+            lines += real_layers(ratio, args.repeats)
+            continue
+        for kind in args.kinds:
+            for shape in args.shapes:
+                d_out, d_in = (int(t) for t in shape.split("x"))
+                r = synthetic((d_out, d_in), kind, args.tokens, ratio, args.repeats)
+                lines.append(row(f"{shape} {kind}, {args.tokens} tokens, ratio {ratio}", r))
+                print(lines[-1], flush=True)
+    command = "python " + " ".join(["benchmarks/bench_fast.py", *sys.argv[1:]] if argv is None else argv)
+    header = LEVER_HEADER if args.levers else HEADER
+    text = "\n".join([f"Command: `{command}`", "", head, "", *header, *lines])
+    print(text)
+    if args.write:
+        old = RESULTS_MD.read_text()
+        body = old.split(BEGIN, 1)[1].split(END, 1)[0].strip() if BEGIN in old else "## Fast mode (issue 18)"
+        write_section(RESULTS_MD, f"{BEGIN}\n{body}\n\n{text}\n{END}", BEGIN, END)
+
+
+if __name__ == "__main__":
+    main()
