@@ -29,7 +29,7 @@ def damped_cholesky_inverse(matrix: torch.Tensor, shift: float) -> tuple[torch.T
     """(matrix + shift·I)⁻¹ from its lower triangle, retried with more shift if not positive definite.
     Returns (inverse, shift used)."""
     inverse, used = _ops.damped_cholesky_inverse(matrix, shift)
-    warn_if_damped(float(used) - shift)
+    warn_if_damped(float(used) - float(torch.tensor(shift, dtype=used.dtype)))  # the op holds shift in its dtype
     return inverse, used
 
 

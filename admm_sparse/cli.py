@@ -249,7 +249,7 @@ def cmd_prune(args) -> int:
     eval_windows = None if eval_ids is None else _eval_windows(eval_ids, args.seq_len, args.eval_windows)
     group, device = from_environment(_device(args.device), args.dist_timeout)  # several processes under torchrun
     # The card computes in float16: will the pruned model overflow there? (Checked as the blocks pass.)
-    check = DtypeCheck(torch.float16, calib[:CHECK_WINDOWS]) if args.format == "atlas" and group.rank == 0 else None
+    check = DtypeCheck(torch.float16, calib[:CHECK_WINDOWS]) if args.format == "atlas" else None
     report = {
         "model": _model_name(args.model),
         "config": config.to_dict(),

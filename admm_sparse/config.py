@@ -9,7 +9,8 @@ spec:
       exclude: ["*self_attn*"] # exclude wins over include
       # admm_sparse's extensions (the original tool has none of these; the defaults are the seed's):
       mask_structure: "unstructured"  # or "per_row", or "N:M" such as "2:4" (sparse_ratio is then 1 - N/M)
-      mode: "seed"                    # or "quality": ADMM until the mask settles, then an exact refit
+      mode: "seed"                    # or "quality": ADMM until the mask settles, then an exact refit;
+                                      # or "fast": the seed's accuracy in fewer, cheaper iterations
       round_in_admm: null             # keep-bit rounding with compensation; null = on in quality mode only
       allow_tf32: false               # CUDA float32 GEMMs in TF32 (faster, less exact)
       keep_bits: 2                    # mantissa bits the keep-bit rounding keeps (SPEC §3); null: no rounding
@@ -56,7 +57,8 @@ OPTIONS = (
     Option("exclude", [], "wildcards on full layer names to leave dense; they win over include", "list"),
     Option("mask_structure", "unstructured", "unstructured, per_row, or N:M such as 2:4 (sparsity 1 - N/M)", str),
     Option("mode", "seed", "seed (the original algorithm), quality (ADMM until the mask settles, then an exact "
-           "refit; slower) or another of layer.MODES", str),
+           "refit; slower) or fast (the seed's ADMM over-relaxed, stopped once the mask settles, bfloat16 GEMMs "
+           "before the last iteration; about SparseGPT's time)", str),
     Option("round_in_admm", None, "keep-bit rounding with error compensation inside the solver instead of after it "
            "(default: on in quality mode only)", None),
     Option("allow_tf32", False, "on a GPU, float32 GEMMs in TF32: faster, less exact", None),

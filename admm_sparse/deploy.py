@@ -82,6 +82,15 @@ class DtypeCheck:
             self.result.update(ok=False, block=i, module=found[0] if found else None)
 
 
+    def merge(self, results: list[dict]) -> None:
+        """Combine the results of several processes that each checked a share of the windows."""
+        failed = [r for r in results if not r["ok"]]
+        first = min(failed, key=lambda r: r["block"]) if failed else None
+        self.result = {**self.result, "ok": first is None, "windows": sum(r["windows"] for r in results),
+                       "max_abs": max(r["max_abs"] for r in results),
+                       "block": first and first["block"], "module": first and first["module"]}
+
+
 def check_dtype(model: torch.nn.Module, windows: torch.Tensor, device: str | torch.device | None = None,
                 dtype: torch.dtype = torch.float16, batch_size: int = CHECK_WINDOWS) -> dict:
     """Run `model` in `dtype` block by block on token `windows` [n, seq_len], `batch_size` windows at a time.

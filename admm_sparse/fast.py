@@ -96,8 +96,7 @@ def admm_fast(h_lower: torch.Tensor, weight: torch.Tensor, k: int, structure: tu
     d = h_lower.diagonal().sqrt() + 1e-8
     hn = h_lower / d[:, None] / d[None, :]  # only its lower triangle is read below
     damping = percdamp * hn.diagonal().mean().item()
-    shift = float(torch.tensor(damping + rho, dtype=torch.float32))  # as the op holds it: no false retry warning
-    hinv, used = _ops.damped_cholesky_inverse(hn, shift)
+    hinv, used = _ops.damped_cholesky_inverse(hn, damping + rho)
     del hn
     hinv_low = hinv.to(low_dtype)
     wn0 = (weight * d).T.contiguous()
@@ -127,4 +126,5 @@ def admm_fast(h_lower: torch.Tensor, weight: torch.Tensor, k: int, structure: tu
         relax(gemm_out, wn0, z, u, rho, ALPHA)
     # The result as the seed forms it (no over-relaxation): Z = (Wn + U) off the pruned set.
     out = gemm_out.mul_(rho).add_(wn0).add_(u).masked_fill_(pruned, 0.0).T / d
-    return out, torch.tensor([damping, float(used) - shift]), mask_iters + FIXED_ITERS
+    extra = float(used) - float(torch.tensor(damping + rho, dtype=used.dtype))  # the retries' added damping
+    return out, torch.tensor([damping, extra]), mask_iters + FIXED_ITERS

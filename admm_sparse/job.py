@@ -45,14 +45,15 @@ def prune_to_folder(model, calib: torch.Tensor, out: str | Path, config: FloatSp
     `out`; it must have had the same model files, config, calibration and evaluation windows, format, shard
     size and stack (else a ValueError says which differ). force: replace an existing `out`, and start over an
     interrupted run's folder. group: the processes sharing the work (distributed.Group): all of them call
-    this, rank 0 writes (and runs the dtype check); a run of several processes cannot be resumed.
+    this, rank 0 writes; a run of several processes cannot be resumed.
     """
     config = config or FloatSparseConfig()
     group = group or Group()
     streaming = StreamingSource(source) if source is not None else None
     if group.rank != 0:  # the others share the work; rank 0 writes
         return prune_blocks(model, calib, config, device=device, batch_size=batch_size, progress=False,
-                            blocks=blocks, source=streaming, eval_windows=eval_windows, group=group)
+                            blocks=blocks, source=streaming, eval_windows=eval_windows, dtype_check=dtype_check,
+                            group=group)
     if resume and group.size > 1:
         raise ValueError("--resume continues a run of one process; a run of several processes keeps no state to "
                          "resume from")

@@ -29,7 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import FloatSparseConfig
-from .distributed import Group, layer_cost, reduce_statistics
+from .distributed import Group, layer_cost, sum_statistics
 from .layer import AdmmPruner, parse_mask_structure
 from .select import select_targets
 from .targets import Target, feeding, find_targets, is_conv1d, is_fused_experts, routers
@@ -363,12 +363,14 @@ def _prune_targets(targets: list[Target], run: Callable[[], Any], batch_start: n
         handle.remove()
     if group.size > 1:
         feed.gather(group)
-    owners = _owners(targets, feed, group)
-    priors = _expert_priors(targets, feed, run, batch_start, make_pruner, group, owners)
+    # Each rank prunes its share, balanced by cost; with the statistics summed on every rank (below), layers
+    # that share one Hessian (q/k/v) can go to different ranks.
+    owners = dict(zip(pruners, group.assign([layer_cost(t.shape) for t in targets])))
     if group.size > 1:
         for name, pruner in pruners.items():  # leaders only: followers share their leader's statistics
             if name not in feed.leader:
-                reduce_statistics(group, pruner, owners[name])
+                sum_statistics(group, pruner)
+    priors = _expert_priors(targets, feed, run, batch_start, make_pruner, group)  # onto the summed statistics
     feed.share()
     unused = [name for name, n in feed.calls.items() if n == 0 and name not in priors]
     if unused:
@@ -397,20 +399,8 @@ def _prune_targets(targets: list[Target], run: Callable[[], Any], batch_start: n
     return sorted((row for part in group.gather_objects(rows) for row in part), key=lambda row: order[row["name"]])
 
 
-def _owners(targets: list[Target], feed: _Feed, group: Group) -> dict[str, int]:
-    """The rank that prunes each layer: whole statistics groups (a leader and its followers) at a time,
-    balanced by their ADMM cost."""
-    units = [t for t in targets if t.name not in feed.leader]
-    members = {t.name: [t] for t in units}
-    for t in targets:
-        if t.name in feed.leader:
-            members[feed.leader[t.name]].append(t)
-    owner_of = group.assign([sum(layer_cost(m.shape) for m in members[t.name]) for t in units])
-    return {m.name: owner for t, owner in zip(units, owner_of) for m in members[t.name]}
-
-
 def _expert_priors(targets: list[Target], feed: _Feed, run: Callable[[], Any], batch_start: nn.Module,
-                   make_pruner: PrunerFactory, group: Group, owners: dict[str, int]) -> dict[str, int]:
+                   make_pruner: PrunerFactory, group: Group) -> dict[str, int]:
     """Give every expert that saw fewer routed tokens than it has inputs a prior; returns {name: prior tokens}.
 
     Below d_in tokens an expert's Hessian is singular and the damping alone would decide its solve (with no
@@ -433,14 +423,12 @@ def _expert_priors(targets: list[Target], feed: _Feed, run: Callable[[], Any], b
         prior_feed.gather(group)
         for t in rare:
             if t.name not in prior_feed.leader:
-                reduce_statistics(group, prior_feed.pruners[t.name], owners[t.name])
+                sum_statistics(group, prior_feed.pruners[t.name])
     prior_feed.share()
     added = {}
     for t in rare:
         missing = t.shape[1] - feed.tokens[t.name]
-        if owners[t.name] == group.rank:
-            prior = prior_feed.pruners[t.name]
-            feed.pruners[t.name].add_statistics(prior, missing / prior_feed.tokens[t.name])
+        feed.pruners[t.name].add_statistics(prior_feed.pruners[t.name], missing / prior_feed.tokens[t.name])
         added[t.name] = missing
     for t in rare:
         prior_feed.pruners[t.name].free()
@@ -539,7 +527,7 @@ def prune_blocks(model: nn.Module, calib, config: FloatSparseConfig | None = Non
     block (does the pruned model stay finite in float16, as the Atlas card computes?). group: the processes
     sharing the work (distributed.Group; default this process alone): each runs its share of the windows,
     the statistics are summed onto each layer's owner, and every rank ends with the same pruned model and
-    report; pass writer, state and dtype_check on one rank only.
+    report; pass writer and state on rank 0 only (dtype_check on every rank: each checks its share).
     """
     config = config or FloatSparseConfig()
     make_pruner = make_pruner or admm_pruner_factory(config)
@@ -582,7 +570,7 @@ def _prune_blockwise(model, the_plan: Plan, batches, device, make_pruner, config
                          "give more --num-samples or a smaller --batch-size")
     batches = group.split(batches)
     evals = group.split(_batches(eval_windows, batch_size)) if eval_windows is not None else []
-    checks = _batches(dtype_check.windows, batch_size) if dtype_check is not None else []
+    checks = group.split(_batches(dtype_check.windows, batch_size)) if dtype_check is not None else []
     cut = [len(batches), len(batches) + len(evals)]
     with source.outside(stack_name, device):
         hidden, extras = _capture_block_inputs(model, stack_name, blocks, batches + evals + checks, device, last + 1)
@@ -608,7 +596,7 @@ def _prune_blockwise(model, the_plan: Plan, batches, device, make_pruner, config
                 hidden = _run_block(block, hidden, calib_extras)  # with the pruned weights
             if evals:
                 pruned_eval = _run_block(block, pruned_eval, eval_extras)
-            if dtype_check is not None:
+            if checks:
                 dtype_check.step(f"{stack_name}.{i}", i, block, check_inputs, check_extras)
             if writer is not None:
                 writer.add({f"{stack_name}.{i}.{name}": t for name, t in block.state_dict().items()})
@@ -630,6 +618,8 @@ def _prune_blockwise(model, the_plan: Plan, batches, device, make_pruner, config
             if eval_windows is not None:
                 result.perplexity_before = _perplexity(model, stack_name, blocks, evals, dense_eval, device, group)
                 result.perplexity_after = _perplexity(model, stack_name, blocks, evals, pruned_eval, device, group)
+    if dtype_check is not None and group.size > 1:
+        dtype_check.merge(group.gather_objects(dtype_check.result))
     result.peak_memory_bytes = peak_memory_bytes()
     return result
 

@@ -89,3 +89,17 @@ def test_llama_overflow_is_found_and_the_model_is_unchanged():
     assert all(torch.equal(v, state[k]) and v.dtype == torch.float32 for k, v in model.state_dict().items())
     assert torch.isfinite(model(ids).logits).all()  # float32 is fine
     assert not torch.isfinite(model.half()(ids).logits).all()  # the whole model in float16 is not
+
+
+def test_results_of_several_processes_merge_to_the_first_failing_block():
+    from admm_sparse.deploy import DtypeCheck
+
+    check = DtypeCheck(torch.float16, IDS)
+    ok = {"ok": True, "dtype": "float16", "windows": 2, "max_abs": 10.0, "block": None, "module": None}
+    late = {**ok, "ok": False, "max_abs": 30.0, "block": 3, "module": "m.3.mlp"}
+    early = {**ok, "ok": False, "max_abs": 20.0, "block": 1, "module": "m.1.attn"}
+    check.merge([ok, late, early])
+    assert check.result == {"ok": False, "dtype": "float16", "windows": 6, "max_abs": 30.0, "block": 1,
+                            "module": "m.1.attn"}
+    check.merge([ok, ok])
+    assert check.result["ok"] and check.result["block"] is None and check.result["windows"] == 4

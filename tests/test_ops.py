@@ -1,4 +1,6 @@
 """Native ops (admm_sparse._ops) against their plain-PyTorch twins in admm_sparse.reference."""
+import warnings
+
 import pytest
 import torch
 from hypothesis import given
@@ -131,6 +133,13 @@ def test_damped_cholesky_inverse_matches_reference(n):
     inv, shift = _ops.damped_cholesky_inverse(a, 0.5)
     assert float(shift) == 0.5
     torch.testing.assert_close(inv, ref.damped_cholesky_inverse(a, 0.5), rtol=1e-4, atol=1e-5)
+
+
+def test_a_shift_float32_cannot_hold_exactly_is_not_reported_as_more_damping():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, shift = _ops.damped_cholesky_inverse(random_spd(8, 8), 1.1)  # 1.1 is 1.10000002 in float32
+    assert float(shift) == float(torch.tensor(1.1))
 
 
 @pytest.mark.parametrize("matrix", [torch.zeros(4, 4), -torch.eye(6), torch.ones(5, 5) - 2 * torch.eye(5)])
