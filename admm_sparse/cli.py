@@ -317,8 +317,13 @@ def _on_sigterm(signum, frame):
     raise KeyboardInterrupt  # so that a killed export cleans up its temporary folder
 
 
-@record  # under torchrun, a failed rank's error reaches the launcher's summary
 def main(argv: list[str] | None = None) -> int:
+    if launched():  # under torchrun: a failed rank's error reaches the launcher's summary
+        return record(_main)(argv)
+    return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

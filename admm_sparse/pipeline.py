@@ -175,11 +175,6 @@ def make_plan(model: nn.Module, config: FloatSparseConfig, blocks: str | None = 
     return Plan(stack, selected, router_names, tied, unknown)
 
 
-def plan(model: nn.Module, config: FloatSparseConfig, blocks: str | None = None) -> dict[str, Target]:
-    """The layers the config selects, by full name, in model order (see make_plan)."""
-    return make_plan(model, config, blocks).targets
-
-
 # ---------------------------------------------------------------- calibration plumbing
 
 class _StopForward(Exception):

@@ -46,12 +46,10 @@ _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.
 
 def read_header(path: str | Path) -> dict:
     """The JSON header of a safetensors file: {name: {"dtype", "shape", "data_offsets"}, "__metadata__": ...}."""
-    with open(path, "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(size))
+    return header_and_offset(path)[0]
 
 
-def _header_and_offset(path: Path) -> tuple[dict, int]:
+def header_and_offset(path: str | Path) -> tuple[dict, int]:
     """A safetensors file's header and the offset where its tensor data starts."""
     with open(path, "rb") as f:
         (size,) = struct.unpack("<Q", f.read(8))
@@ -242,7 +240,7 @@ class LazySource:
 
         def read(file, key, dtype):
             if file not in headers:
-                headers[file] = _header_and_offset(self.folder / file)
+                headers[file] = header_and_offset(self.folder / file)
             return read_tensor(self.folder / file, key, *headers[file]).to(device=device, dtype=dtype)
 
         wanted: dict[int, tuple[_Group, dict[str, list[str]]]] = {}

@@ -23,9 +23,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-EXPERT_ROLES = ("gate_proj", "up_proj", "down_proj")
-
-
 def is_conv1d(module: nn.Module) -> bool:
     """GPT-2's transformers.pytorch_utils.Conv1D (matched by name: no transformers import needed)."""
     return type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None \

@@ -76,7 +76,7 @@ BAD = {
     "bad mask structure": ("spec:\n  process: [{type: float_sparse, mask_structure: '2-4'}]\n", "mask_structure"),
     "ratio contradicts N:M": ("spec:\n  process: [{type: float_sparse, mask_structure: '2:4', sparse_ratio: 0.3}]\n",
                               "sparse_ratio"),
-    "unknown mode": ("spec:\n  process: [{type: float_sparse, mode: fast}]\n", "mode"),
+    "unknown mode": ("spec:\n  process: [{type: float_sparse, mode: turbo}]\n", "mode"),
     "round_in_admm not a bool": ("spec:\n  process: [{type: float_sparse, round_in_admm: 'yes'}]\n", "round_in_admm"),
     "allow_tf32 not a bool": ("spec:\n  process: [{type: float_sparse, allow_tf32: 1}]\n", "allow_tf32"),
 }
@@ -95,7 +95,7 @@ def test_every_config_error_names_file_and_key(tmp_path, case):
 EXACT = {
     "sparse_ratio: 1.5": "sparse_ratio: must be from 0.0 up to (not including) 1.0, got 1.5; 0.3 is the usual start",
     "sparse_ratio: '0.3'": "sparse_ratio: expected a number from 0.0 up to (not including) 1.0, got '0.3'",
-    "mode: fast": "mode: must be one of ('seed', 'quality'), got 'fast'",
+    "mode: turbo": "mode: must be one of ('seed', 'quality', 'fast'), got 'turbo'",
     "mask_structure: '2-4'": 'mask_structure: must be "unstructured", "per_row" or "N:M" with 1 <= N <= M <= 64 '
                              "(e.g. \"2:4\"), got '2-4'",
     "include: '*'": "include: expected a list of strings such as [\"*mlp*\"], got '*'",

@@ -8,7 +8,7 @@ from transformers import (AutoModelForCausalLM, Gemma3TextConfig, GemmaConfig, L
                           Qwen2Config)
 
 from admm_sparse.config import FloatSparseConfig
-from admm_sparse.pipeline import candidate_modules, find_block_stack, format_table, plan, prune_model, summarize
+from admm_sparse.pipeline import candidate_modules, find_block_stack, format_table, make_plan, prune_model, summarize
 
 VOCAB = 300
 _COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
@@ -167,7 +167,7 @@ def test_output_embedding_is_never_a_candidate_without_a_stack():
         def get_output_embeddings(self):
             return self.head
 
-    assert list(plan(Flat(), FloatSparseConfig())) == ["body"]
+    assert list(make_plan(Flat(), FloatSparseConfig()).targets) == ["body"]
 
 
 def test_explicit_device_and_pruner_options_round_trip():

@@ -40,6 +40,7 @@ import torch
 from safetensors.torch import save_file
 
 from .atlas import WEIGHTS_FILE as ATLAS_WEIGHTS_FILE
+from ..source import header_and_offset
 from .atlas import to_float16
 
 STATE_FILE = ".shard_writer.json"
@@ -167,7 +168,7 @@ class ShardWriter:
             if not shards:
                 raise ValueError(f"no tensors were added to {self.folder}; nothing to finish")
             names = shard_names(self.fmt, len(shards))
-            headers = {piece["file"]: _read_header(self.folder / PIECES / piece["file"]) for piece in self._pieces}
+            headers = {piece["file"]: header_and_offset(self.folder / PIECES / piece["file"]) for piece in self._pieces}
             for shard, name in zip(shards, names):
                 _assemble(self.folder / name, [(tensor, self.folder / PIECES / piece, *headers[piece])
                                                for tensor, piece in shard])
@@ -212,13 +213,6 @@ class ShardWriter:
         if self._finished is not None:
             state["finished"] = self._finished
         _write_atomically(self.folder / STATE_FILE, json.dumps(state, indent=1) + "\n")
-
-
-def _read_header(path: Path) -> tuple[dict, int]:
-    """The JSON header of a safetensors file and the offset where its tensor data starts."""
-    with open(path, "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(size)), 8 + size
 
 
 def _assemble(path: Path, entries: list[tuple[str, Path, dict, int]]) -> None:
