@@ -141,7 +141,7 @@ def assert_rejected(match, exc=ValueError, **kw):
     assert torch.equal(layer.weight.detach(), w0), "the layer must be untouched"
 
 
-@pytest.mark.parametrize("bad", ["Quality", "fast", "", None, 1])
+@pytest.mark.parametrize("bad", ["Quality", "turbo", "", None, 1])
 def test_bad_mode(bad):
     assert_rejected("mode must be one of", mode=bad)
 
