@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from . import builtin
+from . import builtin, evaluate
 from .calib import HELDOUT_FRACTION, calibration_windows, read_texts, split_heldout, tokenize
 from .config import OPTIONS, FloatSparseConfig, load_config
 from .deploy import CHECK_WINDOWS, DtypeCheck, check_dtype, describe
@@ -246,7 +246,7 @@ def cmd_prune(args) -> int:
         return _dry_run(model, config, args.blocks)
 
     calib, eval_ids, eval_name = _prune_texts(args, tokenizer)
-    eval_windows = None if eval_ids is None else _eval_windows(eval_ids, args.seq_len, args.eval_windows)
+    eval_windows = None if eval_ids is None else evaluate.eval_windows(eval_ids, args.seq_len, args.eval_windows)
     group, device = from_environment(_device(args.device), args.dist_timeout)  # several processes under torchrun
     # The card computes in float16: will the pruned model overflow there? (Checked as the blocks pass.)
     check = DtypeCheck(torch.float16, calib[:CHECK_WINDOWS]) if args.format == "atlas" else None
@@ -293,19 +293,6 @@ def cmd_prune(args) -> int:
     print(json.dumps({k: summary[k] for k in ("model", "config", "summary", "perplexity", "float16_check",
                                               "peak_memory_bytes", "seconds")}))
     return 0
-
-
-def _eval_windows(ids: torch.Tensor, seq_len: int, wanted: int) -> torch.Tensor:
-    """The first `wanted` non-overlapping windows of the stream (all of them when fewer, with a warning)."""
-    available = ids.numel() // seq_len
-    if available == 0:
-        raise ValueError(f"the evaluation text has {ids.numel()} tokens, fewer than one window of {seq_len}; "
-                         "give a longer text or a smaller --seq-len")
-    if wanted > available:
-        warnings.warn(f"the evaluation text has only {available} windows of {seq_len} tokens; using all of them "
-                      f"instead of {wanted}", stacklevel=2)
-    n = min(wanted, available)
-    return ids[: n * seq_len].reshape(n, seq_len)
 
 
 def _which_process() -> str:

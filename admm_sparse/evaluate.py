@@ -9,14 +9,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 
-def perplexity(model, ids: torch.Tensor, seq_len: int = 512, num_windows: int | None = 100,
-               device: str | torch.device | None = None, batch_size: int = 4, progress: bool = True) -> float:
-    """exp(mean next-token NLL) over the first `num_windows` non-overlapping windows of `ids`.
-
-    Each window is evaluated on its own (no context carried over), so each contributes seq_len - 1
-    predictions. num_windows=None uses every full window. The model runs on `device` (default: where it is)
-    and goes back where it was.
-    """
+def eval_windows(ids: torch.Tensor, seq_len: int, num_windows: int | None = 100) -> torch.Tensor:
+    """The first `num_windows` non-overlapping windows [n, seq_len] of a token stream (None or more than it
+    has: all of them, the latter with a warning)."""
     ids = ids.reshape(-1)
     available = ids.numel() // seq_len
     if available == 0:
@@ -25,8 +20,26 @@ def perplexity(model, ids: torch.Tensor, seq_len: int = 512, num_windows: int | 
     n = available if num_windows is None else min(num_windows, available)
     if num_windows is not None and num_windows > available:
         warnings.warn(f"the evaluation text has only {available} windows of {seq_len} tokens; using all of them "
-                      f"instead of {num_windows}", stacklevel=2)
-    windows = ids[: n * seq_len].reshape(n, seq_len)
+                      f"instead of {num_windows}", stacklevel=3)
+    return ids[: n * seq_len].reshape(n, seq_len)
+
+
+def nll_sum(logits: torch.Tensor, batch: torch.Tensor) -> tuple[float, int]:
+    """(summed next-token negative log-likelihood, predictions) of token windows `batch` under `logits`."""
+    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum").item()
+    return nll, batch[:, 1:].numel()
+
+
+def perplexity(model, ids: torch.Tensor, seq_len: int = 512, num_windows: int | None = 100,
+               device: str | torch.device | None = None, batch_size: int = 4, progress: bool = True) -> float:
+    """exp(mean next-token NLL) over the first `num_windows` non-overlapping windows of `ids`.
+
+    Each window is evaluated on its own (no context carried over), so each contributes seq_len - 1
+    predictions. num_windows=None uses every full window. The model runs on `device` (default: where it is)
+    and goes back where it was.
+    """
+    windows = eval_windows(ids, seq_len, num_windows)
+    n = windows.shape[0]
 
     home = next(model.parameters()).device
     device = torch.device(device) if device is not None else home
@@ -39,9 +52,8 @@ def perplexity(model, ids: torch.Tensor, seq_len: int = 512, num_windows: int | 
                               leave=False):
                 batch = windows[start: start + batch_size].to(device)
                 logits = model(input_ids=batch, use_cache=False).logits
-                nll += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(),
-                                       reduction="sum").item()
-                count += batch[:, 1:].numel()
+                batch_nll, predictions = nll_sum(logits, batch)
+                nll, count = nll + batch_nll, count + predictions
     finally:
         model.to(home).train(was_training)
     return math.exp(nll / count)

@@ -24,12 +24,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from .config import FloatSparseConfig
 from .distributed import Group, layer_cost, sum_statistics
+from .evaluate import nll_sum
 from .layer import AdmmPruner, parse_mask_structure
 from .select import select_targets
 from .targets import Target, feeding, find_targets, is_conv1d, is_fused_experts, routers
@@ -642,8 +642,8 @@ def _perplexity(model, stack_name, blocks, windows: list[torch.Tensor], finals: 
             setattr(parent, attr, nn.ModuleList([_Injector(final)] + [_Injector() for _ in range(len(blocks) - 1)]))
             batch = batch.to(device)
             logits = model(input_ids=batch, use_cache=False).logits
-            nll += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum").item()
-            count += batch[:, 1:].numel()
+            batch_nll, predictions = nll_sum(logits, batch)
+            nll, count = nll + batch_nll, count + predictions
     finally:
         setattr(parent, attr, blocks)
     nll, count = group.sum(torch.tensor([nll, count], dtype=torch.float64)).tolist()

@@ -86,10 +86,10 @@ def hf_checkpoint_tensors(model, tensors: dict[str, torch.Tensor]) -> dict[str, 
     """What save_pretrained writes for some of `model`'s state_dict tensors (one block, or the rest): the
     tie's copies left out (lm_head.weight when tied to embed_tokens) and transformers' weight conversions
     reverted (a fused 3D `mlp.experts.gate_up_proj` back to per-expert gate_proj/up_proj weights)."""
-    from transformers.core_model_loading import revert_weight_conversion
+    from . import checkpoint_state_dict
 
     tied_copies = set(getattr(model, "all_tied_weights_keys", None) or {})
-    return revert_weight_conversion(model, {k: v for k, v in tensors.items() if k not in tied_copies})
+    return checkpoint_state_dict(model, {k: v for k, v in tensors.items() if k not in tied_copies})
 
 
 class ShardWriter:
