@@ -293,6 +293,13 @@ def _report_dict(report) -> dict:
     return {k: v for k, v in vars(report).items() if not k.startswith("_")}
 
 
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors are the same values in memory: the hooks pass each input .detach()ed, a new tensor
+    object over the same storage. (The batch list keeps `a` alive, so its memory cannot be reused by `b`.)"""
+    return a is b or (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+                      and a.dtype == b.dtype and a.device == b.device)
+
+
 class _Feed:
     """Routes each captured input to its layer's pruner. Layers that read the very same tensor in a batch
     (q/k/v, gate/up, an expert's gate and up) form a group: only the first one's pruner accumulates
@@ -315,7 +322,7 @@ class _Feed:
         first = self.calls[name] == 0
         self.calls[name] += 1
         self.tokens[name] += inp.numel() // max(inp.shape[-1], 1)
-        leader = next((owner for seen, owner in self.batch if seen is inp), None) if self.sharing else None
+        leader = next((owner for seen, owner in self.batch if _same_tensor(seen, inp)), None) if self.sharing else None
         if first:
             if leader is not None:
                 self.leader[name] = leader

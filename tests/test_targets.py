@@ -204,7 +204,16 @@ def test_shared_statistics_give_bitwise_the_same_model():
                          num_key_value_heads=2, vocab_size=VOCAB)
     shared = AutoModelForCausalLM.from_config(config).eval()
     separate = copy.deepcopy(shared)
-    prune_model(shared, windows(), FloatSparseConfig(0.5), progress=False)
+    accumulating = []
+
+    class Counting(admm_sparse.AdmmPruner):
+        def add_batch(self, inp):
+            accumulating.append(self)
+            super().add_batch(inp)
+
+    prune_model(shared, windows(), FloatSparseConfig(0.5), make_pruner=lambda n, t: Counting(t), progress=False)
+    # Per block, 4 inputs are read: q/k/v's, o's, gate/up's, down's; 7 layers share them.
+    assert len({id(p) for p in accumulating}) == 2 * 4
     prune_model(separate, windows(), FloatSparseConfig(0.5), make_pruner=lambda n, t: Separate(t), progress=False)
     for (name, a), b in zip(shared.state_dict().items(), separate.state_dict().values()):
         assert torch.equal(a, b), name
