@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -89,16 +90,34 @@ def project_aten(u, pruned, previous, wn0, z, step) -> int:
     return changed
 
 
-def admm_fast(h_lower: torch.Tensor, weight: torch.Tensor, k: int, structure: tuple[str, int, int],
-              percdamp: float, rho: float, max_mask_iters: int, low_dtype: torch.dtype):
-    """Returns (pruned float32 weight in W layout with exactly k zeros, dampings (percdamp·mean, retry
-    extra), ADMM iterations run). h_lower: the statistics' lower triangle; weight: float32 [d_out, d_in]."""
+@dataclass
+class Factor:
+    """What fast mode's iterations need of a layer's statistics alone: layers with one input (q/k/v, gate/up)
+    share it, so the d_in³ inverse is taken once per input (AdmmPruner caches it with the shared statistics)."""
+
+    d: torch.Tensor  # sqrt(diag H): the normalisation
+    hinv: torch.Tensor  # (Hn + (damping + rho)·I)⁻¹, float32
+    hinv_low: torch.Tensor  # the same in the low-precision GEMM dtype
+    damping: float  # percdamp · mean diag(Hn)
+    used: torch.Tensor  # the damping the Cholesky succeeded with (more after retries)
+
+
+def factor(h_lower: torch.Tensor, percdamp: float, rho: float, low_dtype: torch.dtype) -> Factor:
+    """The normalised, damped inverse of the statistics' lower triangle h_lower, as the seed forms it."""
     d = h_lower.diagonal().sqrt() + 1e-8
     hn = h_lower / d[:, None] / d[None, :]  # only its lower triangle is read below
     damping = percdamp * hn.diagonal().mean().item()
     hinv, used = _ops.damped_cholesky_inverse(hn, damping + rho)
-    del hn
-    hinv_low = hinv.to(low_dtype)
+    return Factor(d, hinv, hinv.to(low_dtype), damping, used)
+
+
+def admm_fast(f: Factor, weight: torch.Tensor, k: int, structure: tuple[str, int, int], rho: float,
+              max_mask_iters: int):
+    """Returns (pruned float32 weight in W layout with exactly k zeros, dampings (percdamp·mean, retry
+    extra), ADMM iterations run). f: factor() of the layer's statistics with the same rho; weight: float32
+    [d_out, d_in]."""
+    d, hinv, hinv_low, damping, used = f.d, f.hinv, f.hinv_low, f.damping, f.used
+    low_dtype = hinv_low.dtype
     wn0 = (weight * d).T.contiguous()
 
     # Wn is never stored: V = alpha·Wn + (1 - alpha)·Z + U is built from the GEMM's output directly.

@@ -223,6 +223,7 @@ class AdmmPruner:
         self.scaler = torch.zeros(self.columns, dtype=torch.float32, device=dev)
         self.nsamples = 0  # sequences seen (SPEC §1's n)
         self.tokens = 0
+        self.factors: dict = {}  # factorisations of the final statistics, shared with share_statistics' followers
 
     def share_statistics(self, leader: "AdmmPruner") -> None:
         """Take the statistics `leader` accumulated as this layer's own (same Hessian tensor, no copy): layers
@@ -232,12 +233,14 @@ class AdmmPruner:
             raise ValueError(f"cannot share statistics of a layer with {leader.columns} inputs with one of "
                              f"{self.columns}")
         self.H, self.scaler, self.nsamples, self.tokens = leader.H, leader.scaler, leader.nsamples, leader.tokens
+        self.factors = leader.factors
 
     def add_statistics(self, other: "AdmmPruner", weight: float) -> None:
         """Add weight x other's statistics (Hessian, and the scaler as a weighted mean) to this layer's: a prior
         for a layer that saw too few tokens of its own (a rarely routed expert)."""
         if other.columns != self.columns:
             raise ValueError(f"cannot add statistics of a layer with {other.columns} inputs to one of {self.columns}")
+        self.factors.clear()
         self.H.add_(other.H, alpha=weight)
         total = self.nsamples + weight * other.nsamples
         if total > 0:
@@ -257,6 +260,7 @@ class AdmmPruner:
             raise ValueError(f"calibration input of shape {tuple(inp.shape)} holds no tokens")
         _check_finite(inp, "the calibration input")
         batch = inp.shape[0] if inp.dim() >= 3 else 1
+        self.factors.clear()  # the statistics change
         with float32_matmuls(self.allow_tf32):
             _ops.accumulate_stats(self.H, self.scaler, inp.to(self.H.device), self.nsamples, batch)
         self.nsamples += batch
@@ -328,9 +332,12 @@ class AdmmPruner:
         """Fast mode: see admm_sparse.fast."""
         from . import fast
 
-        pruned, damping, iterations = fast.admm_fast(self.H, old.float(), k, parse_mask_structure(structure),
-                                               opts["percdamp"], opts["rho"], opts["fast_mask_iters"],
-                                               fast.low_precision_dtype(old.device))
+        key = ("fast", opts["percdamp"], opts["rho"], fast.low_precision_dtype(old.device))
+        if key not in self.factors:
+            self.factors[key] = fast.factor(self.H, *key[1:])
+        pruned, damping, iterations = fast.admm_fast(self.factors[key], old.float(), k,
+                                                     parse_mask_structure(structure), opts["rho"],
+                                                     opts["fast_mask_iters"])
         if not all_finite(pruned):
             raise ValueError("fast-mode pruning produced non-finite weights; check the calibration data")
         dense = torch.tensor(quadratic_trace(self.H, old.float()))
@@ -380,6 +387,7 @@ class AdmmPruner:
     def free(self) -> None:
         self.H = None
         self.scaler = None
+        self.factors = {}  # a new dict: followers still pruning keep the shared one
 
 
 def quadratic_trace(h_lower: torch.Tensor, a: torch.Tensor, block: int = 512) -> float:
