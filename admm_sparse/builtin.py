@@ -7,14 +7,19 @@ The built-in model and text ship inside pip packages, since nothing can be downl
   (article index i % 5 != 4) and a held-out part (i % 5 == 4).
 
 `load_model` also opens user paths: a Hugging Face folder, a .gguf file (or a folder holding just one) or
-an Atlas W16A16S folder.
+an Atlas W16A16S folder. A .gguf file is dequantised once and kept as a Hugging Face folder in a cache
+(ADMM_SPARSE_CACHE, default ~/.cache/admm_sparse; "none" turns it off): transformers parses a GGUF file three
+times and dequantises it in Python (~15 s for the built-in model on this 2-core CPU), a safetensors folder loads
+in under a second.
 """
 from __future__ import annotations
 
 import bz2
 import html
 import importlib.util
+import os
 import re
+import shutil
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from functools import lru_cache
@@ -171,10 +176,12 @@ def load_model(path: str | Path | None = None, dtype: str | torch.dtype | None =
 
     path = resolve_model_path(path)
     if path.is_file() and path.suffix == ".gguf":
-        kwargs = dict(gguf_file=path.name)
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=_dtype(dtype, torch.float32), **kwargs)
-        drop_gguf_quantization(model)  # dequantised: plain float Linear layers
+        converted = _dequantised_gguf(path)
+        if converted is not None:
+            model = AutoModelForCausalLM.from_pretrained(converted, dtype=_dtype(dtype, torch.float32))
+            tokenizer = AutoTokenizer.from_pretrained(converted)
+        else:
+            model, tokenizer = _load_gguf(path, _dtype(dtype, torch.float32))
     elif path.is_dir() and (path / "quant_model_description.json").is_file():
         from .export.atlas import load_atlas
 
@@ -186,6 +193,53 @@ def load_model(path: str | Path | None = None, dtype: str | torch.dtype | None =
     else:
         raise ValueError(f"model path {path} is neither a folder nor a .gguf file")
     return model.eval(), tokenizer
+
+
+def _load_gguf(path: Path, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=dtype, gguf_file=path.name)
+    drop_gguf_quantization(model)  # dequantised: plain float Linear layers
+    return model, tokenizer
+
+
+def cache_dir() -> Path | None:
+    """Where dequantised GGUF models are kept (ADMM_SPARSE_CACHE; "none": nowhere)."""
+    setting = os.environ.get("ADMM_SPARSE_CACHE", "")
+    if setting.lower() == "none":
+        return None
+    return Path(setting) if setting else Path.home() / ".cache" / "admm_sparse"
+
+
+def _dequantised_gguf(path: Path) -> Path | None:
+    """A Hugging Face folder (float32 safetensors, config, tokenizer) holding the GGUF file dequantised, made on
+    first use; None when there is no writable cache. Keyed by the file's name, size and modification time and
+    by the transformers version that dequantised it. Written to a temporary folder and renamed into place, so
+    that processes loading the same file at once (torchrun ranks) never see a partial folder."""
+    import transformers
+
+    root = cache_dir()
+    if root is None:
+        return None
+    stat = path.stat()
+    folder = root / f"{path.stem}-{stat.st_size}-{stat.st_mtime_ns}-transformers{transformers.__version__}"
+    if (folder / "config.json").is_file():
+        return folder
+    tmp = root / f".{folder.name}.{os.getpid()}.partial"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        model, tokenizer = _load_gguf(path, torch.float32)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process put it there first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError:  # a read-only or full disk: load from the GGUF file each time
+        shutil.rmtree(tmp, ignore_errors=True)
+        return None
+    return folder if (folder / "config.json").is_file() else None
 
 
 # ---------------------------------------------------------------- the protocol's data

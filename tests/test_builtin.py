@@ -119,3 +119,27 @@ def test_real_smollm2_protocol_and_two_pruned_blocks():
     assert torch.equal(model.model.layers[2].mlp.up_proj.weight, untouched)
     pruned = perplexity(model, data.heldout, num_windows=2, progress=False)
     assert dense < pruned < dense * 1.1
+
+
+@pytest.mark.slow
+def test_gguf_is_dequantised_once_into_a_cache_that_loads_the_same_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("ADMM_SPARSE_CACHE", str(tmp_path / "cache"))
+    cached_model, cached_tokenizer = builtin.load_model(None)
+    folders = list((tmp_path / "cache").iterdir())
+    assert len(folders) == 1 and (folders[0] / "config.json").is_file()  # no partial folder left beside it
+    direct_model, direct_tokenizer = builtin._load_gguf(builtin.builtin_model_file(), torch.float32)
+    direct = direct_model.state_dict()
+    for name, tensor in cached_model.state_dict().items():
+        assert torch.equal(tensor, direct[name]), name
+    assert getattr(cached_model.config, "quantization_config", None) is None
+    text = builtin.wikipedia_split()[1][:20000]
+    assert cached_tokenizer(text)["input_ids"] == direct_tokenizer(text)["input_ids"]
+    assert builtin._dequantised_gguf(builtin.builtin_model_file()) == folders[0]  # found, not remade
+
+
+def test_gguf_cache_off_or_unwritable_loads_the_file_itself(tmp_path, monkeypatch):
+    monkeypatch.setenv("ADMM_SPARSE_CACHE", "none")
+    assert builtin._dequantised_gguf(builtin.builtin_model_file()) is None
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setenv("ADMM_SPARSE_CACHE", str(tmp_path / "file"))
+    assert builtin._dequantised_gguf(builtin.builtin_model_file()) is None
