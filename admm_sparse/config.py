@@ -13,6 +13,8 @@ spec:
                                       # or "fast": the seed's accuracy in fewer, cheaper iterations
       round_in_admm: null             # keep-bit rounding with compensation; null = on in quality mode only
       allow_tf32: false               # CUDA float32 GEMMs in TF32 (faster, less exact)
+      calibration_dtype: "auto"       # the calibration forwards' dtype: model, bfloat16, or auto (bfloat16 in
+                                      # fast mode where bfloat16 GEMMs are faster, else the model's)
       keep_bits: 2                    # mantissa bits the keep-bit rounding keeps (SPEC §3); null: no rounding
 ```
 Every mistake is a ConfigError naming the file and the key.
@@ -62,10 +64,14 @@ OPTIONS = (
     Option("round_in_admm", None, "keep-bit rounding with error compensation inside the solver instead of after it "
            "(default: on in quality mode only)", None),
     Option("allow_tf32", False, "on a GPU, float32 GEMMs in TF32: faster, less exact", None),
+    Option("calibration_dtype", "auto", "dtype of the calibration forwards (statistics and the next block's inputs): "
+           "model (the model's own), bfloat16 (autocast: faster, less exact), or auto: bfloat16 in fast mode where "
+           "bfloat16 GEMMs are faster on the device, else the model's", str),
     Option("keep_bits", 2, "mantissa bits kept by the keep-bit rounding for the Atlas card's compression "
            "(SPEC §3); none: no rounding", _optional_int),
 )
 _PROCESSOR_KEYS = {"type"} | {o.name for o in OPTIONS}
+CALIBRATION_DTYPES = ("auto", "model", "bfloat16")
 
 
 class ConfigError(ValueError):
@@ -111,6 +117,7 @@ class FloatSparseConfig:
     mode: str = "seed"
     round_in_admm: bool | None = None
     allow_tf32: bool = False
+    calibration_dtype: str = "auto"
     keep_bits: int | None = 2
 
     def __post_init__(self):
@@ -121,6 +128,9 @@ class FloatSparseConfig:
         self.include = _check_patterns(self.include, "include")
         self.exclude = _check_patterns(self.exclude, "exclude")
         _check_pruner_options(self.pruner_options(), "")
+        if self.calibration_dtype not in CALIBRATION_DTYPES:
+            raise ConfigError(f"calibration_dtype: expected one of {list(CALIBRATION_DTYPES)}, got "
+                              f"{self.calibration_dtype!r}")
         try:
             self.sparse_ratio = resolve_sparse_ratio(self.sparse_ratio, self.mask_structure)
         except ValueError as exc:
@@ -130,6 +140,10 @@ class FloatSparseConfig:
         """The options this config gives the ADMM pruner's fasterprune."""
         return dict(mask_structure=self.mask_structure, mode=self.mode, round_in_admm=self.round_in_admm,
                     allow_tf32=self.allow_tf32, keep_bits=self.keep_bits)
+
+    def pipeline_options(self) -> dict:
+        """The options of the block loop (admm_sparse.pipeline) rather than of each layer's pruner."""
+        return dict(calibration_dtype=self.calibration_dtype)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -169,6 +183,7 @@ def parse_config(data, source: str = "<config>") -> FloatSparseConfig:
     ratio = entry.get("sparse_ratio")
     options = {key: entry.get(key, value) for key, value in defaults.pruner_options().items()}
     _check_pruner_options(options, f"{where}.")
+    options.update({key: entry.get(key, value) for key, value in defaults.pipeline_options().items()})
     checked = dict(
         sparse_ratio=None if ratio is None else _check_ratio(ratio, f"{where}.sparse_ratio"),
         include=_check_patterns(entry.get("include", defaults.include), f"{where}.include"),

@@ -19,7 +19,7 @@ import math
 import resource
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from .config import FloatSparseConfig
 from .distributed import Group, layer_cost, sum_statistics
 from .evaluate import nll_sum
+from .fast import low_precision_dtype
 from .layer import AdmmPruner, parse_mask_structure
 from .select import select_targets
 from .targets import Target, feeding, find_targets, is_conv1d, is_fused_experts, routers
@@ -176,6 +177,15 @@ def make_plan(model: nn.Module, config: FloatSparseConfig, blocks: str | None = 
 
 
 # ---------------------------------------------------------------- calibration plumbing
+
+def calibration_autocast(config: FloatSparseConfig, device: torch.device):
+    """The context the calibration forwards run in (config.calibration_dtype): bfloat16 autocast, or nothing.
+    The evaluation windows and the float16 check always run in the model's own dtype."""
+    dtype = config.calibration_dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if config.mode == "fast" and low_precision_dtype(device) == torch.bfloat16 else "model"
+    return torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+
 
 class _StopForward(Exception):
     """Raised by the last recorder: the rest of the model need not run."""
@@ -592,10 +602,14 @@ def _prune_blockwise(model, the_plan: Plan, batches, device, make_pruner, config
             if evals:
                 dense_eval = _run_block(block, dense_eval, eval_extras)  # before its layers are pruned
             if per_block[i]:
-                result.rows += _prune_targets(per_block[i], lambda: _run_block(block, hidden, calib_extras), block,
-                                              make_pruner, config.sparse_ratio, progress, f"block {i}", group)
+                def feed_block():
+                    with calibration_autocast(config, device):
+                        _run_block(block, hidden, calib_extras)
+                result.rows += _prune_targets(per_block[i], feed_block, block, make_pruner, config.sparse_ratio,
+                                              progress, f"block {i}", group)
             if i < last:
-                hidden = _run_block(block, hidden, calib_extras)  # with the pruned weights
+                with calibration_autocast(config, device):
+                    hidden = _run_block(block, hidden, calib_extras)  # with the pruned weights
             if evals:
                 pruned_eval = _run_block(block, pruned_eval, eval_extras)
             if checks:
@@ -689,8 +703,9 @@ def peak_memory_bytes() -> int:
 
 def _prune_one_pass(model, selected, batches, device, home, make_pruner, config, progress) -> list[dict]:
     def run():
-        for batch in batches:
-            _call_model(model, batch.to(device))
+        with calibration_autocast(config, device):
+            for batch in batches:
+                _call_model(model, batch.to(device))
 
     model.to(device)
     try:

@@ -24,7 +24,7 @@ def test_load_good_file(tmp_path):
     assert cfg == FloatSparseConfig(0.5, ["*mlp*"], ["*self_attn*"])
     assert cfg.to_dict() == {"sparse_ratio": 0.5, "include": ["*mlp*"], "exclude": ["*self_attn*"],
                              "mask_structure": "unstructured", "mode": "seed", "round_in_admm": None,
-                             "allow_tf32": False, "keep_bits": 2}
+                             "allow_tf32": False, "calibration_dtype": "auto", "keep_bits": 2}
 
 
 def test_defaults_match_spec():

@@ -174,3 +174,73 @@ def test_bf16_detection_leaves_the_random_stream_alone():
     state = torch.get_rng_state()
     assert isinstance(fast._bf16_faster_on_cpu(), bool)
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_layers_sharing_statistics_share_one_factorisation(monkeypatch):
+    """q/k/v (one input) take the inverse once, and the weights equal separately factored ones bitwise."""
+    torch.manual_seed(0)
+    x = correlated(256, 64, 11)
+    layers = [nn.Linear(64, d_out, bias=False) for d_out in (64, 32, 32)]
+    separate = [nn.Linear(64, layer.out_features, bias=False) for layer in layers]
+    for a, b in zip(layers, separate):
+        b.weight.data.copy_(a.weight.data)
+    calls = []
+    factor = fast.factor
+    monkeypatch.setattr(fast, "factor", lambda *a: calls.append(1) or factor(*a))
+    leader, *followers = [AdmmPruner(layer, mode="fast", keep_bits=None) for layer in layers]
+    leader.add_batch(x)
+    for pruner in followers:
+        pruner.share_statistics(leader)
+    for pruner in [leader, *followers]:
+        pruner.fasterprune(0.5)
+        pruner.free()
+    assert len(calls) == 1
+    for layer in separate:
+        pruner = AdmmPruner(layer, mode="fast", keep_bits=None)
+        pruner.add_batch(x)
+        pruner.fasterprune(0.5)
+    assert len(calls) == 4
+    for a, b in zip(layers, separate):
+        assert torch.equal(a.weight, b.weight)
+
+
+def tiny_llama():
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=64)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("mode,setting,bf16_fast,expected", [
+    ("fast", "auto", True, torch.bfloat16), ("fast", "auto", False, torch.float32),
+    ("seed", "auto", True, torch.float32), ("fast", "model", True, torch.float32),
+    ("seed", "bfloat16", False, torch.bfloat16)])
+def test_calibration_forwards_run_in_the_configured_dtype(monkeypatch, mode, setting, bf16_fast, expected):
+    """auto: bfloat16 forwards in fast mode where bfloat16 is faster; the model's own dtype otherwise."""
+    from admm_sparse.config import FloatSparseConfig
+    from admm_sparse.pipeline import prune_model
+
+    monkeypatch.setattr(fast, "_bf16_faster_on_cpu", lambda: bf16_fast)
+    model = tiny_llama()
+    seen = []
+    model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, args, out: seen.append(out.dtype))
+    config = FloatSparseConfig(0.5, mode=mode, calibration_dtype=setting, keep_bits=None)
+    prune_model(model, torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(1)), config,
+                progress=False)
+    assert seen and set(seen) == {expected}
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_calibration_dtype_option_is_checked_and_reaches_yaml_and_cli():
+    from admm_sparse.cli import _parser
+    from admm_sparse.config import ConfigError, FloatSparseConfig
+
+    with pytest.raises(ConfigError, match="calibration_dtype: expected one of"):
+        FloatSparseConfig(calibration_dtype="float8")
+    with pytest.raises(ConfigError, match=r"spec.process\[0\].calibration_dtype"):
+        parse_config({"spec": {"process": [{"type": "float_sparse", "calibration_dtype": "half"}]}})
+    config = parse_config({"spec": {"process": [{"type": "float_sparse", "calibration_dtype": "bfloat16"}]}})
+    assert config.calibration_dtype == "bfloat16" and "calibration_dtype" not in config.pruner_options()
+    assert _parser().parse_args(["prune", "--calibration-dtype", "model"]).calibration_dtype == "model"
