@@ -97,7 +97,8 @@ def _check_ratio(value, where: str) -> float:
 
 def _check_reconstruct_epochs(value, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(f"{where}: expected a whole number of epochs >= 0 (0: no block reconstruction), got {value!r}")
+        raise ConfigError(f"{where}: expected a whole number of epochs >= 0 (0: no block reconstruction), "
+                          f"got {value!r}")
     return value
 
 

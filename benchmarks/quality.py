@@ -73,7 +73,8 @@ class Run:
     def reconstruction_key(self) -> str:
         if not self.reconstruct_epochs:
             return ""
-        return f"-recon{self.reconstruct_epochs}" + ("" if self.reconstruct_lr is None else f"-lr{self.reconstruct_lr:g}")
+        lr = "" if self.reconstruct_lr is None else f"-lr{self.reconstruct_lr:g}"
+        return f"-recon{self.reconstruct_epochs}{lr}"
 
     @property
     def pattern(self) -> str:

@@ -188,8 +188,9 @@ def test_options_from_yaml_python_and_not_to_the_pruner():
 
 @pytest.mark.parametrize("key,value", [("reconstruct_epochs", -1), ("reconstruct_epochs", 1.5),
                                        ("reconstruct_epochs", True), ("reconstruct_epochs", "2"),
-                                       ("reconstruct_lr", 0), ("reconstruct_lr", -1e-3), ("reconstruct_lr", float("nan")),
-                                       ("reconstruct_lr", float("inf")), ("reconstruct_lr", "0.01"),
+                                       ("reconstruct_lr", 0), ("reconstruct_lr", -1e-3),
+                                       ("reconstruct_lr", float("nan")), ("reconstruct_lr", float("inf")),
+                                       ("reconstruct_lr", "0.01"),
                                        ("reconstruct_lr", True)])
 def test_bad_values_are_config_errors_naming_the_key(key, value):
     with pytest.raises(ConfigError, match=f"^{key}: "):
