@@ -270,7 +270,8 @@ def cmd_prune(args) -> int:
                     "before": result.perplexity_before, "after": result.perplexity_after},
                 "float16_check": None if check is None else check.result,
                 "peak_memory_bytes": result.peak_memory_bytes, "block_seconds": result.block_seconds,
-                "seconds": round(time.perf_counter() - start, 1), "layers": result.rows}
+                "seconds": round(time.perf_counter() - start, 1), "layers": result.rows,
+                **({"reconstruction": result.reconstruction} if result.reconstruction else {})}
 
     result = prune_to_folder(model, calib, args.out, config, fmt=args.format, tokenizer=tokenizer, source=source,
                              shard_size=args.shard_size, device=device, batch_size=args.batch_size,
@@ -285,6 +286,10 @@ def cmd_prune(args) -> int:
                       f"inf/NaN on the card: {describe(check.result)}, on {check.result['windows']} calibration windows. "
                       f"The export is written; see whether the unpruned model does the same: {command}")
     print(format_table(result.rows))
+    for r in result.reconstruction:
+        print(f"reconstructed {r['block']}: relative MSE to the dense block held out {r['heldout_before']:.4g} -> "
+              f"{r['heldout_after']:.4g}, fitted {r['fit_before']:.4g} -> {r['fit_after']:.4g} "
+              f"(epoch {r['best_epoch']} of {r['epochs']} kept, {r['seconds']:.1f} s)")
     if eval_windows is not None:
         print(f"perplexity before {result.perplexity_before:.4f}, after {result.perplexity_after:.4f} "
               f"({eval_windows.shape[0]} windows x {args.seq_len} tokens of {eval_name})")

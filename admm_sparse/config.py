@@ -16,12 +16,16 @@ spec:
       calibration_dtype: "auto"       # the calibration forwards' dtype: model, bfloat16, or auto (bfloat16 in
                                       # fast mode where bfloat16 GEMMs are faster, else the model's)
       keep_bits: 2                    # mantissa bits the keep-bit rounding keeps (SPEC §3); null: no rounding
+      reconstruct_epochs: 0           # block reconstruction after each block's pruning (0: off); see reconstruct.py
+      reconstruct_lr: 0.003           # its Adam step, relative to each layer's kept weights' RMS
 ```
 Every mistake is a ConfigError naming the file and the key.
 
 OPTIONS declares every processor option once (name, default, one-line doc, how a command-line string
 reads); the YAML keys, the `admm-sparse prune` flags (--sparse-ratio, --keep-bits, ...) and FloatSparseConfig's
 keyword arguments all come from it, and the checks live in one place (FloatSparseConfig / layer.check_options).
+Most options go to each layer's pruner (FloatSparseConfig.pruner_options); reconstruct_epochs and reconstruct_lr
+are the block loop's own (admm_sparse.reconstruct) and never reach the pruner.
 """
 from __future__ import annotations
 
@@ -69,6 +73,11 @@ OPTIONS = (
            "bfloat16 GEMMs are faster on the device, else the model's", str),
     Option("keep_bits", 2, "mantissa bits kept by the keep-bit rounding for the Atlas card's compression "
            "(SPEC §3); none: no rounding", _optional_int),
+    Option("reconstruct_epochs", 0, "block reconstruction: after a block is pruned, at most this many epochs of Adam "
+           "over its kept weights (masks fixed) to reproduce the dense model's block outputs, stopped early on "
+           "held-out calibration windows (0: off)", int),
+    Option("reconstruct_lr", 3e-3, "block reconstruction's Adam learning rate, relative to each layer's kept weights' "
+           "RMS (default 3e-3)", float),
 )
 _PROCESSOR_KEYS = {"type"} | {o.name for o in OPTIONS}
 CALIBRATION_DTYPES = ("auto", "model", "bfloat16")
@@ -89,6 +98,19 @@ def _check_ratio(value, where: str) -> float:
         raise ConfigError(f"{where}: expected a number from 0.0 up to (not including) 1.0, got {value!r}")
     if not 0.0 <= value < 1.0:  # 1.0 would zero every weight
         raise ConfigError(f"{where}: must be from 0.0 up to (not including) 1.0, got {value}; 0.3 is the usual start")
+    return float(value)
+
+
+def _check_reconstruct_epochs(value, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{where}: expected a whole number of epochs >= 0 (0: no block reconstruction), "
+                          f"got {value!r}")
+    return value
+
+
+def _check_reconstruct_lr(value, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise ConfigError(f"{where}: expected a learning rate > 0 such as 0.003, got {value!r}")
     return float(value)
 
 
@@ -119,6 +141,8 @@ class FloatSparseConfig:
     allow_tf32: bool = False
     calibration_dtype: str = "auto"
     keep_bits: int | None = 2
+    reconstruct_epochs: int = 0
+    reconstruct_lr: float = 3e-3
 
     def __post_init__(self):
         from .layer import resolve_sparse_ratio
@@ -131,13 +155,15 @@ class FloatSparseConfig:
         if self.calibration_dtype not in CALIBRATION_DTYPES:
             raise ConfigError(f"calibration_dtype: expected one of {list(CALIBRATION_DTYPES)}, got "
                               f"{self.calibration_dtype!r}")
+        self.reconstruct_epochs = _check_reconstruct_epochs(self.reconstruct_epochs, "reconstruct_epochs")
+        self.reconstruct_lr = _check_reconstruct_lr(self.reconstruct_lr, "reconstruct_lr")
         try:
             self.sparse_ratio = resolve_sparse_ratio(self.sparse_ratio, self.mask_structure)
         except ValueError as exc:
             raise ConfigError(f"sparse_ratio: {exc}") from None
 
     def pruner_options(self) -> dict:
-        """The options this config gives the ADMM pruner's fasterprune."""
+        """The options this config gives the ADMM pruner's fasterprune (not the block loop's reconstruct_*)."""
         return dict(mask_structure=self.mask_structure, mode=self.mode, round_in_admm=self.round_in_admm,
                     allow_tf32=self.allow_tf32, keep_bits=self.keep_bits)
 
@@ -188,6 +214,10 @@ def parse_config(data, source: str = "<config>") -> FloatSparseConfig:
         sparse_ratio=None if ratio is None else _check_ratio(ratio, f"{where}.sparse_ratio"),
         include=_check_patterns(entry.get("include", defaults.include), f"{where}.include"),
         exclude=_check_patterns(entry.get("exclude", defaults.exclude), f"{where}.exclude"),
+        reconstruct_epochs=_check_reconstruct_epochs(entry.get("reconstruct_epochs", defaults.reconstruct_epochs),
+                                                     f"{where}.reconstruct_epochs"),
+        reconstruct_lr=_check_reconstruct_lr(entry.get("reconstruct_lr", defaults.reconstruct_lr),
+                                             f"{where}.reconstruct_lr"),
     )
     try:
         return FloatSparseConfig(**checked, **options)

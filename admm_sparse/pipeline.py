@@ -6,9 +6,9 @@ Mixtral, Qwen3-MoE, DeepSeek-V3, ...):
    block (attention masks, position ids / embeddings: they differ between sliding-window and global
    blocks), by running the model with recorders in place of the blocks;
 2. for each block: move it to the compute device, hook its selected layers (admm_sparse.targets: Linears,
-   Conv1Ds, experts of fused MoE parameters), run the batches, prune those layers, run the block again
-   with the pruned weights to make the next block's inputs, move it back. Only one block is on the
-   compute device at a time.
+   Conv1Ds, experts of fused MoE parameters), run the batches, prune those layers, (optionally) fit their
+   kept weights to the dense block's outputs (admm_sparse.reconstruct), run the block again with the pruned
+   weights to make the next block's inputs, move it back. Only one block is on the compute device at a time.
 Models without a block stack fall back to collecting every selected layer in one pass of the whole model.
 """
 from __future__ import annotations
@@ -32,6 +32,7 @@ from .distributed import Group, layer_cost, sum_statistics
 from .evaluate import nll_sum
 from .fast import low_precision_dtype
 from .layer import AdmmPruner, parse_mask_structure
+from .reconstruct import block_output, holdout_split, reconstruct_block
 from .select import select_targets
 from .targets import Target, feeding, find_targets, is_conv1d, is_fused_experts, routers
 
@@ -288,11 +289,7 @@ def _call_model(model, input_ids):
 
 
 def _run_block(block, hidden, extras) -> list[torch.Tensor]:
-    outs = []
-    for h, (args, kwargs) in zip(hidden, extras):
-        out = block(h, *args, **kwargs)
-        outs.append(out[0] if isinstance(out, (tuple, list)) else out)
-    return outs
+    return [block_output(block, h, args, kwargs) for h, (args, kwargs) in zip(hidden, extras)]
 
 
 def _report_dict(report) -> dict:
@@ -362,9 +359,11 @@ class _Feed:
 
 
 def _prune_targets(targets: list[Target], run: Callable[[], Any], batch_start: nn.Module, make_pruner: PrunerFactory,
-                   sparse_ratio: float, progress: bool, desc: str, group: Group) -> list[dict]:
+                   sparse_ratio: float, progress: bool, desc: str, group: Group, scalers: dict | None = None
+                   ) -> list[dict]:
     """Hook `targets`, call run() to feed them this rank's calibration data (batch_start's forward begins each
-    batch), sum the statistics onto each layer's owner rank, prune there, and share the pruned weights."""
+    batch), sum the statistics onto each layer's owner rank, prune there, and share the pruned weights.
+    scalers: a dict that receives each layer this rank pruned's channel scaler (its pruner's `scaler`, or None)."""
     pruners = {t.name: make_pruner(t.name, t) for t in targets}
     feed = _Feed(pruners)
     handle = batch_start.register_forward_pre_hook(feed.new_batch)
@@ -399,6 +398,9 @@ def _prune_targets(targets: list[Target], run: Callable[[], Any], batch_start: n
             if name in priors:
                 report["prior_tokens"] = priors[name]
             rows.append({"name": name, **report})
+            if scalers is not None:  # for the keep-bit rounding after block reconstruction
+                scaler = getattr(pruner, "scaler", None)
+                scalers[name] = scaler.clone() if isinstance(scaler, torch.Tensor) else None
         pruner.free()
     if group.size == 1:
         return rows
@@ -495,13 +497,15 @@ class InMemorySource:
 @dataclass
 class PruneResult:
     """What prune_blocks did: the per-layer reports, and, when evaluation windows were given, the perplexity
-    of the dense and the pruned model on them (each computed block by block as the blocks pass)."""
+    of the dense and the pruned model on them (each computed block by block as the blocks pass).
+    reconstruction: with config.reconstruct_epochs > 0, one report per pruned block (reconstruct_block's)."""
 
     rows: list[dict]
     perplexity_before: float | None = None
     perplexity_after: float | None = None
     block_seconds: list[float] = field(default_factory=list)
     peak_memory_bytes: int = 0
+    reconstruction: list[dict] = field(default_factory=list)
 
 
 def prune_model(model: nn.Module, calib: torch.Tensor | Iterable[torch.Tensor], config: FloatSparseConfig | None = None,
@@ -526,8 +530,8 @@ def prune_blocks(model: nn.Module, calib, config: FloatSparseConfig | None = Non
                  state=None, eval_windows: torch.Tensor | None = None, dtype_check=None,
                  group: Group | None = None) -> PruneResult:
     """prune_model with the loop's seams open (see ARCHITECTURE.md): the block loop reads
-    materialise block -> capture its layers' inputs -> prune them -> run the block for the next inputs ->
-    write -> release.
+    materialise block -> capture its layers' inputs -> prune them -> (reconstruct the block) -> run the block
+    for the next inputs -> write -> release.
 
     source: where weights come from (default InMemorySource(model); source.StreamingSource materialises one
     block at a time from safetensors files). writer: an object whose add(tensors) receives every tensor of the
@@ -540,6 +544,8 @@ def prune_blocks(model: nn.Module, calib, config: FloatSparseConfig | None = Non
     sharing the work (distributed.Group; default this process alone): each runs its share of the windows,
     the statistics are summed onto each layer's owner, and every rank ends with the same pruned model and
     report; pass writer and state on rank 0 only (dtype_check on every rank: each checks its share).
+    config.reconstruct_epochs > 0: block reconstruction (admm_sparse.reconstruct), one process only; the loop
+    then also carries the dense model's hidden states, whose block outputs each pruned block is fitted to.
     """
     config = config or FloatSparseConfig()
     make_pruner = make_pruner or admm_pruner_factory(config)
@@ -558,6 +564,9 @@ def prune_blocks(model: nn.Module, calib, config: FloatSparseConfig | None = Non
             if the_plan.stack is None:
                 if writer is not None or eval_windows is not None or dtype_check is not None or group.size > 1:
                     raise ValueError("this model has no stack of blocks: it can only be pruned in memory, as a whole")
+                if config.reconstruct_epochs:
+                    raise ValueError("block reconstruction (reconstruct_epochs) needs a stack of blocks; this model "
+                                     "has none: set reconstruct_epochs to 0")
                 return PruneResult(_prune_one_pass(model, the_plan.targets, batches, device, home, make_pruner,
                                                    config, progress))
             return _prune_blockwise(model, the_plan, batches, device, make_pruner, config, progress, source, writer,
@@ -569,6 +578,12 @@ def prune_blocks(model: nn.Module, calib, config: FloatSparseConfig | None = Non
 def _prune_blockwise(model, the_plan: Plan, batches, device, make_pruner, config, progress, source, writer, state,
                      eval_windows, dtype_check, batch_size, group: Group) -> PruneResult:
     stack_name, blocks = the_plan.stack
+    reconstructing = config.reconstruct_epochs > 0
+    if reconstructing:
+        if group.size > 1:
+            raise ValueError(f"block reconstruction (reconstruct_epochs) runs in one process; this run has "
+                             f"{group.size}: run it without torchrun, or set reconstruct_epochs to 0")
+        holdout_split(len(batches))  # enough calibration batches to hold some out? (before any work)
     per_block = [[t for n, t in the_plan.targets.items() if n.startswith(f"{stack_name}.{i}.")]
                  for i in range(len(blocks))]
     # Later blocks need no inputs, unless they are evaluated, checked or written.
@@ -588,10 +603,12 @@ def _prune_blockwise(model, the_plan: Plan, batches, device, make_pruner, config
         hidden, extras = _capture_block_inputs(model, stack_name, blocks, batches + evals + checks, device, last + 1)
     hidden, dense_eval, check_inputs = hidden[:cut[0]], hidden[cut[0]:cut[1]], hidden[cut[1]:]
     pruned_eval = dense_eval
+    dense_hidden = list(hidden) if reconstructing else []  # block 0's inputs are the same in both streams
     result, first = PruneResult([]), 0
     if state is not None and state.exists():
-        first, data, (hidden, dense_eval, pruned_eval, checked) = state.load(device)
+        first, data, (hidden, dense_eval, pruned_eval, checked, dense_hidden) = state.load(device)
         result.rows, result.block_seconds = data["rows"], data["seconds"]
+        result.reconstruction = data["reconstruction"]
         if dtype_check is not None:
             dtype_check.result, dtype_check.hidden = data["dtype_check"], checked or None
     for i in tqdm(range(first, last + 1), initial=first, total=last + 1, desc="blocks", unit="block",
@@ -601,12 +618,21 @@ def _prune_blockwise(model, the_plan: Plan, batches, device, make_pruner, config
         with source.block(stack_name, i, device) as block:
             if evals:
                 dense_eval = _run_block(block, dense_eval, eval_extras)  # before its layers are pruned
+            if reconstructing:
+                dense_hidden = _run_block(block, dense_hidden, calib_extras)  # likewise: what the block is fitted to
             if per_block[i]:
                 def feed_block():
                     with calibration_autocast(config, device):
                         _run_block(block, hidden, calib_extras)
+                scalers = {} if reconstructing else None  # filled with the pruned layers' channel scalers
                 result.rows += _prune_targets(per_block[i], feed_block, block, make_pruner, config.sparse_ratio,
-                                              progress, f"block {i}", group)
+                                              progress, f"block {i}", group, scalers)
+                pruned = [t for t in per_block[i] if t.name in (scalers or {})]
+                if pruned:  # fitted to the dense block's outputs
+                    result.reconstruction.append(reconstruct_block(
+                        block, pruned, hidden, calib_extras, dense_hidden, epochs=config.reconstruct_epochs,
+                        lr=config.reconstruct_lr, keep_bits=config.keep_bits, scalers=scalers,
+                        name=f"{stack_name}.{i}"))
             if i < last:
                 with calibration_autocast(config, device):
                     hidden = _run_block(block, hidden, calib_extras)  # with the pruned weights
@@ -622,8 +648,8 @@ def _prune_blockwise(model, the_plan: Plan, batches, device, make_pruner, config
         result.block_seconds.append(time.perf_counter() - start)
         if state is not None:
             checked = dtype_check.hidden if dtype_check is not None and dtype_check.hidden is not None else []
-            state.save(i + 1, (hidden, dense_eval, pruned_eval, checked),
-                       {"rows": result.rows, "seconds": result.block_seconds,
+            state.save(i + 1, (hidden, dense_eval, pruned_eval, checked, dense_hidden),
+                       {"rows": result.rows, "seconds": result.block_seconds, "reconstruction": result.reconstruction,
                         "dtype_check": dtype_check.result if dtype_check is not None else None})
     if writer is not None or eval_windows is not None:
         with source.outside(stack_name, device):

@@ -4,8 +4,9 @@
   seconds, the float16 check's result), and the
   run's fingerprint (the model files, the config, the calibration and evaluation windows, the output
   format and shard size): a resume with anything else is refused, naming what differs;
-- `streams.pt`: the hidden states the next block receives (calibration windows, and the dense and pruned
-  evaluation streams), exactly as they were, so the resumed result is bitwise the uninterrupted one.
+- `streams.pt`: the hidden states the next block receives (calibration windows, the dense and pruned
+  evaluation streams, and with block reconstruction the dense model's calibration stream), exactly as they
+  were, so the resumed result is bitwise the uninterrupted one.
 Both are replaced atomically (written beside, then renamed), the streams first: a state.json always
 describes streams that are on disk. The writer's finished shards sit beside them (export.shards).
 """

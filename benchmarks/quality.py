@@ -60,12 +60,21 @@ class Run:
     keep_bits: int | None = None  # ADMM's keep-bit rounding; None = off
     mode: str = "seed"  # ADMM's mode: seed | quality
     round_in_admm: bool = False  # ADMM: rounding with compensation inside the solver instead of post hoc
+    reconstruct_epochs: int = 0  # block reconstruction after each block's pruning (any method); 0 = off
+    reconstruct_lr: float | None = None  # its relative learning rate; None = FloatSparseConfig's default
 
     @property
     def key(self) -> str:
         mode = "-quality" if self.mode == "quality" else ""
         rounding = "" if self.keep_bits is None else "-round-in-admm" if self.round_in_admm else "-round"
-        return f"{self.method}{mode}-{self.pattern}{rounding}"
+        return f"{self.method}{mode}-{self.pattern}{rounding}{self.reconstruction_key}"
+
+    @property
+    def reconstruction_key(self) -> str:
+        if not self.reconstruct_epochs:
+            return ""
+        lr = "" if self.reconstruct_lr is None else f"-lr{self.reconstruct_lr:g}"
+        return f"-recon{self.reconstruct_epochs}{lr}"
 
     @property
     def pattern(self) -> str:
@@ -74,7 +83,11 @@ class Run:
     @property
     def method_name(self) -> str:
         name = {"magnitude": "Magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT", "admm": "ADMM"}[self.method]
-        return name + (" quality" if self.mode == "quality" else "")
+        name += " quality" if self.mode == "quality" else ""
+        if self.reconstruct_epochs:
+            lr = "" if self.reconstruct_lr is None else f", lr {self.reconstruct_lr:g}"
+            name += f" + reconstruction ({self.reconstruct_epochs} epochs{lr})"
+        return name
 
     @property
     def rounding(self) -> str:
@@ -111,6 +124,14 @@ PRIORITY = ["sparsegpt-0.5", "admm-0.5", "sparsegpt-0.7", "admm-0.7", "wanda-0.5
             "magnitude-0.7", "magnitude-2:4", "magnitude-0.3", "admm-quality-0.5", "admm-quality-2:4",
             "admm-0.5-round-in-admm", "admm-0.8", "admm-quality-0.8", "sparsegpt-4:8", "wanda-4:8", "admm-4:8",
             "admm-quality-4:8"]
+# Block reconstruction's ablation (admm_sparse.reconstruct): not part of the default full run; pick them with
+# --runs, e.g. --runs admm-0.5-recon5,admm-0.5 (against the same method without it).
+ABLATION_RUNS = (
+    _unstructured("admm", (0.5, 0.7), reconstruct_epochs=5)
+    + [Run("admm", 0.5, None, 2, reconstruct_epochs=5), Run("admm", 0.5, (2, 4), reconstruct_epochs=5),
+       Run("sparsegpt", 0.5, reconstruct_epochs=5)]
+    + [Run("admm", 0.5, reconstruct_epochs=5, reconstruct_lr=lr) for lr in (1e-3, 1e-2)]
+)
 QUICK_RUNS = [Run("magnitude", 0.5), Run("wanda", 0.5, (2, 4)), Run("sparsegpt", 0.5), Run("sparsegpt", 0.5, (2, 4)),
               Run("admm", 0.5), Run("admm", 0.5, None, 2), Run("admm", 0.5, (2, 4), mode="quality"),
               Run("admm", 0.5, None, 2, round_in_admm=True)]
@@ -132,6 +153,10 @@ class AdmmBaseline:
         self.pruner = AdmmPruner(layer)
         self.options = dict(keep_bits=run.keep_bits, mode=run.mode, round_in_admm=run.round_in_admm,
                             mask_structure=run.pattern if run.nm else "unstructured")
+
+    @property
+    def scaler(self):  # the block loop re-rounds reconstructed weights with it (keep-bit rounding on)
+        return self.pruner.scaler
 
     def add_batch(self, inp):
         self.pruner.add_batch(inp)
@@ -161,14 +186,18 @@ def _perplexity(model, heldout, args) -> float:
     return perplexity(model, heldout, seq_len=args.eval_seq_len, num_windows=args.eval_windows, progress=False)
 
 
-def _prune_model(model, calib, run: Run, args) -> list[dict]:
-    """Prune the model's blocks in place with `run`'s method; returns the per-layer report dicts."""
+def _prune_model(model, calib, run: Run, args):
+    """Prune the model's blocks in place with `run`'s method; returns the pipeline's PruneResult (per-layer
+    report dicts in .rows, block reconstruction's per-block reports in .reconstruction)."""
     from admm_sparse.config import FloatSparseConfig
-    from admm_sparse.pipeline import prune_model
+    from admm_sparse.pipeline import prune_blocks
 
     include = ["*"] if args.blocks is None else [f"model.layers.{i}.*" for i in range(args.blocks)]
-    config = FloatSparseConfig(sparse_ratio=run.sparsity, include=include)
-    return prune_model(model, calib, config, make_pruner=make_pruner_factory(run), progress=False)
+    # keep_bits: the pruner applies the run's own; the loop re-applies it after block reconstruction
+    lr = {} if run.reconstruct_lr is None else {"reconstruct_lr": run.reconstruct_lr}
+    config = FloatSparseConfig(sparse_ratio=run.sparsity, include=include, keep_bits=run.keep_bits,
+                               reconstruct_epochs=run.reconstruct_epochs, **lr)
+    return prune_blocks(model, calib, config, make_pruner=make_pruner_factory(run), progress=False)
 
 
 @torch.no_grad()
@@ -362,6 +391,15 @@ STYLE = {"Magnitude": ("tab:gray", "-"), "Wanda": ("tab:orange", "-"), "SparseGP
 NM_MARKERS = {"2:4": "s", "4:8": "D"}
 
 
+def _style(series: str) -> tuple[str, str]:
+    """(colour, line style) of a plot line; runs outside STYLE (the reconstruction ablation) share one."""
+    return STYLE.get(series, ("black", "-."))
+
+
+def _style_rank(series: str) -> int:
+    return list(STYLE).index(series) if series in STYLE else len(STYLE)
+
+
 def plot(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -378,14 +416,14 @@ def plot(results: dict, path: Path) -> None:
         else:
             series.setdefault(run.series, [(0.0, dense)]).append((run.sparsity, r["perplexity"]))
     fig, ax = plt.subplots(figsize=(7.5, 5))
-    for name, pts in sorted(series.items(), key=lambda kv: list(STYLE).index(kv[0])):
+    for name, pts in sorted(series.items(), key=lambda kv: _style_rank(kv[0])):
         pts.sort()
-        color, ls = STYLE[name]
+        color, ls = _style(name)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=color, ls=ls, label=name)
-    nm_points.sort(key=lambda p: (p[0].pattern, list(STYLE).index(p[0].series)))
+    nm_points.sort(key=lambda p: (p[0].pattern, _style_rank(p[0].series)))
     for i, (run, ppl) in enumerate(nm_points):  # all N:M patterns sit at 0.5; spread them a little
         ax.plot([run.sparsity + 0.01 * (i - len(nm_points) / 2)], [ppl], marker=NM_MARKERS.get(run.pattern, "^"),
-                mfc="none", ms=7, ls="none", color=STYLE[run.series][0], label=f"{run.series} {run.pattern}")
+                mfc="none", ms=7, ls="none", color=_style(run.series)[0], label=f"{run.series} {run.pattern}")
     ax.axhline(dense, color="grey", ls=":", lw=1, label=f"dense {dense:.2f}")
     ax.set_yscale("log")
     ax.set_xlabel("sparsity (N:M drawn near 0.5: 2:4 open squares, 4:8 open diamonds)")
@@ -409,7 +447,8 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="2 blocks, 16x128 calibration, 4x128 eval, 8 runs")
     p.add_argument("--runs", help="whole-model runs to do, comma-separated keys (e.g. sparsegpt-0.5,admm-0.7,"
-                                  "wanda-2:4), or 'none'; default all. The layer table covers every run of the mode")
+                                  "wanda-2:4), or 'none'; default all. The layer table covers every run of the mode. Block "
+                                  "reconstruction's ablation runs (e.g. admm-0.5-recon5) run only when named")
     p.add_argument("--layer-windows", type=int, help="held-out windows for the layer table (default 16; quick 4)")
     p.add_argument("--resume", action="store_true", help="keep the runs already in --json (same protocol)")
     p.add_argument("--json", type=Path, help=f"results file (default {JSON_OUT.relative_to(ROOT)}; quick: none)")
@@ -432,7 +471,7 @@ def parse_args(argv=None):
     if args.runs == "none":
         all_runs = []
     elif args.runs:
-        by_key = {r.key: r for r in FULL_RUNS + QUICK_RUNS}
+        by_key = {r.key: r for r in FULL_RUNS + QUICK_RUNS + ABLATION_RUNS}
         unknown = [k for k in args.runs.split(",") if k not in by_key]
         if unknown:
             p.error(f"unknown run(s) {unknown}; known: {', '.join(by_key)}")
@@ -492,7 +531,8 @@ def run_benchmark(args, argv) -> dict:
             continue
         model.load_state_dict(dense_state)
         t = time.perf_counter()
-        reports = _prune_model(model, data.calib, run, args)
+        pruned = _prune_model(model, data.calib, run, args)
+        reports = pruned.rows
         prune_s = time.perf_counter() - t
         t = time.perf_counter()
         ppl = _perplexity(model, data.heldout, args)
@@ -503,6 +543,7 @@ def run_benchmark(args, argv) -> dict:
             mean_relative_error=sum(r["relative_error"] for r in reports) / len(reports),
             achieved_sparsity=sum(r["sparsity"] * math.prod(r["shape"]) for r in reports) / numel,
             threads=torch.get_num_threads(),
+            **({"reconstruction": pruned.reconstruction} if pruned.reconstruction else {}),
         )
         print(f"{run.key}: perplexity {ppl:.3f}, mean layer error "
               f"{results['runs'][run.key]['mean_relative_error']:.4f}, prune {prune_s:.0f} s, eval {eval_s:.0f} s",

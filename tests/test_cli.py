@@ -58,7 +58,8 @@ def test_prune_atlas_end_to_end(model_dir, files, tmp_path, capsys):
     summary = json.loads(stdout.strip().splitlines()[-1])
     assert summary["config"] == {"sparse_ratio": 0.4, "include": ["*"], "exclude": ["*self_attn*"],
                                  "mask_structure": "unstructured", "mode": "seed", "round_in_admm": None,
-                                 "allow_tf32": False, "calibration_dtype": "auto", "keep_bits": 2}
+                                 "allow_tf32": False, "calibration_dtype": "auto", "keep_bits": 2,
+                                 "reconstruct_epochs": 0, "reconstruct_lr": 3e-3}
     assert summary["summary"]["layers"] == 6
     assert summary["perplexity"]["windows"] == 3 and summary["perplexity"]["before"] > 1
     check = summary["float16_check"]
@@ -177,7 +178,8 @@ def test_mask_structure_and_mode_flags_override_the_config(model_dir, files, tmp
     # 2:4 fixes the ratio at 0.5: the config's 0.4 gives way; its exclude stays
     assert summary["config"] == {"sparse_ratio": 0.5, "include": ["*"], "exclude": ["*self_attn*"],
                                  "mask_structure": "2:4", "mode": "quality", "round_in_admm": None,
-                                 "allow_tf32": False, "calibration_dtype": "auto", "keep_bits": 2}
+                                 "allow_tf32": False, "calibration_dtype": "auto", "keep_bits": 2,
+                                 "reconstruct_epochs": 0, "reconstruct_lr": 3e-3}
     report = json.loads((out / "prune_report.json").read_text())
     assert len(report["layers"]) == 6 and all(r["mode"] == "quality" for r in report["layers"])
     tensors = load_file(out / "quant_model_weights.safetensors")
@@ -193,6 +195,18 @@ def test_allow_tf32_flag_reaches_the_config(model_dir, files, tmp_path, capsys):
     assert summary["config"]["allow_tf32"] is True  # a no-op on this CPU, passed to every layer's pruner
 
 
+def test_block_reconstruction_flags_reach_the_loop_and_the_report(model_dir, files, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert prune(model_dir, files, out, "--reconstruct-epochs", "2", "--reconstruct-lr", "0.01", "--format", "hf") == 0
+    stdout = capsys.readouterr().out
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    assert (summary["config"]["reconstruct_epochs"], summary["config"]["reconstruct_lr"]) == (2, 0.01)
+    blocks = json.loads((out / "prune_report.json").read_text())["reconstruction"]
+    assert [b["block"] for b in blocks] == ["model.layers.0", "model.layers.1"]
+    assert all(b["heldout_after"] <= b["heldout_before"] and b["epochs"] <= 2 for b in blocks)
+    assert sum(line.startswith("reconstructed model.layers.") for line in stdout.splitlines()) == 2
+
+
 def test_n_m_that_does_not_divide_a_layer_leaves_it_dense_with_a_warning(model_dir, files, tmp_path, capsys):
     # gate/up have 32 inputs, down 64: 32:64 fits only down_proj
     with pytest.warns(UserWarning, match=r"in_features divisible by 64; left dense: .*gate_proj"):
@@ -203,7 +217,9 @@ def test_n_m_that_does_not_divide_a_layer_leaves_it_dense_with_a_warning(model_d
 
 @pytest.mark.parametrize("flags,message", [(["--mask-structure", "2-4"], "mask_structure"),
                                            (["--mask-structure", "2:4", "--sparse-ratio", "0.3"], "contradicts"),
-                                           (["--sparse-ratio", "1.0"], "sparse_ratio")])
+                                           (["--sparse-ratio", "1.0"], "sparse_ratio"),
+                                           (["--reconstruct-epochs", "-1"], "reconstruct_epochs"),
+                                           (["--reconstruct-lr", "0"], "reconstruct_lr")])
 def test_bad_structure_flags_exit_2(model_dir, files, tmp_path, capsys, flags, message):
     out = tmp_path / "out"
     assert prune(model_dir, files, out, *flags) == 2

@@ -24,7 +24,8 @@ def test_load_good_file(tmp_path):
     assert cfg == FloatSparseConfig(0.5, ["*mlp*"], ["*self_attn*"])
     assert cfg.to_dict() == {"sparse_ratio": 0.5, "include": ["*mlp*"], "exclude": ["*self_attn*"],
                              "mask_structure": "unstructured", "mode": "seed", "round_in_admm": None,
-                             "allow_tf32": False, "calibration_dtype": "auto", "keep_bits": 2}
+                             "allow_tf32": False, "calibration_dtype": "auto", "keep_bits": 2,
+                             "reconstruct_epochs": 0, "reconstruct_lr": 3e-3}
 
 
 def test_defaults_match_spec():
@@ -79,6 +80,8 @@ BAD = {
     "unknown mode": ("spec:\n  process: [{type: float_sparse, mode: turbo}]\n", "mode"),
     "round_in_admm not a bool": ("spec:\n  process: [{type: float_sparse, round_in_admm: 'yes'}]\n", "round_in_admm"),
     "allow_tf32 not a bool": ("spec:\n  process: [{type: float_sparse, allow_tf32: 1}]\n", "allow_tf32"),
+    "negative epochs": ("spec:\n  process: [{type: float_sparse, reconstruct_epochs: -1}]\n", "reconstruct_epochs"),
+    "zero lr": ("spec:\n  process: [{type: float_sparse, reconstruct_lr: 0}]\n", "reconstruct_lr"),
 }
 
 
@@ -103,6 +106,9 @@ EXACT = {
     "{mask_structure: '2:4', sparse_ratio: 0.3}": "sparse_ratio: mask_structure '2:4' prunes 2 of every 4 weights "
                                                   "(sparse_ratio 0.5); sparse_ratio=0.3 contradicts it: pass "
                                                   "sparse_ratio=None or 0.5",
+    "reconstruct_epochs: 2.5": "reconstruct_epochs: expected a whole number of epochs >= 0 (0: no block "
+                               "reconstruction), got 2.5",
+    "reconstruct_lr: -0.1": "reconstruct_lr: expected a learning rate > 0 such as 0.003, got -0.1",
 }
 
 
@@ -123,7 +129,7 @@ def test_missing_file(tmp_path):
 @pytest.mark.parametrize("kwargs", [dict(sparse_ratio=2), dict(sparse_ratio="0.3"), dict(include="*"),
                                     dict(exclude=[None]), dict(mask_structure="2:5:1"), dict(mode="Quality"),
                                     dict(mask_structure="2:4", sparse_ratio=0.3), dict(round_in_admm=1),
-                                    dict(allow_tf32=None)])
+                                    dict(allow_tf32=None), dict(reconstruct_epochs=-2), dict(reconstruct_lr=0.0)])
 def test_python_config_is_validated(kwargs):
     with pytest.raises(ConfigError):
         FloatSparseConfig(**kwargs)

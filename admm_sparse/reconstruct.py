@@ -1,0 +1,180 @@
+"""Block reconstruction: after a block's layers are pruned, fit their kept weights jointly, masks fixed, so that
+the pruned block run on the pruned model's hidden states reproduces the dense block's output on the dense
+model's hidden states (the block loop carries both streams when this is on; see pipeline._prune_blockwise).
+
+Per block, with X the pruned stream's inputs and Y = dense block(dense stream), over the calibration batches:
+- minimise the relative MSE  sum |block(X) - Y|^2 / sum |Y|^2  with Adam over the pruned layers' [out, in]
+  weights only (biases, norms, routers and unpruned layers stay as they are); every zero of a pruned weight
+  stays exactly zero (its gradient is masked, and the weight re-zeroed after each step). The optimiser keeps
+  float32 master weights and float32 moments; the block itself runs in its own dtype. The loss is divided by
+  the mean square of Y, and each layer's step size is `lr` times the RMS of its kept weights, so that one
+  learning rate suits every layer and model scale (Adam's step is otherwise in the weights' own units);
+- mini-batches are the loop's calibration batches, in a seeded random order each epoch; every 8th batch (at
+  least one) is held out of the fit and decides: after each epoch the held-out relative MSE is measured, the
+  best weights so far are kept, and the fit stops after PATIENCE epochs without improvement or after
+  `epochs`. Epoch 0 is the block as pruned, so the result is never worse on the held-out batches than no
+  reconstruction (the held-out batches did take part in the pruning's statistics, like every calibration batch);
+- keep-bit rounding (keep_bits not None): reconstruction moves weights off the float16 keep-bit grid, so every
+  candidate (each epoch's weights) is rounded again with keepbits.apply_keepbits and the layer's own channel
+  scaler (kept from its pruner) before it is measured and kept: the result is on the grid, chosen by its
+  held-out error as rounded. The rounding is the post-hoc one, also where the pruner rounded inside ADMM
+  (round_in_admm); a weight that the rounding flushes to zero stays a weight the fit may move.
+The report per block: the relative MSE before and after, on the fitted and on the held-out batches, the epochs
+run and the epoch kept.
+"""
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .keepbits import apply_keepbits
+from .layer import DEFAULT_OPTIONS, all_finite
+from .targets import Target
+
+HOLDOUT_EVERY = 8  # every 8th calibration batch is held out of the fit
+PATIENCE = 2  # epochs without a better held-out error before the fit stops
+
+
+def block_output(block: nn.Module, hidden: torch.Tensor, args, kwargs) -> torch.Tensor:
+    """The hidden states a block returns for `hidden` (blocks return a tensor, or a tuple led by it)."""
+    out = block(hidden, *args, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def holdout_split(count: int) -> tuple[list[int], list[int]]:
+    """(fitted, held-out) batch indices: every HOLDOUT_EVERY-th batch is held out, the last one if none is."""
+    if count < 2:
+        raise ValueError(f"block reconstruction holds calibration batches out of the fit to stop it early: it needs "
+                         f"at least 2 calibration batches, got {count}; give more --num-samples or a smaller "
+                         "--batch-size")
+    held = [i for i in range(count) if i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1] or [count - 1]
+    return [i for i in range(count) if i not in held], held
+
+
+def relative_mse(block: nn.Module, inputs: Sequence[torch.Tensor], extras: Sequence, targets: Sequence[torch.Tensor]
+                 ) -> float:
+    """sum |block(x) - y|^2 / sum |y|^2 over the batches, in float64 sums (nan when not finite)."""
+    err = torch.zeros((), dtype=torch.float64)
+    total = torch.zeros((), dtype=torch.float64)
+    with torch.no_grad():
+        for h, (args, kwargs), y in zip(inputs, extras, targets):
+            y = y.float()
+            err += (block_output(block, h, args, kwargs).float() - y).square().sum(dtype=torch.float64).cpu()
+            total += y.square().sum(dtype=torch.float64).cpu()
+    value = (err / total.clamp_min(torch.finfo(torch.float64).tiny)).item()
+    return value if value == value and value != float("inf") else float("nan")
+
+
+class _Weights:
+    """The pruned layers' weights being fitted: float32 masters, their masks of kept entries, the step sizes."""
+
+    def __init__(self, targets: Sequence[Target], lr: float, keep_bits: int | None, scalers: dict):
+        self.targets = list(targets)
+        self.masters = [t.weight.detach().float().clone() for t in self.targets]
+        self.masks = [m != 0 for m in self.masters]
+        self.keep_bits, self.scalers = keep_bits, scalers
+        groups = []
+        for master, mask in zip(self.masters, self.masks):
+            kept = master[mask]
+            rms = kept.square().mean().sqrt().item() if kept.numel() else 0.0
+            groups.append({"params": [master], "lr": lr * rms})
+        self.optimizer = torch.optim.Adam(groups, lr=lr)
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The model's parameters holding the weights (an expert's weight is a slice of a shared one), once each."""
+        return list({id(t.parameter): t.parameter for t in self.targets}.values())
+
+    def step(self) -> None:
+        """One Adam step from the gradients of the model's parameters, masked; writes the masters into the model."""
+        for t, master, mask in zip(self.targets, self.masters, self.masks):
+            grad = t.view_of(t.parameter.grad) if t.parameter.grad is not None else torch.zeros_like(master)
+            master.grad = grad.float() * mask
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        for t, master, mask in zip(self.targets, self.masters, self.masks):
+            master.mul_(mask)  # exactly zero where pruned, whatever Adam's arithmetic did
+            t.weight.copy_(master)
+
+    def write_candidate(self) -> None:
+        """Write the masters into the model as they would be kept: keep-bit rounded when rounding is on."""
+        for t, master in zip(self.targets, self.masters):
+            w = master.to(t.weight.dtype)
+            if self.keep_bits is not None:
+                w = apply_keepbits(w, self.scalers[t.name], self.keep_bits, DEFAULT_OPTIONS["keep_proportion"]) \
+                    if all_finite(w.to(torch.float16)) else torch.full_like(w, float("nan"))
+            t.weight.copy_(w)
+
+    def restore_masters(self) -> None:
+        for t, master in zip(self.targets, self.masters):
+            t.weight.copy_(master)
+
+
+def reconstruct_block(block: nn.Module, targets: Sequence[Target], inputs: Sequence[torch.Tensor], extras: Sequence,
+                      dense_outputs: Sequence[torch.Tensor], *, epochs: int, lr: float, keep_bits: int | None = None,
+                      scalers: dict | None = None, name: str = "") -> dict:
+    """Fit the pruned `targets` of `block` (weights in place, masks fixed) so that block(inputs[b]) approaches
+    dense_outputs[b]; see the module's docstring. extras[b] = (args, kwargs) the block takes with inputs[b].
+    scalers: {target name: channel scaler} of each target's pruner, needed when keep_bits is not None.
+    Returns the block's report: relative MSE before and after on the fitted ("fit_") and held-out ("heldout_")
+    batches, epochs run and the epoch kept (0: the block as pruned), seconds."""
+    start = time.perf_counter()
+    if keep_bits is not None:
+        missing = [t.name for t in targets if (scalers or {}).get(t.name) is None]
+        if missing:
+            raise ValueError(f"block reconstruction re-applies the keep-bit rounding with each layer's channel scaler, "
+                             f"which the pruner of {missing[0]} does not have (the ADMM pruner's `scaler`); pass "
+                             "keep_bits=None (--keep-bits none) or use the ADMM pruner")
+    fit, held = holdout_split(len(inputs))
+
+    def pick(items, idx):
+        return [items[i] for i in idx]
+
+    fit_x, fit_e, fit_y = pick(inputs, fit), pick(extras, fit), pick(dense_outputs, fit)
+    held_x, held_e, held_y = pick(inputs, held), pick(extras, held), pick(dense_outputs, held)
+    report = {"block": name, "fit_batches": len(fit), "heldout_batches": len(held),
+              "fit_before": relative_mse(block, fit_x, fit_e, fit_y),
+              "heldout_before": relative_mse(block, held_x, held_e, held_y)}
+    weights = _Weights(targets, lr, keep_bits, scalers or {})
+    scale = sum(y.float().square().sum(dtype=torch.float64).item() for y in fit_y) \
+        / max(sum(y.numel() for y in fit_y), 1) or 1.0  # mean square of the dense outputs: the loss's unit
+    best, best_epoch = report["heldout_before"], 0
+    best_weights = [t.weight.detach().clone() for t in targets]
+    params = weights.parameters()
+    wanted = {id(p) for p in params}
+    requires = {p: p.requires_grad for p in block.parameters()}
+    epoch = 0
+    try:
+        for p in block.parameters():
+            p.requires_grad_(id(p) in wanted)
+        for epoch in range(1, epochs + 1):
+            order = torch.randperm(len(fit), generator=torch.Generator().manual_seed(epoch)).tolist()
+            with torch.enable_grad():
+                for b in order:
+                    args, kwargs = fit_e[b]
+                    out = block_output(block, fit_x[b], args, kwargs)
+                    loss = (out.float() - fit_y[b].float()).square().mean() / scale
+                    for p in params:
+                        p.grad = None
+                    loss.backward()
+                    weights.step()
+            weights.write_candidate()
+            heldout = relative_mse(block, held_x, held_e, held_y)
+            if heldout < best:  # a nan (diverged, or beyond float16 for the rounding) is never kept
+                best, best_epoch = heldout, epoch
+                best_weights = [t.weight.detach().clone() for t in targets]
+            elif epoch - best_epoch >= PATIENCE:
+                break
+            weights.restore_masters()
+    finally:
+        for p, flag in requires.items():
+            p.grad = None
+            p.requires_grad_(flag)
+        for t, w in zip(targets, best_weights):
+            t.weight.copy_(w)
+    report.update(epochs=epoch, best_epoch=best_epoch, heldout_after=best,
+                  fit_after=report["fit_before"] if best_epoch == 0 else relative_mse(block, fit_x, fit_e, fit_y),
+                  seconds=time.perf_counter() - start)
+    return report

@@ -1,0 +1,208 @@
+"""Block reconstruction (admm_sparse.reconstruct, config.reconstruct_epochs): masks fixed, the block's error to the
+dense block lowered, never worse held out, off by default, one process, resumable."""
+import copy
+
+import pytest
+import torch
+
+import admm_sparse.pipeline as pipeline
+from admm_sparse import reconstruct
+from admm_sparse.config import ConfigError, FloatSparseConfig, parse_config
+from admm_sparse.distributed import Group
+from admm_sparse.keepbits import apply_keepbits
+from admm_sparse.pipeline import prune_blocks, prune_model
+from admm_sparse.resume import ResumeState
+from archs import build
+from test_pipeline import PlainModel, Recorder, tiny_model, token_windows
+
+
+def spy_on_reconstruction(monkeypatch):
+    """Wrap the loop's reconstruct_block: record each block's pruned weights before and after it."""
+    seen = []
+    real = reconstruct.reconstruct_block
+
+    def spy(block, targets, *args, **kwargs):
+        before = {t.name: t.weight.detach().clone() for t in targets}
+        report = real(block, targets, *args, **kwargs)
+        seen.append((before, {t.name: t.weight.detach().clone() for t in targets}, report, kwargs["scalers"]))
+        return report
+
+    monkeypatch.setattr(pipeline, "reconstruct_block", spy)
+    return seen
+
+
+@pytest.mark.filterwarnings("ignore:only .* calibration tokens")  # the tiny experts see few tokens
+@pytest.mark.parametrize("family", ["llama", "gpt2", "mixtral"])  # Linears, transposed Conv1Ds, 3D expert slices
+def test_zeros_stay_exactly_and_kept_weights_move(monkeypatch, family):
+    seen = spy_on_reconstruction(monkeypatch)
+    model = tiny_model(layers=3) if family == "llama" else build(family)[1]
+    windows = token_windows(16, 32) % 120  # the archs models' vocabulary
+    result = prune_blocks(model, windows, FloatSparseConfig(0.5, keep_bits=None, reconstruct_epochs=3),
+                          progress=False)
+    assert len(seen) == len(result.reconstruction) >= 2
+    moved = 0
+    for before, after, report, _ in seen:
+        for name in before:
+            assert torch.equal(before[name] == 0, after[name] == 0), name
+            moved += not torch.equal(before[name], after[name])
+        assert (report["best_epoch"] > 0) == (moved > 0)  # weights change exactly where a fit was kept
+    assert moved > 0
+
+
+def block0_relative_mse(model, dense, windows):
+    """The first block's output error to the dense first block, on `windows` (both run on the same embeddings)."""
+    with torch.no_grad():
+        got = model(input_ids=windows, output_hidden_states=True).hidden_states[1]
+        want = dense(input_ids=windows, output_hidden_states=True).hidden_states[1]
+    return ((got - want).square().sum() / want.square().sum()).item()
+
+
+def test_lowers_the_blocks_error_and_never_raises_the_held_out_one():
+    dense = tiny_model(layers=2)
+    calib = token_windows(16, 32)
+    plain, fitted = copy.deepcopy(dense), copy.deepcopy(dense)
+    prune_model(plain, calib, FloatSparseConfig(0.6, keep_bits=None), progress=False)
+    result = prune_blocks(fitted, calib, FloatSparseConfig(0.6, keep_bits=None, reconstruct_epochs=4),
+                          progress=False)
+    assert [r["block"] for r in result.reconstruction] == ["model.layers.0", "model.layers.1"]
+    for r in result.reconstruction:
+        assert r["fit_after"] < r["fit_before"] and r["heldout_after"] <= r["heldout_before"]
+        assert (r["fit_batches"], r["heldout_batches"]) == (14, 2) and 1 <= r["best_epoch"] <= r["epochs"] <= 4
+    # Measured apart from the report: block 0 (same inputs in both streams) on all calibration windows.
+    before, after = block0_relative_mse(plain, dense, calib), block0_relative_mse(fitted, dense, calib)
+    assert after < 0.95 * before
+    assert after == pytest.approx((result.reconstruction[0]["fit_after"] * 14 + result.reconstruction[0]
+                                   ["heldout_after"] * 2) / 16, rel=0.2)
+
+
+def test_a_fit_that_only_gets_worse_is_dropped_bitwise():
+    """A learning rate far too large: every epoch is worse held out, so each block keeps its pruned weights and
+    the model is bitwise the one pruned without reconstruction."""
+    dense = tiny_model(layers=2)
+    plain, fitted = copy.deepcopy(dense), copy.deepcopy(dense)
+    prune_model(plain, token_windows(), FloatSparseConfig(0.5), progress=False)
+    result = prune_blocks(fitted, token_windows(), FloatSparseConfig(0.5, reconstruct_epochs=5, reconstruct_lr=10.0),
+                          progress=False)
+    for r in result.reconstruction:
+        assert r["best_epoch"] == 0 and r["epochs"] == reconstruct.PATIENCE
+        assert r["heldout_after"] == r["heldout_before"] and r["fit_after"] == r["fit_before"]
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in fitted.state_dict().items())
+
+
+def test_off_by_default_runs_nothing_more(monkeypatch):
+    """reconstruct_epochs=0 (the default): no reconstruction, no dense stream (no extra block forward), the same
+    model as an explicit 0."""
+    monkeypatch.setattr(pipeline, "reconstruct_block", lambda *a, **k: pytest.fail("reconstruction ran"))
+    dense = tiny_model(layers=2)
+    models = [copy.deepcopy(dense), copy.deepcopy(dense)]
+    calls = []
+    for block in models[0].model.layers:
+        block.register_forward_pre_hook(lambda *a: calls.append(1))
+    results = [prune_blocks(models[0], token_windows(), FloatSparseConfig(0.5), progress=False),
+               prune_blocks(models[1], token_windows(), FloatSparseConfig(0.5, reconstruct_epochs=0), progress=False)]
+    assert len(calls) == 8 * 3  # block 0: statistics + next inputs; block 1 (the last): statistics
+    assert results[0].reconstruction == results[1].reconstruction == []
+    assert all(torch.equal(v, models[1].state_dict()[k]) for k, v in models[0].state_dict().items())
+
+
+def test_keep_bit_rounding_is_applied_again_after_the_fit(monkeypatch):
+    seen = spy_on_reconstruction(monkeypatch)
+    model = tiny_model(layers=2)
+    result = prune_blocks(model, token_windows(16, 32), FloatSparseConfig(0.6, reconstruct_epochs=4,
+                                                                          reconstruct_lr=1e-2), progress=False)
+    assert any(r["best_epoch"] > 0 for r in result.reconstruction)
+    for before, after, _, scalers in seen:
+        for name, w in after.items():
+            assert torch.equal(apply_keepbits(w, scalers[name], 2, 0.02), w), name  # on the keep-bit grid
+            assert ((before[name] == 0) <= (w == 0)).all(), name  # zeros stay; rounding may flush a tiny one
+
+
+def test_keep_bits_needs_a_pruner_with_a_scaler():
+    with pytest.raises(ValueError, match=r"keep_bits=None"):
+        prune_model(tiny_model(), token_windows(), FloatSparseConfig(0.5, reconstruct_epochs=1),
+                    make_pruner=lambda n, t: Recorder(t), progress=False)
+    torch.manual_seed(0)
+    rows = prune_model(PlainModel(), token_windows(), FloatSparseConfig(0.5, keep_bits=None, reconstruct_epochs=1),
+                       make_pruner=lambda n, t: Recorder(t), progress=False)  # any pruner without rounding
+    assert len(rows) == 2
+
+
+class TwoProcesses(Group):
+    size = 2
+
+
+def test_several_processes_one_window_and_no_block_stack_are_refused():
+    config = FloatSparseConfig(0.5, reconstruct_epochs=1)
+    with pytest.raises(ValueError, match="one process"):
+        prune_blocks(tiny_model(), token_windows(), config, group=TwoProcesses(), progress=False)
+    with pytest.raises(ValueError, match="at least 2 calibration batches"):
+        prune_model(tiny_model(), token_windows(1), config, progress=False)
+    flat = torch.nn.Sequential(torch.nn.Embedding(300, 16), torch.nn.Linear(16, 16))
+    with pytest.raises(ValueError, match="needs a stack of blocks"):
+        prune_model(flat, token_windows(), config, progress=False)
+
+
+def test_holdout_split():
+    assert reconstruct.holdout_split(2) == ([0], [1])
+    assert reconstruct.holdout_split(7) == ([0, 1, 2, 3, 4, 5], [6])
+    fit, held = reconstruct.holdout_split(17)
+    assert held == [7, 15] and len(fit) == 15
+
+
+def test_an_interrupted_run_resumes_to_the_same_blocks(tmp_path, monkeypatch):
+    """The dense stream is saved with the pruned one: a resumed run fits the next blocks to the same targets."""
+    dense = tiny_model(layers=3)
+    config = FloatSparseConfig(0.5, reconstruct_epochs=2)
+    whole = copy.deepcopy(dense)
+    expected = prune_blocks(whole, token_windows(), config, progress=False)
+    state = ResumeState(tmp_path, {"run": 1})
+    save = ResumeState.save
+
+    def save_then_stop(self, next_block, *args):
+        save(self, next_block, *args)
+        if next_block == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ResumeState, "save", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        prune_blocks(copy.deepcopy(dense), token_windows(), config, state=state, progress=False)
+    monkeypatch.setattr(ResumeState, "save", save)
+    resumed = copy.deepcopy(dense)
+    result = prune_blocks(resumed, token_windows(), config, state=state, progress=False)
+    block = "model.layers.2."
+    assert all(torch.equal(v, whole.state_dict()[k]) for k, v in resumed.state_dict().items() if k.startswith(block))
+    strip = [[{k: v for k, v in r.items() if k != "seconds"} for r in res.reconstruction] for res in (expected, result)]
+    assert strip[0] == strip[1] and len(strip[0]) == 3
+
+
+# ---------------------------------------------------------------- options
+
+def test_options_from_yaml_python_and_not_to_the_pruner():
+    entry = {"type": "float_sparse", "reconstruct_epochs": 5, "reconstruct_lr": 0.01}
+    config = parse_config({"spec": {"process": [entry]}})
+    assert (config.reconstruct_epochs, config.reconstruct_lr) == (5, 0.01)
+    assert config == FloatSparseConfig(reconstruct_epochs=5, reconstruct_lr=0.01)
+    assert not any(k.startswith("reconstruct") for k in config.pruner_options())
+    assert (FloatSparseConfig().reconstruct_epochs, FloatSparseConfig().reconstruct_lr) == (0, 3e-3)
+
+
+@pytest.mark.parametrize("key,value", [("reconstruct_epochs", -1), ("reconstruct_epochs", 1.5),
+                                       ("reconstruct_epochs", True), ("reconstruct_epochs", "2"),
+                                       ("reconstruct_lr", 0), ("reconstruct_lr", -1e-3),
+                                       ("reconstruct_lr", float("nan")), ("reconstruct_lr", float("inf")),
+                                       ("reconstruct_lr", "0.01"),
+                                       ("reconstruct_lr", True)])
+def test_bad_values_are_config_errors_naming_the_key(key, value):
+    with pytest.raises(ConfigError, match=f"^{key}: "):
+        FloatSparseConfig(**{key: value})
+    with pytest.raises(ConfigError, match=rf"^<config>: spec.process\[0\].{key}: "):
+        parse_config({"spec": {"process": [{"type": "float_sparse", key: value}]}})
+
+
+def test_a_block_whose_layers_got_no_input_is_not_fitted():
+    torch.manual_seed(0)
+    model = PlainModel()
+    with pytest.warns(UserWarning, match="left dense"):
+        result = prune_blocks(model, token_windows(), FloatSparseConfig(0.5, ["*unused"], keep_bits=None,
+                                                                         reconstruct_epochs=2), progress=False)
+    assert result.rows == [] and result.reconstruction == []
