@@ -18,14 +18,16 @@ spec:
       keep_bits: 2                    # mantissa bits the keep-bit rounding keeps (SPEC §3); null: no rounding
       reconstruct_epochs: 0           # block reconstruction after each block's pruning (0: off); see reconstruct.py
       reconstruct_lr: 0.003           # its Adam step, relative to each layer's kept weights' RMS
+      sequential: false               # prune a block's layers group by group in data-flow order
 ```
 Every mistake is a ConfigError naming the file and the key.
 
 OPTIONS declares every processor option once (name, default, one-line doc, how a command-line string
-reads); the YAML keys, the `admm-sparse prune` flags (--sparse-ratio, --keep-bits, ...) and FloatSparseConfig's
-keyword arguments all come from it, and the checks live in one place (FloatSparseConfig / layer.check_options).
-Most options go to each layer's pruner (FloatSparseConfig.pruner_options); reconstruct_epochs and reconstruct_lr
-are the block loop's own (admm_sparse.reconstruct) and never reach the pruner.
+reads, who reads it, its check); the YAML keys, the `admm-sparse prune` flags (--sparse-ratio, --keep-bits, ...)
+and FloatSparseConfig's keyword arguments all come from it, and the checks run in one place
+(FloatSparseConfig.__post_init__: each option's own check, layer.check_options for the pruner's). The pruner's
+options reach each layer's pruner (pruner_options); the loop's (calibration_dtype, reconstruct_*, sequential)
+the block loop only.
 """
 from __future__ import annotations
 
@@ -47,40 +49,16 @@ def _optional_int(text: str) -> int | None:
 @dataclass(frozen=True)
 class Option:
     """One processor option: its name (YAML key, keyword argument; the flag is --name-with-dashes), default,
-    one-line doc, and how a command-line string reads (None: a --flag / --no-flag switch; "list": several
-    words)."""
+    one-line doc, how a command-line string reads (None: a --flag / --no-flag switch; "list": several words),
+    who reads it ("select": which layers and how many zeros; "pruner": each layer's pruner, checked by
+    layer.check_options; "loop": the block loop) and, for the others, its check(value, name) -> value."""
 
     name: str
     default: object
     doc: str
     parse: Callable[[str], object] | str | None
-
-
-OPTIONS = (
-    Option("sparse_ratio", None, "fraction of the selected weights to prune, 0 <= r < 1 (default 0.3; 1 - N/M for an "
-           "N:M structure)", float),
-    Option("include", ["*"], "wildcards on full layer names to prune (default *)", "list"),
-    Option("exclude", [], "wildcards on full layer names to leave dense; they win over include", "list"),
-    Option("mask_structure", "unstructured", "unstructured, per_row, or N:M such as 2:4 (sparsity 1 - N/M)", str),
-    Option("mode", "seed", "seed (the original algorithm), quality (ADMM until the mask settles, then an exact "
-           "refit; slower) or fast (the seed's ADMM over-relaxed, stopped once the mask settles, bfloat16 GEMMs "
-           "before the last iteration; about SparseGPT's time)", str),
-    Option("round_in_admm", None, "keep-bit rounding with error compensation inside the solver instead of after it "
-           "(default: on in quality mode only)", None),
-    Option("allow_tf32", False, "on a GPU, float32 GEMMs in TF32: faster, less exact", None),
-    Option("calibration_dtype", "auto", "dtype of the calibration forwards (statistics and the next block's inputs): "
-           "model (the model's own), bfloat16 (autocast: faster, less exact), or auto: bfloat16 in fast mode where "
-           "bfloat16 GEMMs are faster on the device, else the model's", str),
-    Option("keep_bits", 2, "mantissa bits kept by the keep-bit rounding for the Atlas card's compression "
-           "(SPEC §3); none: no rounding", _optional_int),
-    Option("reconstruct_epochs", 0, "block reconstruction: after a block is pruned, at most this many epochs of Adam "
-           "over its kept weights (masks fixed) to reproduce the dense model's block outputs, stopped early on "
-           "held-out calibration windows (0: off)", int),
-    Option("reconstruct_lr", 3e-3, "block reconstruction's Adam learning rate, relative to each layer's kept weights' "
-           "RMS (default 3e-3)", float),
-)
-_PROCESSOR_KEYS = {"type"} | {o.name for o in OPTIONS}
-CALIBRATION_DTYPES = ("auto", "model", "bfloat16")
+    scope: str = "pruner"
+    check: Callable[[object, str], object] | None = None
 
 
 class ConfigError(ValueError):
@@ -108,10 +86,60 @@ def _check_reconstruct_epochs(value, where: str) -> int:
     return value
 
 
+def _check_choice(choices):
+    def check(value, where: str):
+        if value not in choices:
+            raise ConfigError(f"{where}: expected one of {list(choices)}, got {value!r}")
+        return value
+    return check
+
+
+def _check_bool(value, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    return value
+
+
+def _check_optional_ratio(value, where: str) -> float | None:
+    return None if value is None else _check_ratio(value, where)
+
+
 def _check_reconstruct_lr(value, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
         raise ConfigError(f"{where}: expected a learning rate > 0 such as 0.003, got {value!r}")
     return float(value)
+
+
+CALIBRATION_DTYPES = ("auto", "model", "bfloat16")
+
+OPTIONS = (
+    Option("sparse_ratio", None, "fraction of the selected weights to prune, 0 <= r < 1 (default 0.3; 1 - N/M for an "
+           "N:M structure)", float, "select", _check_optional_ratio),
+    Option("include", ["*"], "wildcards on full layer names to prune (default *)", "list", "select", _check_patterns),
+    Option("exclude", [], "wildcards on full layer names to leave dense; they win over include", "list", "select",
+           _check_patterns),
+    Option("mask_structure", "unstructured", "unstructured, per_row, or N:M such as 2:4 (sparsity 1 - N/M)", str),
+    Option("mode", "seed", "seed (the original algorithm), quality (ADMM until the mask settles, then an exact "
+           "refit; slower) or fast (the seed's ADMM over-relaxed, stopped once the mask settles, bfloat16 GEMMs "
+           "before the last iteration; about SparseGPT's time)", str),
+    Option("round_in_admm", None, "keep-bit rounding with error compensation inside the solver instead of after it "
+           "(default: on in quality mode only)", None),
+    Option("allow_tf32", False, "on a GPU, float32 GEMMs in TF32: faster, less exact", None),
+    Option("calibration_dtype", "auto", "dtype of the calibration forwards (statistics and the next block's inputs): "
+           "model (the model's own), bfloat16 (autocast: faster, less exact), or auto: bfloat16 in fast mode where "
+           "bfloat16 GEMMs are faster on the device, else the model's", str, "loop", _check_choice(CALIBRATION_DTYPES)),
+    Option("keep_bits", 2, "mantissa bits kept by the keep-bit rounding for the Atlas card's compression "
+           "(SPEC §3); none: no rounding", _optional_int),
+    Option("reconstruct_epochs", 0, "block reconstruction: after a block is pruned, at most this many epochs of Adam "
+           "over its kept weights (masks fixed) to reproduce the dense model's block outputs, stopped early on "
+           "held-out calibration windows (0: off)", int, "loop", _check_reconstruct_epochs),
+    Option("reconstruct_lr", 3e-3, "block reconstruction's Adam learning rate, relative to each layer's kept weights' "
+           "RMS (default 3e-3)", float, "loop", _check_reconstruct_lr),
+    Option("sequential", False, "prune a block's layers in the order its data flows through them (q/k/v, then o, "
+           "then gate/up, then down: groups found by running the block), each group's statistics taken with the "
+           "earlier groups already pruned (one more partial block forward per group)", None, "loop", _check_bool),
+)
+_PROCESSOR_KEYS = {"type"} | {o.name for o in OPTIONS}
 
 
 def _check_pruner_options(options: dict, where: str) -> None:
@@ -143,33 +171,27 @@ class FloatSparseConfig:
     keep_bits: int | None = 2
     reconstruct_epochs: int = 0
     reconstruct_lr: float = 3e-3
+    sequential: bool = False
 
     def __post_init__(self):
         from .layer import resolve_sparse_ratio
 
-        if self.sparse_ratio is not None:
-            self.sparse_ratio = _check_ratio(self.sparse_ratio, "sparse_ratio")
-        self.include = _check_patterns(self.include, "include")
-        self.exclude = _check_patterns(self.exclude, "exclude")
+        for option in OPTIONS:
+            if option.check is not None:
+                setattr(self, option.name, option.check(getattr(self, option.name), option.name))
         _check_pruner_options(self.pruner_options(), "")
-        if self.calibration_dtype not in CALIBRATION_DTYPES:
-            raise ConfigError(f"calibration_dtype: expected one of {list(CALIBRATION_DTYPES)}, got "
-                              f"{self.calibration_dtype!r}")
-        self.reconstruct_epochs = _check_reconstruct_epochs(self.reconstruct_epochs, "reconstruct_epochs")
-        self.reconstruct_lr = _check_reconstruct_lr(self.reconstruct_lr, "reconstruct_lr")
         try:
             self.sparse_ratio = resolve_sparse_ratio(self.sparse_ratio, self.mask_structure)
         except ValueError as exc:
             raise ConfigError(f"sparse_ratio: {exc}") from None
 
     def pruner_options(self) -> dict:
-        """The options this config gives the ADMM pruner's fasterprune (not the block loop's reconstruct_*)."""
-        return dict(mask_structure=self.mask_structure, mode=self.mode, round_in_admm=self.round_in_admm,
-                    allow_tf32=self.allow_tf32, keep_bits=self.keep_bits)
+        """The options this config gives the ADMM pruner's fasterprune."""
+        return {o.name: getattr(self, o.name) for o in OPTIONS if o.scope == "pruner"}
 
-    def pipeline_options(self) -> dict:
-        """The options of the block loop (admm_sparse.pipeline) rather than of each layer's pruner."""
-        return dict(calibration_dtype=self.calibration_dtype)
+    def loop_options(self) -> dict:
+        """The block loop's own options (admm_sparse.pipeline, admm_sparse.reconstruct)."""
+        return {o.name: getattr(self, o.name) for o in OPTIONS if o.scope == "loop"}
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -205,23 +227,9 @@ def parse_config(data, source: str = "<config>") -> FloatSparseConfig:
     unknown = set(entry) - _PROCESSOR_KEYS
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(_PROCESSOR_KEYS)}")
-    defaults = FloatSparseConfig()
-    ratio = entry.get("sparse_ratio")
-    options = {key: entry.get(key, value) for key, value in defaults.pruner_options().items()}
-    _check_pruner_options(options, f"{where}.")
-    options.update({key: entry.get(key, value) for key, value in defaults.pipeline_options().items()})
-    checked = dict(
-        sparse_ratio=None if ratio is None else _check_ratio(ratio, f"{where}.sparse_ratio"),
-        include=_check_patterns(entry.get("include", defaults.include), f"{where}.include"),
-        exclude=_check_patterns(entry.get("exclude", defaults.exclude), f"{where}.exclude"),
-        reconstruct_epochs=_check_reconstruct_epochs(entry.get("reconstruct_epochs", defaults.reconstruct_epochs),
-                                                     f"{where}.reconstruct_epochs"),
-        reconstruct_lr=_check_reconstruct_lr(entry.get("reconstruct_lr", defaults.reconstruct_lr),
-                                             f"{where}.reconstruct_lr"),
-    )
     try:
-        return FloatSparseConfig(**checked, **options)
-    except ConfigError as exc:  # only the ratio against the structure is left to check; its message has no prefix
+        return FloatSparseConfig(**{o.name: entry[o.name] for o in OPTIONS if o.name in entry})
+    except ConfigError as exc:  # its message starts with the key
         raise ConfigError(f"{where}.{exc}") from None
 
 

@@ -413,6 +413,93 @@ def _prune_targets(targets: list[Target], run: Callable[[], Any], batch_start: n
     return sorted((row for part in group.gather_objects(rows) for row in part), key=lambda row: order[row["name"]])
 
 
+def _prune_block(block: nn.Module, targets: list[Target], hidden, extras, config: FloatSparseConfig, device,
+                 make_pruner: PrunerFactory, progress: bool, desc: str, group: Group, scalers: dict | None) -> list[dict]:
+    """Prune a block's selected layers on its calibration inputs: all from one pass, or with config.sequential
+    group by group in data-flow order (data_flow_groups), each group's statistics from a pass with the groups
+    before it already pruned, the pass stopped once the group's layers have run."""
+    parts = data_flow_groups(block, targets, hidden[0], extras[0]) if config.sequential else [targets]
+    rows = []
+    for part in parts:
+        def feed(part=part):
+            modules = list({id(t.module): t.module for t in part}.values())
+            last = part is parts[-1]  # nothing after the last group's layers is needed either, but little is left
+            with calibration_autocast(config, device), _stop_after(modules, enabled=not last) as stop:
+                for h, (args, kwargs) in zip(hidden, extras):
+                    stop.reset()
+                    try:
+                        block(h, *args, **kwargs)
+                    except _GroupFed:
+                        pass
+        rows += _prune_targets(part, feed, block, make_pruner, config.sparse_ratio, progress, desc, group, scalers)
+    order = {t.name: i for i, t in enumerate(targets)}
+    return sorted(rows, key=lambda row: order[row["name"]])
+
+
+class _GroupFed(Exception):
+    """Raised once every layer of the group being calibrated has run in this batch."""
+
+
+class _stop_after:
+    """Context manager: while active, raises _GroupFed once each of `modules` has run in a batch; reset() starts
+    a batch. Its hooks come after feeding()'s, so the layers' inputs are recorded first."""
+
+    def __init__(self, modules: list[nn.Module], enabled: bool = True):
+        self.modules, self.enabled, self.seen, self.handles = modules, enabled, set(), []
+
+    def reset(self):
+        self.seen = set()
+
+    def __enter__(self):
+        if self.enabled:
+            for module in self.modules:
+                self.handles.append(module.register_forward_hook(self._hook))
+        return self
+
+    def _hook(self, module, args, output):
+        self.seen.add(id(module))
+        if len(self.seen) == len(self.modules):
+            raise _GroupFed
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+        return False
+
+
+def data_flow_groups(block: nn.Module, targets: list[Target], hidden: torch.Tensor, extras) -> list[list[Target]]:
+    """The block's targets in groups, in the order the block runs them: layers that read the same input tensor
+    are one group (q/k/v; gate/up; a fused experts module's layers, which run inside one module). Found by
+    running the block once on one calibration batch with hooks on the layers' modules."""
+    by_module: dict[int, list[Target]] = {}
+    for t in targets:
+        by_module.setdefault(id(t.module), []).append(t)
+    groups: list[tuple[torch.Tensor, list[Target]]] = []
+    called: set[int] = set()
+
+    def hook(module, args, kwargs):
+        if id(module) in called:
+            return
+        called.add(id(module))
+        x = args[0] if args else next(iter(kwargs.values()))
+        same = next((g for seen, g in groups if _same_tensor(seen, x)), None)
+        if same is None:
+            groups.append((x, list(by_module[id(module)])))
+        else:
+            same.extend(by_module[id(module)])
+
+    handles = [by_module[m][0].module.register_forward_pre_hook(hook, with_kwargs=True) for m in by_module]
+    try:
+        args, kwargs = extras
+        block(hidden, *args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    found = [g for _, g in groups]
+    missed = [t for t in targets if id(t.module) not in called]  # not reached by this batch (an unused branch)
+    return found + ([missed] if missed else [])
+
+
 def _expert_priors(targets: list[Target], feed: _Feed, run: Callable[[], Any], batch_start: nn.Module,
                    make_pruner: PrunerFactory, group: Group) -> dict[str, int]:
     """Give every expert that saw fewer routed tokens than it has inputs a prior; returns {name: prior tokens}.
@@ -621,12 +708,9 @@ def _prune_blockwise(model, the_plan: Plan, batches, device, make_pruner, config
             if reconstructing:
                 dense_hidden = _run_block(block, dense_hidden, calib_extras)  # likewise: what the block is fitted to
             if per_block[i]:
-                def feed_block():
-                    with calibration_autocast(config, device):
-                        _run_block(block, hidden, calib_extras)
                 scalers = {} if reconstructing else None  # filled with the pruned layers' channel scalers
-                result.rows += _prune_targets(per_block[i], feed_block, block, make_pruner, config.sparse_ratio,
-                                              progress, f"block {i}", group, scalers)
+                result.rows += _prune_block(block, per_block[i], hidden, calib_extras, config, device, make_pruner,
+                                            progress, f"block {i}", group, scalers)
                 pruned = [t for t in per_block[i] if t.name in (scalers or {})]
                 if pruned:  # fitted to the dense block's outputs
                     result.reconstruction.append(reconstruct_block(
