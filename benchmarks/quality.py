@@ -62,12 +62,13 @@ class Run:
     round_in_admm: bool = False  # ADMM: rounding with compensation inside the solver instead of post hoc
     reconstruct_epochs: int = 0  # block reconstruction after each block's pruning (any method); 0 = off
     reconstruct_lr: float | None = None  # its relative learning rate; None = FloatSparseConfig's default
+    sequential: bool = False  # a block's layers pruned group by group in data-flow order
 
     @property
     def key(self) -> str:
         mode = "-quality" if self.mode == "quality" else ""
         rounding = "" if self.keep_bits is None else "-round-in-admm" if self.round_in_admm else "-round"
-        return f"{self.method}{mode}-{self.pattern}{rounding}{self.reconstruction_key}"
+        return f"{self.method}{mode}-{self.pattern}{rounding}{'-seq' if self.sequential else ''}{self.reconstruction_key}"
 
     @property
     def reconstruction_key(self) -> str:
@@ -84,6 +85,7 @@ class Run:
     def method_name(self) -> str:
         name = {"magnitude": "Magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT", "admm": "ADMM"}[self.method]
         name += " quality" if self.mode == "quality" else ""
+        name += " + sequential" if self.sequential else ""
         if self.reconstruct_epochs:
             lr = "" if self.reconstruct_lr is None else f", lr {self.reconstruct_lr:g}"
             name += f" + reconstruction ({self.reconstruct_epochs} epochs{lr})"
@@ -131,6 +133,11 @@ ABLATION_RUNS = (
     + [Run("admm", 0.5, None, 2, reconstruct_epochs=5), Run("admm", 0.5, (2, 4), reconstruct_epochs=5),
        Run("sparsegpt", 0.5, reconstruct_epochs=5)]
     + [Run("admm", 0.5, reconstruct_epochs=5, reconstruct_lr=lr) for lr in (1e-3, 1e-2)]
+    + _unstructured("admm", (0.5, 0.7), sequential=True) + _unstructured("admm", (0.5, 0.7), mode="quality",
+                                                                          reconstruct_epochs=5)
+    + _unstructured("admm", (0.5, 0.7), sequential=True, reconstruct_epochs=5) + _nm("admm", ((2, 4),), sequential=True)
+    + _nm("admm", ((2, 4),), sequential=True, reconstruct_epochs=5)
+    + _nm("admm", ((2, 4),), mode="quality", reconstruct_epochs=5)
 )
 QUICK_RUNS = [Run("magnitude", 0.5), Run("wanda", 0.5, (2, 4)), Run("sparsegpt", 0.5), Run("sparsegpt", 0.5, (2, 4)),
               Run("admm", 0.5), Run("admm", 0.5, None, 2), Run("admm", 0.5, (2, 4), mode="quality"),
@@ -196,7 +203,7 @@ def _prune_model(model, calib, run: Run, args):
     # keep_bits: the pruner applies the run's own; the loop re-applies it after block reconstruction
     lr = {} if run.reconstruct_lr is None else {"reconstruct_lr": run.reconstruct_lr}
     config = FloatSparseConfig(sparse_ratio=run.sparsity, include=include, keep_bits=run.keep_bits,
-                               reconstruct_epochs=run.reconstruct_epochs, **lr)
+                               reconstruct_epochs=run.reconstruct_epochs, sequential=run.sequential, **lr)
     return prune_blocks(model, calib, config, make_pruner=make_pruner_factory(run), progress=False)
 
 
