@@ -6,6 +6,7 @@ fasterprune (same statistics, same torch threads) and relative output error on h
     python benchmarks/bench_fast.py --write                 # and stores them in benchmarks/RESULTS.md
     python benchmarks/bench_fast.py --shapes 4096x11008 --repeats 1
     python benchmarks/bench_fast.py --real                  # the built-in model's layers instead
+    python benchmarks/bench_fast.py --growth 1024 2048 4096 8192 --repeats 1   # time against d_in, log-log
 
 Inputs: "iid" are bench_core's (independent unit-variance channels); "correlated" mix the channels and give
 them log-normal scales, as real activations have (tests/test_quality.py's generator). Keep-bit rounding is
@@ -141,6 +142,45 @@ def lever_rows(args, ratio: float) -> list[str]:
     return lines
 
 
+GROWTH_FIGURE = ROOT / "benchmarks" / "figures" / "fast_growth.png"
+
+
+def growth_rows(args, ratio: float) -> list[str]:
+    """Time against d_in (d_out fixed by --growth-out), 2·d_in calibration tokens each, with a log-log figure."""
+    lines, points = [], {m: [] for m in METHODS}
+    for d_in in args.growth:
+        shape = (args.growth_out, d_in)
+        r = synthetic(shape, "correlated", 2 * d_in, ratio, args.repeats)
+        lines.append(row(f"{shape[0]}x{d_in} correlated, {2 * d_in} tokens, ratio {ratio}", r))
+        print(lines[-1], flush=True)
+        for m in METHODS:
+            points[m].append((d_in, r["seconds"][m]))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for m, label in (("seed", "seed mode"), ("fast", "fast mode"), ("sparsegpt", "SparseGPT")):
+        ax.loglog(*zip(*points[m]), marker="o", label=label, base=2)
+    ax.set_xlabel("d_in (d_out = %d)" % args.growth_out)
+    ax.set_ylabel("seconds, one layer")
+    ax.set_title(f"Cost growth, ratio {ratio}, {torch.get_num_threads()} thread(s)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    GROWTH_FIGURE.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(GROWTH_FIGURE, dpi=110)
+    slopes = []
+    for m in METHODS:
+        (x0, y0), (x1, y1) = points[m][0], points[m][-1]
+        slopes.append(f"{m} {math.log(y1 / y0) / math.log(x1 / x0):.2f}")
+    lines.append("")
+    lines.append(f"Log-log slope from d_in {points['seed'][0][0]} to {points['seed'][-1][0]}: " + ", ".join(slopes)
+                 + f". ![cost growth](figures/{GROWTH_FIGURE.name})")
+    return lines
+
+
 def real_layers(ratio: float, repeats: int) -> list[str]:
     """The built-in model's layers of tune_quality.py, inputs captured as there (64 x 512 tokens, error on
     16 held-out windows)."""
@@ -171,6 +211,9 @@ def main(argv=None) -> None:
     p.add_argument("--real", action="store_true", help="the built-in model's layers instead of synthetic ones")
     p.add_argument("--levers", action="store_true", help="instead: fast mode with one lever taken away at a "
                    "time, against the seed mode")
+    p.add_argument("--growth", type=int, nargs="+", metavar="D_IN", help="instead: time against these d_in "
+                   "(correlated inputs, 2·d_in tokens each), with a log-log figure")
+    p.add_argument("--growth-out", type=int, default=1024, help="d_out of the --growth layers (default 1024)")
     p.add_argument("--write", action="store_true", help="append the table to benchmarks/RESULTS.md's fast section")
     args = p.parse_args(argv)
     if args.threads:
@@ -185,6 +228,9 @@ def main(argv=None) -> None:
             continue
         if args.real:
             lines += real_layers(ratio, args.repeats)
+            continue
+        if args.growth:
+            lines += growth_rows(args, ratio)
             continue
         for kind in args.kinds:
             for shape in args.shapes:
