@@ -18,6 +18,7 @@ spec:
       keep_bits: 2                    # mantissa bits the keep-bit rounding keeps (SPEC §3); null: no rounding
       reconstruct_epochs: 0           # block reconstruction after each block's pruning (0: off); see reconstruct.py
       reconstruct_lr: 0.003           # its Adam step, relative to each layer's kept weights' RMS
+      dense_targets: 0.0              # fit the dense model's outputs (1), the layer's own (0), or a blend
       sequential: false               # prune a block's layers group by group in data-flow order
 ```
 Every mistake is a ConfigError naming the file and the key.
@@ -26,7 +27,7 @@ OPTIONS declares every processor option once (name, default, one-line doc, how a
 reads, who reads it, its check); the YAML keys, the `admm-sparse prune` flags (--sparse-ratio, --keep-bits, ...)
 and FloatSparseConfig's keyword arguments all come from it, and the checks run in one place
 (FloatSparseConfig.__post_init__: each option's own check, layer.check_options for the pruner's). The pruner's
-options reach each layer's pruner (pruner_options); the loop's (calibration_dtype, reconstruct_*, sequential)
+options reach each layer's pruner (pruner_options); the loop's (calibration_dtype, reconstruct_*, dense_targets, sequential)
 the block loop only.
 """
 from __future__ import annotations
@@ -104,6 +105,12 @@ def _check_optional_ratio(value, where: str) -> float | None:
     return None if value is None else _check_ratio(value, where)
 
 
+def _check_fraction(value, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise ConfigError(f"{where}: expected a number from 0 to 1, got {value!r}")
+    return float(value)
+
+
 def _check_reconstruct_lr(value, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
         raise ConfigError(f"{where}: expected a learning rate > 0 such as 0.003, got {value!r}")
@@ -135,6 +142,9 @@ OPTIONS = (
            "held-out calibration windows (0: off)", int, "loop", _check_reconstruct_epochs),
     Option("reconstruct_lr", 3e-3, "block reconstruction's Adam learning rate, relative to each layer's kept weights' "
            "RMS (default 3e-3)", float, "loop", _check_reconstruct_lr),
+    Option("dense_targets", 0.0, "fit each pruned layer to the dense model's output on the dense model's inputs "
+           "instead of its own output on the pruned inputs: 1 fully, 0 not at (default), between: a blend of both "
+           "(Linear and Conv1D layers; experts keep their own)", float, "loop", _check_fraction),
     Option("sequential", False, "prune a block's layers in the order its data flows through them (q/k/v, then o, "
            "then gate/up, then down: groups found by running the block), each group's statistics taken with the "
            "earlier groups already pruned (one more partial block forward per group)", None, "loop", _check_bool),
@@ -171,6 +181,7 @@ class FloatSparseConfig:
     keep_bits: int | None = 2
     reconstruct_epochs: int = 0
     reconstruct_lr: float = 3e-3
+    dense_targets: float = 0.0
     sequential: bool = False
 
     def __post_init__(self):

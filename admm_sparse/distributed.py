@@ -114,6 +114,8 @@ def sum_statistics(group: Group, pruner) -> None:
     pruner.scaler.mul_(pruner.nsamples)
     group.sum(pruner.H)
     group.sum(pruner.scaler)
+    if getattr(pruner, "cross", None) is not None:  # dense targets' X_prunedᵀ X_dense
+        group.sum(pruner.cross)
     nsamples, tokens = (int(c) for c in group.sum(counts).tolist())
     pruner.scaler.div_(max(nsamples, 1))
     pruner.nsamples, pruner.tokens = nsamples, tokens

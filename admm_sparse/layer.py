@@ -57,6 +57,10 @@ class PruneReport:
         return asdict(self)
 
 
+# Dense targets' least-squares damping, relative to each input channel's energy (diag H).
+DENSE_TARGET_DAMPING = 0.01
+
+
 def parse_mask_structure(structure) -> tuple[str, int, int]:
     """"unstructured" / "per_row" -> (name, 0, 0); "N:M" -> ("N:M", N, M) with 1 <= N <= M <= 64."""
     if structure in ("unstructured", "per_row"):
@@ -224,6 +228,8 @@ class AdmmPruner:
         self.nsamples = 0  # sequences seen (SPEC §1's n)
         self.tokens = 0
         self.factors: dict = {}  # factorisations of the final statistics, shared with share_statistics' followers
+        self.cross = None  # dense targets: sum of X_prunedᵀ X_dense (add_cross), when the block loop feeds it
+        self.dense_blend = 1.0  # the target: dense_blend · dense model's output + (1 - dense_blend) · this input's
 
     def share_statistics(self, leader: "AdmmPruner") -> None:
         """Take the statistics `leader` accumulated as this layer's own (same Hessian tensor, no copy): layers
@@ -233,7 +239,7 @@ class AdmmPruner:
             raise ValueError(f"cannot share statistics of a layer with {leader.columns} inputs with one of "
                              f"{self.columns}")
         self.H, self.scaler, self.nsamples, self.tokens = leader.H, leader.scaler, leader.nsamples, leader.tokens
-        self.factors = leader.factors
+        self.factors, self.cross = leader.factors, leader.cross
 
     def add_statistics(self, other: "AdmmPruner", weight: float) -> None:
         """Add weight x other's statistics (Hessian, and the scaler as a weighted mean) to this layer's: a prior
@@ -246,6 +252,37 @@ class AdmmPruner:
         if total > 0:
             self.scaler.mul_(self.nsamples / total).add_(other.scaler, alpha=weight * other.nsamples / total)
         self.tokens += round(weight * other.tokens)
+
+    def add_cross(self, inp: torch.Tensor, dense_inp: torch.Tensor) -> None:
+        """Dense targets: accumulate X_prunedᵀ X_dense from this batch's input (the one add_batch gets) and the
+        dense model's input to the same layer for the same tokens. fasterprune then fits the dense model's output
+        W·X_dense instead of the layer's own W·X_pruned (see dense_target)."""
+        if inp.shape != dense_inp.shape:
+            raise ValueError(f"dense targets need the pruned and the dense model's inputs for the same tokens; got "
+                             f"shapes {tuple(inp.shape)} and {tuple(dense_inp.shape)}")
+        x, xd = (t.reshape(-1, self.columns).to(self.H.device, torch.float32) for t in (inp, dense_inp))
+        if self.cross is None:
+            self.cross = torch.zeros_like(self.H)
+        self.cross.addmm_(x.T, xd)
+
+    def dense_target(self, weight: torch.Tensor) -> torch.Tensor:
+        """The weight whose output on the pruned inputs best fits the blended target (least squares, damped):
+        W + blend · W (C - H)ᵀ (H + DENSE_TARGET_DAMPING·diag(H))⁻¹ with C = Σ X_prunedᵀ X_dense. Minimising
+        ||(target - W') X_prunedᵀ|| over sparse W' (what the ADMM does) then minimises ||W X_denseᵀ - W' X_prunedᵀ||.
+        When the two streams are equal (C = H) it is W itself, exactly."""
+        if self.cross is None or self.dense_blend == 0:
+            return weight
+        w = weight.float()
+        h = self.H.tril() + self.H.tril(-1).T
+        diag = h.diagonal().clone()
+        damped = h + torch.diag(DENSE_TARGET_DAMPING * diag + (diag == 0).float())
+        step = w @ (self.cross - h).T  # zero when the streams are equal
+        factor, info = torch.linalg.cholesky_ex(damped)
+        if int(info) != 0:
+            raise ValueError("dense targets: the calibration inputs' statistics are not positive definite even damped; "
+                             "use more calibration data or turn dense_targets off")
+        correction = torch.cholesky_solve(step.T, factor).T
+        return (w + self.dense_blend * correction).to(weight.dtype)
 
     def add_batch(self, inp: torch.Tensor) -> None:
         if self.H is None:
@@ -286,7 +323,7 @@ class AdmmPruner:
                           "Hessian is singular and damping carries the result; use more calibration data",
                           stacklevel=2)
         start = time.perf_counter()
-        old = weight.detach()
+        old = self.dense_target(weight.detach())  # the weight itself unless the loop fed dense targets
         k = pruned_count((self.rows, self.columns), sparse_ratio, structure)
         with float32_matmuls(opts["allow_tf32"]):
             new, damping, dense_energy, extra = self._prune(old, k, structure, opts)
@@ -388,6 +425,7 @@ class AdmmPruner:
         self.H = None
         self.scaler = None
         self.factors = {}  # a new dict: followers still pruning keep the shared one
+        self.cross = None
 
 
 def quadratic_trace(h_lower: torch.Tensor, a: torch.Tensor, block: int = 512) -> float:

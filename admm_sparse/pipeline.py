@@ -13,6 +13,7 @@ Models without a block stack fall back to collecting every selected layer in one
 """
 from __future__ import annotations
 
+import copy
 import ctypes
 import inspect
 import math
@@ -311,10 +312,20 @@ class _Feed:
     """Routes each captured input to its layer's pruner. Layers that read the very same tensor in a batch
     (q/k/v, gate/up, an expert's gate and up) form a group: only the first one's pruner accumulates
     statistics, and the others share them (AdmmPruner.share_statistics); pruners without that method get
-    every input. The grouping must be the same in every batch."""
+    every input. The grouping must be the same in every batch.
 
-    def __init__(self, pruners: dict[str, Any]):
+    dense_inputs: for dense targets, {id(module): the dense model's input to that layer} of the batch being fed
+    (kept up to date by the caller); each leader's pruner also gets add_cross(input, dense input), and
+    dense_blend = blend."""
+
+    def __init__(self, pruners: dict[str, Any], dense_inputs: dict | None = None, blend: float = 0.0):
         self.pruners = pruners
+        self.dense_inputs = dense_inputs
+        if dense_inputs is not None:
+            if not all(hasattr(p, "add_cross") for p in pruners.values()):
+                raise ValueError("dense targets need a pruner with add_cross (the ADMM pruner); set dense_targets to 0")
+            for pruner in pruners.values():
+                pruner.dense_blend = blend
         self.sharing = all(hasattr(p, "share_statistics") for p in pruners.values())
         self.calls = dict.fromkeys(pruners, 0)
         self.tokens = dict.fromkeys(pruners, 0)
@@ -340,6 +351,9 @@ class _Feed:
         if leader is None:
             self.pruners[name].add_batch(inp)
             self.batch.append((inp, name))
+            dense = self.dense_inputs.get(id(target.module)) if self.dense_inputs is not None else None
+            if dense is not None:  # experts have none: their routed tokens differ between the streams
+                self.pruners[name].add_cross(inp, dense)
 
     def share(self) -> None:
         for follower, leader in self.leader.items():
@@ -359,13 +373,14 @@ class _Feed:
 
 
 def _prune_targets(targets: list[Target], run: Callable[[], Any], batch_start: nn.Module, make_pruner: PrunerFactory,
-                   sparse_ratio: float, progress: bool, desc: str, group: Group, scalers: dict | None = None
-                   ) -> list[dict]:
+                   sparse_ratio: float, progress: bool, desc: str, group: Group, scalers: dict | None = None,
+                   dense_inputs: dict | None = None, blend: float = 0.0) -> list[dict]:
     """Hook `targets`, call run() to feed them this rank's calibration data (batch_start's forward begins each
     batch), sum the statistics onto each layer's owner rank, prune there, and share the pruned weights.
-    scalers: a dict that receives each layer this rank pruned's channel scaler (its pruner's `scaler`, or None)."""
+    scalers: a dict that receives each layer this rank pruned's channel scaler (its pruner's `scaler`, or None).
+    dense_inputs, blend: dense targets (see _Feed); run() keeps dense_inputs up to date batch by batch."""
     pruners = {t.name: make_pruner(t.name, t) for t in targets}
-    feed = _Feed(pruners)
+    feed = _Feed(pruners, dense_inputs, blend)
     handle = batch_start.register_forward_pre_hook(feed.new_batch)
     try:
         with feeding(targets, feed):
@@ -414,26 +429,62 @@ def _prune_targets(targets: list[Target], run: Callable[[], Any], batch_start: n
 
 
 def _prune_block(block: nn.Module, targets: list[Target], hidden, extras, config: FloatSparseConfig, device,
-                 make_pruner: PrunerFactory, progress: bool, desc: str, group: Group, scalers: dict | None) -> list[dict]:
+                 make_pruner: PrunerFactory, progress: bool, desc: str, group: Group, scalers: dict | None,
+                 dense_hidden: list | None = None) -> list[dict]:
     """Prune a block's selected layers on its calibration inputs: all from one pass, or with config.sequential
     group by group in data-flow order (data_flow_groups), each group's statistics from a pass with the groups
-    before it already pruned, the pass stopped once the group's layers have run."""
+    before it already pruned, the pass stopped once the group's layers have run. dense_hidden: the dense model's
+    inputs to this block, for dense targets (config.dense_targets): before each batch's pass, the dense block
+    runs on the dense inputs to give each layer's dense input for the same tokens."""
     parts = data_flow_groups(block, targets, hidden[0], extras[0]) if config.sequential else [targets]
+    dense_inputs = {} if dense_hidden is not None else None
+    # The dense block: a copy made before any of its layers is pruned, out of reach of the feeding hooks.
+    dense_block = copy.deepcopy(block) if dense_hidden is not None else block
+    twin = dict(zip(map(id, block.modules()), dense_block.modules()))
     rows = []
     for part in parts:
         def feed(part=part):
             modules = list({id(t.module): t.module for t in part}.values())
+            # Experts keep their own targets: the tokens routed to them differ between the two streams.
+            fitted = list({id(t.module): t.module for t in part if t.kind != "expert"}.values())
             last = part is parts[-1]  # nothing after the last group's layers is needed either, but little is left
             with calibration_autocast(config, device), _stop_after(modules, enabled=not last) as stop:
-                for h, (args, kwargs) in zip(hidden, extras):
+                for b, (h, (args, kwargs)) in enumerate(zip(hidden, extras)):
+                    if dense_inputs is not None and fitted:
+                        dense_inputs.clear()
+                        dense_inputs.update(_layer_inputs(dense_block, [twin[id(m)] for m in fitted], fitted,
+                                                          dense_hidden[b], args, kwargs))
                     stop.reset()
                     try:
                         block(h, *args, **kwargs)
                     except _GroupFed:
                         pass
-        rows += _prune_targets(part, feed, block, make_pruner, config.sparse_ratio, progress, desc, group, scalers)
+        rows += _prune_targets(part, feed, block, make_pruner, config.sparse_ratio, progress, desc, group, scalers,
+                               dense_inputs, config.dense_targets)
     order = {t.name: i for i, t in enumerate(targets)}
     return sorted(rows, key=lambda row: order[row["name"]])
+
+
+def _layer_inputs(block: nn.Module, modules: list[nn.Module], keys: list[nn.Module], hidden, args, kwargs) -> dict:
+    """{id(key): the input of the matching module} as `block` runs on `hidden`, stopped once all have run."""
+    found: dict[int, torch.Tensor] = {}
+
+    def hook(key):
+        def record(module, inputs, kwargs_):
+            found.setdefault(id(key), (inputs[0] if inputs else next(iter(kwargs_.values()))).detach())
+            if len(found) == len(keys):
+                raise _GroupFed
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(k), with_kwargs=True) for m, k in zip(modules, keys)]
+    try:
+        block(hidden, *args, **kwargs)
+    except _GroupFed:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found
 
 
 class _GroupFed(Exception):
@@ -690,7 +741,10 @@ def _prune_blockwise(model, the_plan: Plan, batches, device, make_pruner, config
         hidden, extras = _capture_block_inputs(model, stack_name, blocks, batches + evals + checks, device, last + 1)
     hidden, dense_eval, check_inputs = hidden[:cut[0]], hidden[cut[0]:cut[1]], hidden[cut[1]:]
     pruned_eval = dense_eval
-    dense_hidden = list(hidden) if reconstructing else []  # block 0's inputs are the same in both streams
+    # The dense model's hidden states beside the pruned ones, for reconstruction and dense targets; block 0's
+    # inputs are the same in both streams.
+    dense_stream = reconstructing or config.dense_targets > 0
+    dense_hidden = list(hidden) if dense_stream else []
     result, first = PruneResult([]), 0
     if state is not None and state.exists():
         first, data, (hidden, dense_eval, pruned_eval, checked, dense_hidden) = state.load(device)
@@ -705,18 +759,21 @@ def _prune_blockwise(model, the_plan: Plan, batches, device, make_pruner, config
         with source.block(stack_name, i, device) as block:
             if evals:
                 dense_eval = _run_block(block, dense_eval, eval_extras)  # before its layers are pruned
-            if reconstructing:
-                dense_hidden = _run_block(block, dense_hidden, calib_extras)  # likewise: what the block is fitted to
+            if dense_stream:
+                dense_out = _run_block(block, dense_hidden, calib_extras)  # likewise: what the block is fitted to
             if per_block[i]:
                 scalers = {} if reconstructing else None  # filled with the pruned layers' channel scalers
                 result.rows += _prune_block(block, per_block[i], hidden, calib_extras, config, device, make_pruner,
-                                            progress, f"block {i}", group, scalers)
+                                            progress, f"block {i}", group, scalers,
+                                            dense_hidden if config.dense_targets > 0 else None)
                 pruned = [t for t in per_block[i] if t.name in (scalers or {})]
                 if pruned:  # fitted to the dense block's outputs
                     result.reconstruction.append(reconstruct_block(
-                        block, pruned, hidden, calib_extras, dense_hidden, epochs=config.reconstruct_epochs,
+                        block, pruned, hidden, calib_extras, dense_out, epochs=config.reconstruct_epochs,
                         lr=config.reconstruct_lr, keep_bits=config.keep_bits, scalers=scalers,
                         name=f"{stack_name}.{i}"))
+            if dense_stream:
+                dense_hidden = dense_out
             if i < last:
                 with calibration_autocast(config, device):
                     hidden = _run_block(block, hidden, calib_extras)  # with the pruned weights

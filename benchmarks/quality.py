@@ -63,12 +63,15 @@ class Run:
     reconstruct_epochs: int = 0  # block reconstruction after each block's pruning (any method); 0 = off
     reconstruct_lr: float | None = None  # its relative learning rate; None = FloatSparseConfig's default
     sequential: bool = False  # a block's layers pruned group by group in data-flow order
+    dense_targets: float = 0.0  # layers fitted to the dense model's outputs (1), their own (0), or a blend
 
     @property
     def key(self) -> str:
         mode = "-quality" if self.mode == "quality" else ""
         rounding = "" if self.keep_bits is None else "-round-in-admm" if self.round_in_admm else "-round"
-        return f"{self.method}{mode}-{self.pattern}{rounding}{'-seq' if self.sequential else ''}{self.reconstruction_key}"
+        dense = f"-dense{self.dense_targets:g}" if self.dense_targets else ""
+        return (f"{self.method}{mode}-{self.pattern}{rounding}{'-seq' if self.sequential else ''}{dense}"
+                f"{self.reconstruction_key}")
 
     @property
     def reconstruction_key(self) -> str:
@@ -86,6 +89,7 @@ class Run:
         name = {"magnitude": "Magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT", "admm": "ADMM"}[self.method]
         name += " quality" if self.mode == "quality" else ""
         name += " + sequential" if self.sequential else ""
+        name += f" + dense targets {self.dense_targets:g}" if self.dense_targets else ""
         if self.reconstruct_epochs:
             lr = "" if self.reconstruct_lr is None else f", lr {self.reconstruct_lr:g}"
             name += f" + reconstruction ({self.reconstruct_epochs} epochs{lr})"
@@ -138,6 +142,11 @@ ABLATION_RUNS = (
     + _unstructured("admm", (0.5, 0.7), sequential=True, reconstruct_epochs=5) + _nm("admm", ((2, 4),), sequential=True)
     + _nm("admm", ((2, 4),), sequential=True, reconstruct_epochs=5)
     + _nm("admm", ((2, 4),), mode="quality", reconstruct_epochs=5)
+    + [Run("admm", r, dense_targets=a) for r in (0.5, 0.7) for a in (1.0, 0.5)]
+    + _nm("admm", ((2, 4),), dense_targets=1.0)
+    + _unstructured("admm", (0.5, 0.7), sequential=True, dense_targets=1.0, reconstruct_epochs=5)
+    + _unstructured("admm", (0.5, 0.7), mode="quality", sequential=True, dense_targets=1.0, reconstruct_epochs=5)
+    + _nm("admm", ((2, 4),), mode="quality", sequential=True, dense_targets=1.0, reconstruct_epochs=5)
 )
 QUICK_RUNS = [Run("magnitude", 0.5), Run("wanda", 0.5, (2, 4)), Run("sparsegpt", 0.5), Run("sparsegpt", 0.5, (2, 4)),
               Run("admm", 0.5), Run("admm", 0.5, None, 2), Run("admm", 0.5, (2, 4), mode="quality"),
@@ -203,7 +212,8 @@ def _prune_model(model, calib, run: Run, args):
     # keep_bits: the pruner applies the run's own; the loop re-applies it after block reconstruction
     lr = {} if run.reconstruct_lr is None else {"reconstruct_lr": run.reconstruct_lr}
     config = FloatSparseConfig(sparse_ratio=run.sparsity, include=include, keep_bits=run.keep_bits,
-                               reconstruct_epochs=run.reconstruct_epochs, sequential=run.sequential, **lr)
+                               reconstruct_epochs=run.reconstruct_epochs, sequential=run.sequential,
+                               dense_targets=run.dense_targets, **lr)
     return prune_blocks(model, calib, config, make_pruner=make_pruner_factory(run), progress=False)
 
 
