@@ -268,8 +268,8 @@ class AdmmPruner:
     def dense_target(self, weight: torch.Tensor) -> torch.Tensor:
         """The weight whose output on the pruned inputs best fits the blended target (least squares, damped):
         W + blend · W (C - H)ᵀ (H + DENSE_TARGET_DAMPING·diag(H))⁻¹ with C = Σ X_prunedᵀ X_dense. Minimising
-        ||(target - W') X_prunedᵀ|| over sparse W' (what the ADMM does) then minimises ||W X_denseᵀ - W' X_prunedᵀ||.
-        When the two streams are equal (C = H) it is W itself, exactly."""
+        ||(target - W') X_prunedᵀ|| over sparse W' (what the ADMM does) then minimises
+        ||W X_denseᵀ - W' X_prunedᵀ||. When the two streams are equal (C = H) it is W itself, exactly."""
         if self.cross is None or self.dense_blend == 0:
             return weight
         w = weight.float()
