@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -330,6 +331,8 @@ def render_markdown(results: dict, figure_link: str | None) -> str:
         lines += ["", f"![perplexity vs sparsity]({figure_link})"]
     lines += ["", _verdict(results, runs)]
 
+    lines += _ablation(results, runs)
+
     table = results.get("layers")
     if table:
         names = list(next(iter(table.values())).keys())
@@ -349,6 +352,36 @@ def render_markdown(results: dict, figure_link: str | None) -> str:
             lines.append(f"| {run.method_name} | {run.pattern} | {run.rounding} | {cells} |")
     lines.append(END)
     return "\n".join(lines)
+
+
+def _levers(run: Run) -> str:
+    parts = (["sequential"] if run.sequential else []) + \
+        ([f"dense targets {run.dense_targets:g}"] if run.dense_targets else []) + \
+        ([f"reconstruction {run.reconstruct_epochs} epochs" + ("" if run.reconstruct_lr is None else
+                                                               f" (lr {run.reconstruct_lr:g})")]
+         if run.reconstruct_epochs else [])
+    return ", ".join(parts) or "none"
+
+
+def _ablation(results: dict, runs: dict) -> list[str]:
+    """Issue 19's table: every run with accuracy levers against the same run without them."""
+    rows = []
+    for key, run in runs.items():
+        if not (run.sequential or run.dense_targets or run.reconstruct_epochs):
+            continue
+        base_key = dataclasses.replace(run, sequential=False, dense_targets=0.0, reconstruct_epochs=0,
+                                       reconstruct_lr=None).key
+        r, base = results["runs"][key], results["runs"].get(base_key)
+        vs = (f"{base['perplexity']:.2f} | {r['perplexity'] / base['perplexity']:.2f} "
+              f"| {r['prune_seconds'] / base['prune_seconds']:.1f}") if base else "- | - | -"
+        rows.append((run.pattern, run.mode, run.rounding, _levers(run),
+                     f"| {run.pattern} | {run.mode} | {run.rounding} | {_levers(run)} | {r['perplexity']:.2f} | {vs} "
+                     f"| {_fmt_time(r['prune_seconds'])} |"))
+    if not rows:
+        return []
+    return ["", "### Accuracy levers (issue 19), each against the same run without them", "",
+            "| Sparsity | Mode | Rounding | Levers | Perplexity | Without them | Ratio | Prune time ratio | Prune time (s) |",
+            "|---|---|---|---|---|---|---|---|---|"] + [row[-1] for row in sorted(rows)]
 
 
 def _verdict(results, runs) -> str:
