@@ -162,34 +162,18 @@ QUICK_LAYERS = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj
 # ---------------------------------------------------------------- pruners
 
 
-class AdmmBaseline:
-    """AdmmPruner with a run's options, in the protocol prune_model expects."""
+def admm_pruner(layer: nn.Module, run: Run):
+    """AdmmPruner with a run's options as its defaults (statistics sharing and dense targets included)."""
+    from admm_sparse.layer import AdmmPruner
 
-    def __init__(self, layer: nn.Linear, run: Run):
-        from admm_sparse.layer import AdmmPruner
-
-        self.pruner = AdmmPruner(layer)
-        self.options = dict(keep_bits=run.keep_bits, mode=run.mode, round_in_admm=run.round_in_admm,
-                            mask_structure=run.pattern if run.nm else "unstructured")
-
-    @property
-    def scaler(self):  # the block loop re-rounds reconstructed weights with it (keep-bit rounding on)
-        return self.pruner.scaler
-
-    def add_batch(self, inp):
-        self.pruner.add_batch(inp)
-
-    def fasterprune(self, sparse_ratio):
-        return self.pruner.fasterprune(sparse_ratio, **self.options)
-
-    def free(self):
-        self.pruner.free()
+    return AdmmPruner(layer, keep_bits=run.keep_bits, mode=run.mode, round_in_admm=run.round_in_admm,
+                      mask_structure=run.pattern if run.nm else "unstructured")
 
 
 def make_pruner_factory(run: Run):
     """make_pruner(name, layer) for the pipeline."""
     if run.method == "admm":
-        return lambda name, layer: AdmmBaseline(layer, run)
+        return lambda name, layer: admm_pruner(layer, run)
     cls = {"magnitude": MagnitudePruner, "wanda": WandaPruner, "sparsegpt": SparseGPTPruner}[run.method]
     n, m = run.nm or (0, 0)
     return lambda name, layer: cls(layer, n, m)
