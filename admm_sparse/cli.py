@@ -24,7 +24,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from . import builtin, evaluate
 from .calib import HELDOUT_FRACTION, calibration_windows, read_texts, split_heldout, tokenize
-from .config import OPTIONS, FloatSparseConfig, load_config
+from .config import OPTIONS, PRESETS, FloatSparseConfig, load_config, preset_options
 from .deploy import CHECK_WINDOWS, DtypeCheck, check_dtype, describe
 from .distributed import DEFAULT_TIMEOUT_S, from_environment, launched
 from .evaluate import perplexity
@@ -63,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prune", parents=[common], help="prune a model's Linear layers and export it")
     p.add_argument("--config", type=Path, help="float_sparse YAML (default: sparse_ratio 0.3, include *, exclude none)")
+    p.add_argument("--preset", choices=list(PRESETS), help="a named bundle of options over the config: "
+                   + "; ".join(f"{name}: " + ", ".join(f"{k}={v}" for k, v in opts.items())
+                               for name, opts in PRESETS.items()) + " (flags given override it)")
     for option in OPTIONS:  # the processor's options; each one given overrides the config's
         flag, help_text = "--" + option.name.replace("_", "-"), f"{option.doc}; overrides the config's"
         if option.parse is None:
@@ -216,9 +219,10 @@ def _open_model(args):
 
 
 def _config(args) -> FloatSparseConfig:
-    """The YAML config (or the default one) with the command line's overrides."""
+    """The YAML config (or the default one), the preset's options over it, then the command line's overrides."""
     config = load_config(args.config) if args.config else FloatSparseConfig()
-    changes = {o.name: getattr(args, o.name) for o in OPTIONS if hasattr(args, o.name)}
+    flags = {o.name: getattr(args, o.name) for o in OPTIONS if hasattr(args, o.name)}
+    changes = {**(preset_options(args.preset) if args.preset else {}), **flags}
     if not changes:
         return config
     if "mask_structure" in changes and "sparse_ratio" not in changes:

@@ -151,6 +151,14 @@ OPTIONS = (
 )
 _PROCESSOR_KEYS = {"type"} | {o.name for o in OPTIONS}
 
+# Named bundles of options (`admm-sparse prune --preset NAME`, FloatSparseConfig.from_preset): applied over the
+# config file, under the command line's own flags. "best": the most accurate combination measured on the
+# BENCHMARKS.md protocol (benchmarks/RESULTS.md, "Accuracy levers"); "fast": fast mode.
+PRESETS = {
+    "best": dict(sequential=True, dense_targets=1.0, reconstruct_epochs=5),
+    "fast": dict(mode="fast"),
+}
+
 
 def _check_pruner_options(options: dict, where: str) -> None:
     from .layer import check_options
@@ -196,6 +204,11 @@ class FloatSparseConfig:
         except ValueError as exc:
             raise ConfigError(f"sparse_ratio: {exc}") from None
 
+    @classmethod
+    def from_preset(cls, name: str, **options) -> "FloatSparseConfig":
+        """A config with the options of PRESETS[name], then `options` over them."""
+        return cls(**{**preset_options(name), **options})
+
     def pruner_options(self) -> dict:
         """The options this config gives the ADMM pruner's fasterprune."""
         return {o.name: getattr(self, o.name) for o in OPTIONS if o.scope == "pruner"}
@@ -209,6 +222,12 @@ class FloatSparseConfig:
 
 
 assert [f.name for f in fields(FloatSparseConfig)] == [o.name for o in OPTIONS], "OPTIONS and the config differ"
+
+
+def preset_options(name: str) -> dict:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; the presets are: {', '.join(PRESETS)}")
+    return dict(PRESETS[name])
 
 
 def parse_config(data, source: str = "<config>") -> FloatSparseConfig:

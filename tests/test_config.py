@@ -133,3 +133,17 @@ def test_missing_file(tmp_path):
 def test_python_config_is_validated(kwargs):
     with pytest.raises(ConfigError):
         FloatSparseConfig(**kwargs)
+
+
+def test_presets_lie_under_the_flags_and_over_the_config(tmp_path):
+    from admm_sparse.cli import _config, _parser
+    from admm_sparse.config import PRESETS
+
+    best = FloatSparseConfig.from_preset("best", sparse_ratio=0.7)
+    assert best.sparse_ratio == 0.7 and all(getattr(best, k) == v for k, v in PRESETS["best"].items())
+    with pytest.raises(ConfigError, match="unknown preset 'nope'; the presets are: best, fast"):
+        FloatSparseConfig.from_preset("nope")
+    config = _config(_parser().parse_args(["prune", "--config", str(write(tmp_path, GOOD)), "--preset", "best",
+                                           "--reconstruct-epochs", "2"]))
+    assert config.include == ["*mlp*"] and config.sequential and config.dense_targets == 1.0
+    assert config.reconstruct_epochs == 2  # the flag wins over the preset
