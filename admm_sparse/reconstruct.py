@@ -14,11 +14,12 @@ Per block, with X the pruned stream's inputs and Y = dense block(dense stream), 
   best weights so far are kept, and the fit stops after PATIENCE epochs without improvement or after
   `epochs`. Epoch 0 is the block as pruned, so the result is never worse on the held-out batches than no
   reconstruction (the held-out batches did take part in the pruning's statistics, like every calibration batch);
-- keep-bit rounding (keep_bits not None): reconstruction moves weights off the float16 keep-bit grid, so every
-  candidate (each epoch's weights) is rounded again with keepbits.apply_keepbits and the layer's own channel
-  scaler (kept from its pruner) before it is measured and kept: the result is on the grid, chosen by its
-  held-out error as rounded. The rounding is the post-hoc one, also where the pruner rounded inside ADMM
-  (round_in_admm); a weight that the rounding flushes to zero stays a weight the fit may move.
+- keep-bit rounding (keep_bits not None): the fit works on the float16 keep-bit grid, straight-through: after
+  every step the masters are rounded with keepbits.apply_keepbits and the layer's own channel scaler (kept from
+  its pruner) into the block, so its forwards (the loss, the held-out error, the kept result) see the weights as
+  delivered, while the gradients move the unrounded masters. The result is on the grid, chosen by its held-out
+  error as rounded. The rounding is the post-hoc one, also where the pruner rounded inside ADMM (round_in_admm);
+  a weight that the rounding flushes to zero stays a weight the fit may move.
 The report per block: the relative MSE before and after, on the fitted and on the held-out batches, the epochs
 run and the epoch kept.
 """
@@ -88,28 +89,30 @@ class _Weights:
         return list({id(t.parameter): t.parameter for t in self.targets}.values())
 
     def step(self) -> None:
-        """One Adam step from the gradients of the model's parameters, masked; writes the masters into the model."""
+        """One Adam step from the gradients of the model's parameters, masked; writes the result into the model."""
         for t, master, mask in zip(self.targets, self.masters, self.masks):
             grad = t.view_of(t.parameter.grad) if t.parameter.grad is not None else torch.zeros_like(master)
             master.grad = grad.float() * mask
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        for t, master, mask in zip(self.targets, self.masters, self.masks):
+        for master, mask in zip(self.masters, self.masks):
             master.mul_(mask)  # exactly zero where pruned, whatever Adam's arithmetic did
-            t.weight.copy_(master)
+        self.write()
 
-    def write_candidate(self) -> None:
-        """Write the masters into the model as they would be kept: keep-bit rounded when rounding is on."""
+    def write(self) -> bool:
+        """Write the masters into the model as they would be delivered: keep-bit rounded when rounding is on, so
+        that the fit's forwards see the rounded weights and their gradients move the masters (straight-through).
+        Returns False, writing the unrounded masters, when a weight has left float16's range (not deliverable)."""
+        deliverable = True
         for t, master in zip(self.targets, self.masters):
             w = master.to(t.weight.dtype)
             if self.keep_bits is not None:
-                w = apply_keepbits(w, self.scalers[t.name], self.keep_bits, DEFAULT_OPTIONS["keep_proportion"]) \
-                    if all_finite(w.to(torch.float16)) else torch.full_like(w, float("nan"))
+                if all_finite(w.to(torch.float16)):
+                    w = apply_keepbits(w, self.scalers[t.name], self.keep_bits, DEFAULT_OPTIONS["keep_proportion"])
+                else:
+                    deliverable = False
             t.weight.copy_(w)
-
-    def restore_masters(self) -> None:
-        for t, master in zip(self.targets, self.masters):
-            t.weight.copy_(master)
+        return deliverable
 
 
 def reconstruct_block(block: nn.Module, targets: Sequence[Target], inputs: Sequence[torch.Tensor], extras: Sequence,
@@ -160,14 +163,12 @@ def reconstruct_block(block: nn.Module, targets: Sequence[Target], inputs: Seque
                         p.grad = None
                     loss.backward()
                     weights.step()
-            weights.write_candidate()
-            heldout = relative_mse(block, held_x, held_e, held_y)
+            heldout = relative_mse(block, held_x, held_e, held_y) if weights.write() else float("nan")
             if heldout < best:  # a nan (diverged, or beyond float16 for the rounding) is never kept
                 best, best_epoch = heldout, epoch
                 best_weights = [t.weight.detach().clone() for t in targets]
             elif epoch - best_epoch >= PATIENCE:
                 break
-            weights.restore_masters()
     finally:
         for p, flag in requires.items():
             p.grad = None

@@ -149,6 +149,8 @@ ABLATION_RUNS = (
     + _unstructured("admm", (0.5, 0.7), mode="quality", sequential=True, dense_targets=1.0, reconstruct_epochs=5)
     + _nm("admm", ((2, 4),), mode="quality", sequential=True, dense_targets=1.0, reconstruct_epochs=5)
     + _nm("admm", ((2, 4),), sequential=True, dense_targets=1.0, reconstruct_epochs=5)
+    # the rounding lever: reconstruction on the keep-bit grid, at 0.3 (the rounding target)
+    + [Run("admm", 0.3, None, 2, reconstruct_epochs=5), Run("admm", 0.3, reconstruct_epochs=5)]
 )
 QUICK_RUNS = [Run("magnitude", 0.5), Run("wanda", 0.5, (2, 4)), Run("sparsegpt", 0.5), Run("sparsegpt", 0.5, (2, 4)),
               Run("admm", 0.5), Run("admm", 0.5, None, 2), Run("admm", 0.5, (2, 4), mode="quality"),

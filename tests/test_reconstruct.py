@@ -117,6 +117,22 @@ def test_keep_bit_rounding_is_applied_again_after_the_fit(monkeypatch):
             assert ((before[name] == 0) <= (w == 0)).all(), name  # zeros stay; rounding may flush a tiny one
 
 
+def test_the_fit_runs_on_the_keep_bit_grid(monkeypatch):
+    """Straight-through: every forward of the fit sees the weights as delivered (rounded), not the masters."""
+    seen = spy_on_reconstruction(monkeypatch)
+    model = tiny_model(layers=1)
+    q_proj = model.model.layers[0].self_attn.q_proj
+    weights = []
+    q_proj.register_forward_pre_hook(lambda m, args: weights.append(m.weight.detach().clone()))
+    prune_blocks(model, token_windows(16, 32), FloatSparseConfig(0.6, reconstruct_epochs=3, reconstruct_lr=1e-2),
+                 progress=False)
+    (_, after, report, scalers), = seen
+    pruned = [w for w in weights if (w == 0).any()]  # the forwards after pruning: the fit's and the measurements'
+    assert len(pruned) > 16 * report["epochs"] and not all(torch.equal(w, pruned[0]) for w in pruned)
+    for w in pruned:
+        assert torch.equal(apply_keepbits(w, scalers["model.layers.0.self_attn.q_proj"], 2, 0.02), w)
+
+
 def test_keep_bits_needs_a_pruner_with_a_scaler():
     with pytest.raises(ValueError, match=r"keep_bits=None"):
         prune_model(tiny_model(), token_windows(), FloatSparseConfig(0.5, reconstruct_epochs=1),
