@@ -143,8 +143,8 @@ OPTIONS = (
     Option("reconstruct_lr", 3e-3, "block reconstruction's Adam learning rate, relative to each layer's kept weights' "
            "RMS (default 3e-3)", float, "loop", _check_reconstruct_lr),
     Option("dense_targets", 0.0, "fit each pruned layer to the dense model's output on the dense model's inputs "
-           "instead of its own output on the pruned inputs: 1 fully, 0 not at (default), between: a blend of both "
-           "(Linear and Conv1D layers; experts keep their own)", float, "loop", _check_fraction),
+           "instead of its own output on the pruned inputs: 1 fully, 0 not at all (default), between: a blend of both "
+           "(0.5 measured best; Linear and Conv1D layers; experts keep their own)", float, "loop", _check_fraction),
     Option("sequential", False, "prune a block's layers in the order its data flows through them (q/k/v, then o, "
            "then gate/up, then down: groups found by running the block), each group's statistics taken with the "
            "earlier groups already pruned (one more partial block forward per group)", None, "loop", _check_bool),
@@ -155,7 +155,7 @@ _PROCESSOR_KEYS = {"type"} | {o.name for o in OPTIONS}
 # config file, under the command line's own flags. "best": the most accurate combination measured on the
 # BENCHMARKS.md protocol (benchmarks/RESULTS.md, "Accuracy levers"); "fast": fast mode.
 PRESETS = {
-    "best": dict(sequential=True, dense_targets=1.0, reconstruct_epochs=5),
+    "best": dict(sequential=True, dense_targets=0.5, reconstruct_epochs=5),
     "fast": dict(mode="fast"),
 }
 
