@@ -145,5 +145,5 @@ def test_presets_lie_under_the_flags_and_over_the_config(tmp_path):
         FloatSparseConfig.from_preset("nope")
     config = _config(_parser().parse_args(["prune", "--config", str(write(tmp_path, GOOD)), "--preset", "best",
                                            "--reconstruct-epochs", "2"]))
-    assert config.include == ["*mlp*"] and config.sequential and config.dense_targets == 1.0
+    assert config.include == ["*mlp*"] and config.sequential and config.dense_targets == PRESETS["best"]["dense_targets"]
     assert config.reconstruct_epochs == 2  # the flag wins over the preset
