@@ -143,7 +143,8 @@ def test_presets_lie_under_the_flags_and_over_the_config(tmp_path):
     assert best.sparse_ratio == 0.7 and all(getattr(best, k) == v for k, v in PRESETS["best"].items())
     with pytest.raises(ConfigError, match="unknown preset 'nope'; the presets are: best, fast"):
         FloatSparseConfig.from_preset("nope")
-    config = _config(_parser().parse_args(["prune", "--config", str(write(tmp_path, GOOD)), "--preset", "best",
-                                           "--reconstruct-epochs", "2"]))
-    assert config.include == ["*mlp*"] and config.sequential and config.dense_targets == PRESETS["best"]["dense_targets"]
-    assert config.reconstruct_epochs == 2  # the flag wins over the preset
+    cfg = str(write(tmp_path, GOOD))
+    config = _config(_parser().parse_args(["prune", "--config", cfg, "--preset", "best", "--reconstruct-epochs", "2"]))
+    assert config.include == ["*mlp*"] and config.reconstruct_epochs == 2  # the config's; the flag over the preset's
+    config = _config(_parser().parse_args(["prune", "--config", cfg, "--preset", "fast"]))
+    assert config.include == ["*mlp*"] and config.mode == "fast"  # the preset over the config
