@@ -153,7 +153,7 @@ _PROCESSOR_KEYS = {"type"} | {o.name for o in OPTIONS}
 
 # Named bundles of options (`admm-sparse prune --preset NAME`, FloatSparseConfig.from_preset): applied over the
 # config file, under the command line's own flags. "best": the most accurate setting measured on the
-# BENCHMARKS.md protocol (benchmarks/RESULTS.md, "Accuracy levers": block reconstruction, 5 epochs; about 4x the
+# BENCHMARKS.md protocol (benchmarks/RESULTS.md, "Accuracy levers": block reconstruction, 5 epochs; 4-5x the
 # seed mode's prune time); "fast": fast mode.
 PRESETS = {
     "best": dict(reconstruct_epochs=5),
