@@ -263,6 +263,7 @@ class AdmmPruner:
         x, xd = (t.reshape(-1, self.columns).to(self.H.device, torch.float32) for t in (inp, dense_inp))
         if self.cross is None:
             self.cross = torch.zeros_like(self.H)
+        self.factors.clear()  # the statistics change
         self.cross.addmm_(x.T, xd)
 
     def dense_target(self, weight: torch.Tensor) -> torch.Tensor:
@@ -272,16 +273,18 @@ class AdmmPruner:
         ||W X_denseᵀ - W' X_prunedᵀ||. When the two streams are equal (C = H) it is W itself, exactly."""
         if self.cross is None or self.dense_blend == 0:
             return weight
+        key = ("dense_target", DENSE_TARGET_DAMPING)
+        if key not in self.factors:  # once per input: q/k/v share it
+            h = self.H.tril() + self.H.tril(-1).T
+            diag = h.diagonal().clone()
+            factor, info = torch.linalg.cholesky_ex(h + torch.diag(DENSE_TARGET_DAMPING * diag + (diag == 0).float()))
+            if int(info) != 0:
+                raise ValueError("dense targets: the calibration inputs' statistics are not positive definite even "
+                                 "damped; use more calibration data or turn dense_targets off")
+            self.factors[key] = (self.cross - h, factor)
+        cross_minus_h, factor = self.factors[key]
         w = weight.float()
-        h = self.H.tril() + self.H.tril(-1).T
-        diag = h.diagonal().clone()
-        damped = h + torch.diag(DENSE_TARGET_DAMPING * diag + (diag == 0).float())
-        step = w @ (self.cross - h).T  # zero when the streams are equal
-        factor, info = torch.linalg.cholesky_ex(damped)
-        if int(info) != 0:
-            raise ValueError("dense targets: the calibration inputs' statistics are not positive definite even damped; "
-                             "use more calibration data or turn dense_targets off")
-        correction = torch.cholesky_solve(step.T, factor).T
+        correction = torch.cholesky_solve((w @ cross_minus_h.T).T, factor).T  # zero when the streams are equal
         return (w + self.dense_blend * correction).to(weight.dtype)
 
     def add_batch(self, inp: torch.Tensor) -> None:
