@@ -6,12 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-import admm_sparse
 from admm_sparse.config import ConfigError, FloatSparseConfig
 from admm_sparse.layer import DENSE_TARGET_DAMPING, AdmmPruner
 from admm_sparse.pipeline import prune_model
 from archs import build
 from test_pipeline import tiny_model, token_windows
+from test_targets import Separate
 
 
 def streams(tokens=256, d_in=24, seed=0):
@@ -132,20 +132,6 @@ def test_option_is_checked():
 
 def test_a_pruner_without_cross_statistics_is_refused():
     model = tiny_model(layers=1)
-
-    class Plain:
-        def __init__(self, target):
-            self.inner = admm_sparse.AdmmPruner(target)
-
-        def add_batch(self, inp):
-            self.inner.add_batch(inp)
-
-        def fasterprune(self, ratio):
-            return self.inner.fasterprune(ratio)
-
-        def free(self):
-            self.inner.free()
-
     with pytest.raises(ValueError, match="dense targets need a pruner with add_cross"):
         prune_model(model, token_windows(2, 16), FloatSparseConfig(0.5, dense_targets=1.0),
-                    make_pruner=lambda n, t: Plain(t), progress=False)
+                    make_pruner=lambda n, t: Separate(t), progress=False)  # the ADMM pruner behind a plain wrapper
