@@ -9,8 +9,7 @@ The built-in model and text ship inside pip packages, since nothing can be downl
 `load_model` also opens user paths: a Hugging Face folder, a .gguf file (or a folder holding just one) or
 an Atlas W16A16S folder. A .gguf file is dequantised once and kept as a Hugging Face folder in a cache
 (ADMM_SPARSE_CACHE, default ~/.cache/admm_sparse; "none" turns it off): transformers parses a GGUF file three
-times and dequantises it in Python (~15 s for the built-in model on this 2-core CPU), a safetensors folder loads
-in under a second.
+times and dequantises it in Python, a safetensors folder is read directly.
 """
 from __future__ import annotations
 
