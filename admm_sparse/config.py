@@ -20,6 +20,7 @@ spec:
       reconstruct_lr: 0.003           # its Adam step, relative to each layer's kept weights' RMS
       dense_targets: 0.0              # fit the dense model's outputs (1), the layer's own (0), or a blend
       sequential: false               # prune a block's layers group by group in data-flow order
+      allocation: "uniform"           # or "error": per-layer ratios by measured error, same total (unstructured)
 ```
 Every mistake is a ConfigError naming the file and the key.
 
@@ -28,7 +29,7 @@ reads, who reads it, its check); the YAML keys, the `admm-sparse prune` flags (-
 and FloatSparseConfig's keyword arguments all come from it, and the checks run in one place
 (FloatSparseConfig.__post_init__: each option's own check, layer.check_options for the pruner's). The pruner's
 options reach each layer's pruner (pruner_options); the loop's (calibration_dtype, reconstruct_*, dense_targets,
-sequential) the block loop only.
+sequential, allocation) the block loop only.
 """
 from __future__ import annotations
 
@@ -118,6 +119,7 @@ def _check_reconstruct_lr(value, where: str) -> float:
 
 
 CALIBRATION_DTYPES = ("auto", "model", "bfloat16")
+ALLOCATIONS = ("uniform", "error")
 
 OPTIONS = (
     Option("sparse_ratio", None, "fraction of the selected weights to prune, 0 <= r < 1 (default 0.3; 1 - N/M for an "
@@ -148,6 +150,10 @@ OPTIONS = (
     Option("sequential", False, "prune a block's layers in the order its data flows through them (q/k/v, then o, "
            "then gate/up, then down: groups found by running the block), each group's statistics taken with the "
            "earlier groups already pruned (one more partial block forward per group)", None, "loop", _check_bool),
+    Option("allocation", "uniform", "how sparse_ratio is spread over the layers: uniform (every layer the same), or "
+           "error: each layer's error measured at ratios around it in a first pass, then the shares that minimise "
+           "the summed error with exactly the same total (unstructured masks only; see allocation.py)", str, "loop",
+           _check_choice(ALLOCATIONS)),
 )
 _PROCESSOR_KEYS = {"type"} | {o.name for o in OPTIONS}
 
@@ -192,6 +198,7 @@ class FloatSparseConfig:
     reconstruct_lr: float = 3e-3
     dense_targets: float = 0.0
     sequential: bool = False
+    allocation: str = "uniform"
 
     def __post_init__(self):
         from .layer import resolve_sparse_ratio
@@ -204,6 +211,10 @@ class FloatSparseConfig:
             self.sparse_ratio = resolve_sparse_ratio(self.sparse_ratio, self.mask_structure)
         except ValueError as exc:
             raise ConfigError(f"sparse_ratio: {exc}") from None
+        if self.allocation != "uniform" and self.mask_structure != "unstructured":
+            raise ConfigError(f"allocation: {self.allocation!r} gives layers different ratios, which needs "
+                              f"mask_structure unstructured ({self.mask_structure!r} fixes every row's count); "
+                              "set allocation to uniform")
 
     @classmethod
     def from_preset(cls, name: str, **options) -> "FloatSparseConfig":

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import ctypes
+import dataclasses
 import inspect
 import math
 import resource
@@ -28,6 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import allocation
 from .config import FloatSparseConfig
 from .distributed import Group, layer_cost, sum_statistics
 from .evaluate import nll_sum
@@ -373,10 +375,11 @@ class _Feed:
 
 
 def _prune_targets(targets: list[Target], run: Callable[[], Any], batch_start: nn.Module, make_pruner: PrunerFactory,
-                   sparse_ratio: float, progress: bool, desc: str, group: Group, scalers: dict | None = None,
+                   ratios: dict[str, float], progress: bool, desc: str, group: Group, scalers: dict | None = None,
                    dense_inputs: dict | None = None, blend: float = 0.0) -> list[dict]:
     """Hook `targets`, call run() to feed them this rank's calibration data (batch_start's forward begins each
-    batch), sum the statistics onto each layer's owner rank, prune there, and share the pruned weights.
+    batch), sum the statistics onto each layer's owner rank, prune each to its ratio (ratios, by name) there,
+    and share the pruned weights.
     scalers: a dict that receives each layer this rank pruned's channel scaler (its pruner's `scaler`, or None).
     dense_inputs, blend: dense targets (see _Feed); run() keeps dense_inputs up to date batch by batch."""
     pruners = {t.name: make_pruner(t.name, t) for t in targets}
@@ -407,7 +410,7 @@ def _prune_targets(targets: list[Target], run: Callable[[], Any], batch_start: n
         pruner = pruners.pop(name)
         if (feed.calls[name] or name in priors) and owners[name] == group.rank:
             start = time.perf_counter()
-            report = _report_dict(pruner.fasterprune(sparse_ratio))
+            report = _report_dict(pruner.fasterprune(ratios[name]))
             report.setdefault("seconds", time.perf_counter() - start)
             report["tokens"] = feed.tokens[name]  # routed to it (a prior's tokens are counted apart)
             if name in priors:
@@ -429,8 +432,8 @@ def _prune_targets(targets: list[Target], run: Callable[[], Any], batch_start: n
 
 
 def _prune_block(block: nn.Module, targets: list[Target], hidden, extras, config: FloatSparseConfig, device,
-                 make_pruner: PrunerFactory, progress: bool, desc: str, group: Group, scalers: dict | None,
-                 dense_hidden: list | None = None) -> list[dict]:
+                 make_pruner: PrunerFactory, ratios: dict[str, float], progress: bool, desc: str, group: Group,
+                 scalers: dict | None, dense_hidden: list | None = None) -> list[dict]:
     """Prune a block's selected layers on its calibration inputs: all from one pass, or with config.sequential
     group by group in data-flow order (data_flow_groups), each group's statistics from a pass with the groups
     before it already pruned, the pass stopped once the group's layers have run. dense_hidden: the dense model's
@@ -459,7 +462,7 @@ def _prune_block(block: nn.Module, targets: list[Target], hidden, extras, config
                         block(h, *args, **kwargs)
                     except _GroupFed:
                         pass
-        rows += _prune_targets(part, feed, block, make_pruner, config.sparse_ratio, progress, desc, group, scalers,
+        rows += _prune_targets(part, feed, block, make_pruner, ratios, progress, desc, group, scalers,
                                dense_inputs, config.dense_targets)
     order = {t.name: i for i, t in enumerate(targets)}
     return sorted(rows, key=lambda row: order[row["name"]])
@@ -644,6 +647,7 @@ class PruneResult:
     block_seconds: list[float] = field(default_factory=list)
     peak_memory_bytes: int = 0
     reconstruction: list[dict] = field(default_factory=list)
+    ratios: dict[str, float] = field(default_factory=dict)  # each selected layer's sparse_ratio (config.allocation)
 
 
 def prune_model(model: nn.Module, calib: torch.Tensor | Iterable[torch.Tensor], config: FloatSparseConfig | None = None,
@@ -705,16 +709,47 @@ def prune_blocks(model: nn.Module, calib, config: FloatSparseConfig | None = Non
                 if config.reconstruct_epochs:
                     raise ValueError("block reconstruction (reconstruct_epochs) needs a stack of blocks; this model "
                                      "has none: set reconstruct_epochs to 0")
+                ratios = _layer_ratios(model, the_plan, batches, device, home, config, progress, source, batch_size,
+                                       group)
                 return PruneResult(_prune_one_pass(model, the_plan.targets, batches, device, home, make_pruner,
-                                                   config, progress))
-            return _prune_blockwise(model, the_plan, batches, device, make_pruner, config, progress, source, writer,
-                                    state, eval_windows, dtype_check, batch_size, group)
+                                                   config, ratios, progress), ratios=ratios)
+            ratios = _layer_ratios(model, the_plan, batches, device, home, config, progress, source, batch_size, group)
+            result = _prune_blockwise(model, the_plan, batches, device, make_pruner, config, ratios, progress, source,
+                                      writer, state, eval_windows, dtype_check, batch_size, group)
+            result.ratios = ratios
+            return result
     finally:
         model.train(was_training)
 
 
-def _prune_blockwise(model, the_plan: Plan, batches, device, make_pruner, config, progress, source, writer, state,
-                     eval_windows, dtype_check, batch_size, group: Group) -> PruneResult:
+def _layer_ratios(model, the_plan: Plan, batches, device, home, config, progress, source, batch_size,
+                  group: Group) -> dict[str, float]:
+    """Each selected layer's sparse_ratio: config.sparse_ratio for all, or with config.allocation "error" the
+    shares admm_sparse.allocation picks from a probe pass (the same loop, fast mode at a grid of ratios around
+    the global one, weights left dense, so every layer's inputs are the dense model's)."""
+    uniform = {name: config.sparse_ratio for name in the_plan.targets}
+    if config.allocation == "uniform" or config.sparse_ratio == 0:
+        return uniform
+    grid = allocation.grid(config.sparse_ratio)
+    probe_config = dataclasses.replace(config, mode="fast", keep_bits=None, round_in_admm=None, reconstruct_epochs=0,
+                                       dense_targets=0.0, sequential=False, allocation="uniform")
+    options = probe_config.pruner_options()
+
+    def make_probe(name, layer):
+        return allocation.ErrorProbe(layer, grid, **options)
+
+    if the_plan.stack is None:
+        rows = _prune_one_pass(model, the_plan.targets, batches, device, home, make_probe, probe_config, uniform,
+                               progress)
+    else:
+        rows = _prune_blockwise(model, the_plan, batches, device, make_probe, probe_config, uniform, progress,
+                                source, None, None, None, None, batch_size, group).rows
+    shapes = {name: tuple(t.shape) for name, t in the_plan.targets.items()}
+    return allocation.allocated_ratios(shapes, rows, grid, config.sparse_ratio)
+
+
+def _prune_blockwise(model, the_plan: Plan, batches, device, make_pruner, config, ratios, progress, source, writer,
+                     state, eval_windows, dtype_check, batch_size, group: Group) -> PruneResult:
     stack_name, blocks = the_plan.stack
     reconstructing = config.reconstruct_epochs > 0
     if reconstructing:
@@ -764,7 +799,7 @@ def _prune_blockwise(model, the_plan: Plan, batches, device, make_pruner, config
             if per_block[i]:
                 scalers = {} if reconstructing else None  # filled with the pruned layers' channel scalers
                 result.rows += _prune_block(block, per_block[i], hidden, calib_extras, config, device, make_pruner,
-                                            progress, f"block {i}", group, scalers,
+                                            ratios, progress, f"block {i}", group, scalers,
                                             dense_hidden if config.dense_targets > 0 else None)
                 pruned = [t for t in per_block[i] if t.name in (scalers or {})]
                 if pruned:  # fitted to the dense block's outputs
@@ -868,7 +903,7 @@ def peak_memory_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _prune_one_pass(model, selected, batches, device, home, make_pruner, config, progress) -> list[dict]:
+def _prune_one_pass(model, selected, batches, device, home, make_pruner, config, ratios, progress) -> list[dict]:
     def run():
         with calibration_autocast(config, device):
             for batch in batches:
@@ -876,7 +911,7 @@ def _prune_one_pass(model, selected, batches, device, home, make_pruner, config,
 
     model.to(device)
     try:
-        return _prune_targets(list(selected.values()), run, model, make_pruner, config.sparse_ratio, progress,
+        return _prune_targets(list(selected.values()), run, model, make_pruner, ratios, progress,
                               "layers", Group())
     finally:
         model.to(home)

@@ -65,13 +65,15 @@ class Run:
     reconstruct_lr: float | None = None  # its relative learning rate; None = FloatSparseConfig's default
     sequential: bool = False  # a block's layers pruned group by group in data-flow order
     dense_targets: float = 0.0  # layers fitted to the dense model's outputs (1), their own (0), or a blend
+    allocation: str = "uniform"  # how the sparsity is spread over layers: uniform, or error (admm_sparse.allocation)
 
     @property
     def key(self) -> str:
         mode = "-quality" if self.mode == "quality" else ""
         rounding = "" if self.keep_bits is None else "-round-in-admm" if self.round_in_admm else "-round"
         dense = f"-dense{self.dense_targets:g}" if self.dense_targets else ""
-        return (f"{self.method}{mode}-{self.pattern}{rounding}{'-seq' if self.sequential else ''}{dense}"
+        alloc = "" if self.allocation == "uniform" else f"-alloc{'' if self.allocation == 'error' else self.allocation}"
+        return (f"{self.method}{mode}-{self.pattern}{rounding}{alloc}{'-seq' if self.sequential else ''}{dense}"
                 f"{self.reconstruction_key}")
 
     @property
@@ -89,6 +91,7 @@ class Run:
     def method_name(self) -> str:
         name = {"magnitude": "Magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT", "admm": "ADMM"}[self.method]
         name += " quality" if self.mode == "quality" else ""
+        name += " + error allocation" if self.allocation == "error" else ""
         name += " + sequential" if self.sequential else ""
         name += f" + dense targets {self.dense_targets:g}" if self.dense_targets else ""
         if self.reconstruct_epochs:
@@ -153,6 +156,9 @@ ABLATION_RUNS = (
     + _nm("admm", ((2, 4),), sequential=True, dense_targets=0.5, reconstruct_epochs=5)
     # the rounding lever: reconstruction on the keep-bit grid, at 0.3 (the issue's rounding target)
     + [Run("admm", 0.3, None, 2, reconstruct_epochs=5), Run("admm", 0.3, reconstruct_epochs=5)]
+    # sparsity allocation by measured error (admm_sparse.allocation), alone and with reconstruction
+    + _unstructured("admm", (0.5, 0.7), allocation="error")
+    + _unstructured("admm", (0.5, 0.7), allocation="error", reconstruct_epochs=5)
 )
 QUICK_RUNS = [Run("magnitude", 0.5), Run("wanda", 0.5, (2, 4)), Run("sparsegpt", 0.5), Run("sparsegpt", 0.5, (2, 4)),
               Run("admm", 0.5), Run("admm", 0.5, None, 2), Run("admm", 0.5, (2, 4), mode="quality"),
@@ -203,7 +209,7 @@ def _prune_model(model, calib, run: Run, args):
     lr = {} if run.reconstruct_lr is None else {"reconstruct_lr": run.reconstruct_lr}
     config = FloatSparseConfig(sparse_ratio=run.sparsity, include=include, keep_bits=run.keep_bits,
                                reconstruct_epochs=run.reconstruct_epochs, sequential=run.sequential,
-                               dense_targets=run.dense_targets, **lr)
+                               dense_targets=run.dense_targets, allocation=run.allocation, **lr)
     return prune_blocks(model, calib, config, make_pruner=make_pruner_factory(run), progress=False)
 
 
@@ -344,7 +350,8 @@ def render_markdown(results: dict, figure_link: str | None) -> str:
 
 
 def _levers(run: Run) -> str:
-    parts = (["sequential"] if run.sequential else []) + \
+    parts = (["error allocation"] if run.allocation == "error" else []) + \
+        (["sequential"] if run.sequential else []) + \
         ([f"dense targets {run.dense_targets:g}"] if run.dense_targets else []) + \
         ([f"reconstruction {run.reconstruct_epochs} epochs" + ("" if run.reconstruct_lr is None else
                                                                f" (lr {run.reconstruct_lr:g})")]
@@ -356,10 +363,10 @@ def _ablation(results: dict, runs: dict) -> list[str]:
     """Issue 19's table: every run with accuracy levers against the same run without them."""
     rows = []
     for key, run in runs.items():
-        if not (run.sequential or run.dense_targets or run.reconstruct_epochs):
+        if not (run.sequential or run.dense_targets or run.reconstruct_epochs or run.allocation != "uniform"):
             continue
         base_key = dataclasses.replace(run, sequential=False, dense_targets=0.0, reconstruct_epochs=0,
-                                       reconstruct_lr=None).key
+                                       reconstruct_lr=None, allocation="uniform").key
         r, base = results["runs"][key], results["runs"].get(base_key)
         vs = (f"{base['perplexity']:.2f} | {r['perplexity'] / base['perplexity']:.2f} "
               f"| {r['prune_seconds'] / base['prune_seconds']:.1f}") if base else "- | - | -"

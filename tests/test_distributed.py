@@ -61,7 +61,8 @@ def assert_same_model(a_folder, b_folder, rtol):
 
 @pytest.mark.parametrize("model,extra", [("llama", []), ("mixtral", []),
                                          ("llama", ["--include", "*down_proj"]),  # fewer layers than ranks
-                                         ("llama", ["--dense-targets", "1", "--sequential"])])
+                                         ("llama", ["--dense-targets", "1", "--sequential"]),
+                                         ("llama", ["--allocation", "error"])])
 def test_two_ranks_give_the_model_of_one_process(folders, tmp_path, model, extra):
     one = run(prune_args(folders, model, tmp_path / "one", *extra), 1)
     assert one.returncode == 0, one.stderr[-3000:]
