@@ -158,11 +158,11 @@ OPTIONS = (
 _PROCESSOR_KEYS = {"type"} | {o.name for o in OPTIONS}
 
 # Named bundles of options (`admm-sparse prune --preset NAME`, FloatSparseConfig.from_preset): applied over the
-# config file, under the command line's own flags. "best": the most accurate setting measured on the
-# BENCHMARKS.md protocol (benchmarks/RESULTS.md, "Accuracy levers": block reconstruction, 5 epochs; 4-5x the
-# seed mode's prune time); "fast": fast mode.
+# config file, under the command line's own flags. "best": the most accurate combination measured on the
+# BENCHMARKS.md protocol (benchmarks/RESULTS.md, "Accuracy levers": sequential groups, dense targets as a half
+# blend, block reconstruction for 5 epochs); "fast": fast mode.
 PRESETS = {
-    "best": dict(reconstruct_epochs=5),
+    "best": dict(sequential=True, dense_targets=0.5, reconstruct_epochs=5),
     "fast": dict(mode="fast"),
 }
 

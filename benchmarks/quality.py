@@ -497,6 +497,8 @@ def parse_args(argv=None):
                                   "reconstruction's ablation runs (e.g. admm-0.5-recon5) run only when named")
     p.add_argument("--layer-windows", type=int, help="held-out windows for the layer table (default 16; quick 4)")
     p.add_argument("--resume", action="store_true", help="keep the runs already in --json (same protocol)")
+    p.add_argument("--redo", action="store_true", help="with --resume: measure the --runs again even where --json has "
+                                                      "them (e.g. a baseline's time in the same session as a new run)")
     p.add_argument("--json", type=Path, help=f"results file (default {JSON_OUT.relative_to(ROOT)}; quick: none)")
     p.add_argument("--write", action=argparse.BooleanOptionalAction, default=None,
                    help="write RESULTS.md and the figure (default: on for a full run, off with --quick)")
@@ -573,7 +575,7 @@ def run_benchmark(args, argv) -> dict:
         print(f"dense perplexity {ppl:.3f} ({results['dense']['eval_seconds']:.0f} s)", flush=True)
         save()
     for run in args.run_list:
-        if run.key in results["runs"]:
+        if run.key in results["runs"] and not args.redo:
             continue
         model.load_state_dict(dense_state)
         t = time.perf_counter()
