@@ -18,6 +18,7 @@ spec:
       keep_bits: 2                    # mantissa bits the keep-bit rounding keeps (SPEC §3); null: no rounding
       reconstruct_epochs: 0           # block reconstruction after each block's pruning (0: off); see reconstruct.py
       reconstruct_lr: 0.003           # its Adam step, relative to each layer's kept weights' RMS
+      reconstruct_dtype: "model"      # or "bfloat16": its forwards and backwards in bfloat16 autocast
       dense_targets: 0.0              # fit the dense model's outputs (1), the layer's own (0), or a blend
       sequential: false               # prune a block's layers group by group in data-flow order
       allocation: "uniform"           # or "error": per-layer ratios by measured error, same total (unstructured)
@@ -120,6 +121,7 @@ def _check_reconstruct_lr(value, where: str) -> float:
 
 CALIBRATION_DTYPES = ("auto", "model", "bfloat16")
 ALLOCATIONS = ("uniform", "error")
+RECONSTRUCT_DTYPES = ("model", "bfloat16")
 
 OPTIONS = (
     Option("sparse_ratio", None, "fraction of the selected weights to prune, 0 <= r < 1 (default 0.3; 1 - N/M for an "
@@ -144,6 +146,9 @@ OPTIONS = (
            "held-out calibration windows (0: off)", int, "loop", _check_reconstruct_epochs),
     Option("reconstruct_lr", 3e-3, "block reconstruction's Adam learning rate, relative to each layer's kept weights' "
            "RMS (default 3e-3)", float, "loop", _check_reconstruct_lr),
+    Option("reconstruct_dtype", "model", "block reconstruction's fitting forwards and backwards: model (the model's "
+           "dtype) or bfloat16 (autocast: about half the time where bfloat16 GEMMs are fast; the kept epoch is still "
+           "chosen in the model's dtype)", str, "loop", _check_choice(RECONSTRUCT_DTYPES)),
     Option("dense_targets", 0.0, "fit each pruned layer to the dense model's output on the dense model's inputs "
            "instead of its own output on the pruned inputs: 1 fully, 0 not at all (default), between: a blend of both "
            "(0.5 measured best; Linear and Conv1D layers; experts keep their own)", float, "loop", _check_fraction),
@@ -196,6 +201,7 @@ class FloatSparseConfig:
     keep_bits: int | None = 2
     reconstruct_epochs: int = 0
     reconstruct_lr: float = 3e-3
+    reconstruct_dtype: str = "model"
     dense_targets: float = 0.0
     sequential: bool = False
     allocation: str = "uniform"

@@ -806,7 +806,7 @@ def _prune_blockwise(model, the_plan: Plan, batches, device, make_pruner, config
                     result.reconstruction.append(reconstruct_block(
                         block, pruned, hidden, calib_extras, dense_out, epochs=config.reconstruct_epochs,
                         lr=config.reconstruct_lr, keep_bits=config.keep_bits, scalers=scalers,
-                        name=f"{stack_name}.{i}"))
+                        name=f"{stack_name}.{i}", bfloat16=config.reconstruct_dtype == "bfloat16"))
             if dense_stream:
                 dense_hidden = dense_out
             if i < last:

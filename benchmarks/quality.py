@@ -63,6 +63,7 @@ class Run:
     round_in_admm: bool = False  # ADMM: rounding with compensation inside the solver instead of post hoc
     reconstruct_epochs: int = 0  # block reconstruction after each block's pruning (any method); 0 = off
     reconstruct_lr: float | None = None  # its relative learning rate; None = FloatSparseConfig's default
+    reconstruct_dtype: str = "model"  # its forwards and backwards: model, or bfloat16 (autocast)
     sequential: bool = False  # a block's layers pruned group by group in data-flow order
     dense_targets: float = 0.0  # layers fitted to the dense model's outputs (1), their own (0), or a blend
     allocation: str = "uniform"  # how the sparsity is spread over layers: uniform, or error (admm_sparse.allocation)
@@ -81,7 +82,8 @@ class Run:
         if not self.reconstruct_epochs:
             return ""
         lr = "" if self.reconstruct_lr is None else f"-lr{self.reconstruct_lr:g}"
-        return f"-recon{self.reconstruct_epochs}{lr}"
+        dtype = "-bf16" if self.reconstruct_dtype == "bfloat16" else ""
+        return f"-recon{self.reconstruct_epochs}{lr}{dtype}"
 
     @property
     def pattern(self) -> str:
@@ -96,6 +98,7 @@ class Run:
         name += f" + dense targets {self.dense_targets:g}" if self.dense_targets else ""
         if self.reconstruct_epochs:
             lr = "" if self.reconstruct_lr is None else f", lr {self.reconstruct_lr:g}"
+            lr += ", bfloat16" if self.reconstruct_dtype == "bfloat16" else ""
             name += f" + reconstruction ({self.reconstruct_epochs} epochs{lr})"
         return name
 
@@ -159,6 +162,10 @@ ABLATION_RUNS = (
     # sparsity allocation by measured error (admm_sparse.allocation), alone and with reconstruction
     + _unstructured("admm", (0.5, 0.7), allocation="error")
     + _unstructured("admm", (0.5, 0.7), allocation="error", reconstruct_epochs=5)
+    # reconstruction's forwards and backwards in bfloat16 (its cost), with the best combination
+    + _unstructured("admm", (0.5, 0.7), sequential=True, dense_targets=0.5, reconstruct_epochs=5,
+                    reconstruct_dtype="bfloat16")
+    + _nm("admm", ((2, 4),), sequential=True, dense_targets=0.5, reconstruct_epochs=5, reconstruct_dtype="bfloat16")
 )
 QUICK_RUNS = [Run("magnitude", 0.5), Run("wanda", 0.5, (2, 4)), Run("sparsegpt", 0.5), Run("sparsegpt", 0.5, (2, 4)),
               Run("admm", 0.5), Run("admm", 0.5, None, 2), Run("admm", 0.5, (2, 4), mode="quality"),
@@ -209,7 +216,8 @@ def _prune_model(model, calib, run: Run, args):
     lr = {} if run.reconstruct_lr is None else {"reconstruct_lr": run.reconstruct_lr}
     config = FloatSparseConfig(sparse_ratio=run.sparsity, include=include, keep_bits=run.keep_bits,
                                reconstruct_epochs=run.reconstruct_epochs, sequential=run.sequential,
-                               dense_targets=run.dense_targets, allocation=run.allocation, **lr)
+                               dense_targets=run.dense_targets, allocation=run.allocation,
+                               reconstruct_dtype=run.reconstruct_dtype, **lr)
     return prune_blocks(model, calib, config, make_pruner=make_pruner_factory(run), progress=False)
 
 
@@ -354,7 +362,8 @@ def _levers(run: Run) -> str:
         (["sequential"] if run.sequential else []) + \
         ([f"dense targets {run.dense_targets:g}"] if run.dense_targets else []) + \
         ([f"reconstruction {run.reconstruct_epochs} epochs" + ("" if run.reconstruct_lr is None else
-                                                               f" (lr {run.reconstruct_lr:g})")]
+                                                               f" (lr {run.reconstruct_lr:g})")
+          + (" in bfloat16" if run.reconstruct_dtype == "bfloat16" else "")]
          if run.reconstruct_epochs else [])
     return ", ".join(parts) or "none"
 
@@ -366,7 +375,7 @@ def _ablation(results: dict, runs: dict) -> list[str]:
         if not (run.sequential or run.dense_targets or run.reconstruct_epochs or run.allocation != "uniform"):
             continue
         base_key = dataclasses.replace(run, sequential=False, dense_targets=0.0, reconstruct_epochs=0,
-                                       reconstruct_lr=None, allocation="uniform").key
+                                       reconstruct_lr=None, reconstruct_dtype="model", allocation="uniform").key
         r, base = results["runs"][key], results["runs"].get(base_key)
         vs = (f"{base['perplexity']:.2f} | {r['perplexity'] / base['perplexity']:.2f} "
               f"| {r['prune_seconds'] / base['prune_seconds']:.1f}") if base else "- | - | -"

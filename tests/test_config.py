@@ -25,7 +25,8 @@ def test_load_good_file(tmp_path):
     assert cfg.to_dict() == {"sparse_ratio": 0.5, "include": ["*mlp*"], "exclude": ["*self_attn*"],
                              "mask_structure": "unstructured", "mode": "seed", "round_in_admm": None,
                              "allow_tf32": False, "calibration_dtype": "auto", "keep_bits": 2,
-                             "reconstruct_epochs": 0, "reconstruct_lr": 3e-3, "dense_targets": 0.0, "sequential": False,
+                             "reconstruct_epochs": 0, "reconstruct_lr": 3e-3, "reconstruct_dtype": "model",
+                             "dense_targets": 0.0, "sequential": False,
                              "allocation": "uniform"}
 
 

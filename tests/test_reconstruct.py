@@ -57,13 +57,19 @@ def block0_relative_mse(model, dense, windows):
     return ((got - want).square().sum() / want.square().sum()).item()
 
 
-def test_lowers_the_blocks_error_and_never_raises_the_held_out_one():
+@pytest.mark.parametrize("dtype", ["model", "bfloat16"])
+def test_lowers_the_blocks_error_and_never_raises_the_held_out_one(dtype):
     dense = tiny_model(layers=2)
     calib = token_windows(16, 32)
     plain, fitted = copy.deepcopy(dense), copy.deepcopy(dense)
     prune_model(plain, calib, FloatSparseConfig(0.6, keep_bits=None), progress=False)
-    result = prune_blocks(fitted, calib, FloatSparseConfig(0.6, keep_bits=None, reconstruct_epochs=4),
-                          progress=False)
+    autocast = set()  # (grad enabled, autocast on) of o_proj's forwards: the fit's are the ones with grad
+    hook = fitted.model.layers[0].self_attn.o_proj.register_forward_hook(
+        lambda *_: autocast.add((torch.is_grad_enabled(), torch.is_autocast_enabled("cpu"))))
+    result = prune_blocks(fitted, calib, FloatSparseConfig(0.6, keep_bits=None, reconstruct_epochs=4,
+                                                           reconstruct_dtype=dtype), progress=False)
+    hook.remove()
+    assert autocast == {(False, False), (True, dtype == "bfloat16")}  # the held-out error in the model's dtype
     assert [r["block"] for r in result.reconstruction] == ["model.layers.0", "model.layers.1"]
     for r in result.reconstruction:
         assert r["fit_after"] < r["fit_before"] and r["heldout_after"] <= r["heldout_before"]
@@ -197,6 +203,8 @@ def test_options_from_yaml_python_and_not_to_the_pruner():
     entry = {"type": "float_sparse", "reconstruct_epochs": 5, "reconstruct_lr": 0.01}
     config = parse_config({"spec": {"process": [entry]}})
     assert (config.reconstruct_epochs, config.reconstruct_lr) == (5, 0.01)
+    assert parse_config({"spec": {"process": [{**entry, "reconstruct_dtype": "bfloat16"}]}}).reconstruct_dtype == \
+        "bfloat16"
     assert config == FloatSparseConfig(reconstruct_epochs=5, reconstruct_lr=0.01)
     assert not any(k.startswith("reconstruct") for k in config.pruner_options())
     assert (FloatSparseConfig().reconstruct_epochs, FloatSparseConfig().reconstruct_lr) == (0, 3e-3)
@@ -207,7 +215,7 @@ def test_options_from_yaml_python_and_not_to_the_pruner():
                                        ("reconstruct_lr", 0), ("reconstruct_lr", -1e-3),
                                        ("reconstruct_lr", float("nan")), ("reconstruct_lr", float("inf")),
                                        ("reconstruct_lr", "0.01"),
-                                       ("reconstruct_lr", True)])
+                                       ("reconstruct_lr", True), ("reconstruct_dtype", "float16")])
 def test_bad_values_are_config_errors_naming_the_key(key, value):
     with pytest.raises(ConfigError, match=f"^{key}: "):
         FloatSparseConfig(**{key: value})
