@@ -164,7 +164,10 @@ def shape_list(text: str) -> list[tuple[int, int]]:
 
 
 def ms(t: float | None) -> str:
-    return "-" if t is None else f"{t * 1e3:.1f}"
+    """Milliseconds: one decimal, or two significant digits below 1 ms (a tiny layer's step is not 0.0)."""
+    if t is None:
+        return "-"
+    return f"{t * 1e3:.1f}" if t >= 1e-3 else f"{t * 1e3:.2g}"
 
 
 def main(argv: list[str] | None = None) -> int:
