@@ -726,7 +726,8 @@ def _layer_ratios(model, the_plan: Plan, batches, device, home, config, progress
                   group: Group) -> dict[str, float]:
     """Each selected layer's sparse_ratio: config.sparse_ratio for all, or with config.allocation "error" the
     shares admm_sparse.allocation picks from a probe pass (the same loop, fast mode at a grid of ratios around
-    the global one, weights left dense, so every layer's inputs are the dense model's)."""
+    the global one, weights left dense, so every layer's inputs are the dense model's). A resumed run measures
+    again (the same shares: the probe sees only the dense model)."""
     uniform = {name: config.sparse_ratio for name in the_plan.targets}
     if config.allocation == "uniform" or config.sparse_ratio == 0:
         return uniform

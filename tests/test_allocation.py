@@ -127,3 +127,14 @@ def test_allocation_needs_unstructured_masks_and_a_known_name():
         FloatSparseConfig(0.5, allocation="owl")
     doc = {"spec": {"process": [{"type": "float_sparse", "sparse_ratio": 0.5, "allocation": "error"}]}}
     assert parse_config(doc).allocation == "error"
+
+
+def test_a_model_without_block_stack_is_allocated_too():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(300, 16), torch.nn.Linear(16, 48), torch.nn.ReLU(),
+                                torch.nn.Linear(48, 24))
+    config = FloatSparseConfig(0.5, keep_bits=None, allocation="error")
+    result = prune_blocks(model, token_windows(8, 32), config, progress=False)
+    shapes = {"1": (48, 16), "3": (24, 48)}
+    zeros = sum(int((model.get_submodule(n).weight == 0).sum()) for n in shapes)
+    assert zeros == uniform_total(shapes, 0.5) and set(result.ratios) == set(shapes)
