@@ -83,7 +83,9 @@ class _Weights:
             kept = master[mask]
             rms = kept.square().mean().sqrt().item() if kept.numel() else 0.0
             groups.append({"params": [master], "lr": lr * rms})
-        self.optimizer = torch.optim.Adam(groups, lr=lr)
+        # fused: one kernel per step over all tensors; the per-tensor loop's elementwise passes (sqrt, divide)
+        # took about a quarter of the fit's time on CPU
+        self.optimizer = torch.optim.Adam(groups, lr=lr, fused=True)
 
     def parameters(self) -> list[nn.Parameter]:
         """The model's parameters holding the weights (an expert's weight is a slice of a shared one), once each."""
