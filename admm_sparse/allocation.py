@@ -111,10 +111,10 @@ def check_total(shapes: dict[str, tuple[int, int]], ratios: dict[str, float], sp
 
 
 def allocated_ratios(shapes: dict[str, tuple[int, int]], rows: list[dict], ratios: list[float],
-                     sparse_ratio: float) -> dict[str, float]:
-    """Each layer's sparse_ratio from the probe pass's report rows (ErrorProbe's "errors")."""
+                     sparse_ratio: float, weights: dict[str, float] | None = None) -> dict[str, float]:
+    """Each layer's sparse_ratio from the probe pass's report rows (ErrorProbe's "errors"); weights: see allocate."""
     errors = {row["name"]: row["errors"] for row in rows if "errors" in row}
-    counts = allocate(shapes, errors, ratios, sparse_ratio)
+    counts = allocate(shapes, errors, ratios, sparse_ratio, weights)
     result = {name: ratio_for_count(shapes[name], count) for name, count in counts.items()}
     check_total(shapes, result, sparse_ratio)
     return result

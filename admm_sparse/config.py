@@ -147,8 +147,8 @@ OPTIONS = (
     Option("reconstruct_lr", 3e-3, "block reconstruction's Adam learning rate, relative to each layer's kept weights' "
            "RMS (default 3e-3)", float, "loop", _check_reconstruct_lr),
     Option("reconstruct_dtype", "model", "block reconstruction's fitting forwards and backwards: model (the model's "
-           "dtype) or bfloat16 (autocast: about half the time where bfloat16 GEMMs are fast; the kept epoch is still "
-           "chosen in the model's dtype)", str, "loop", _check_choice(RECONSTRUCT_DTYPES)),
+           "dtype) or bfloat16 (autocast: faster where bfloat16 GEMMs are; the kept epoch is still chosen in the "
+           "model's dtype)", str, "loop", _check_choice(RECONSTRUCT_DTYPES)),
     Option("dense_targets", 0.0, "fit each pruned layer to the dense model's output on the dense model's inputs "
            "instead of its own output on the pruned inputs: 1 fully, 0 not at all (default), between: a blend of both "
            "(0.5 measured best; Linear and Conv1D layers; experts keep their own)", float, "loop", _check_fraction),

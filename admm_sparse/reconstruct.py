@@ -7,7 +7,7 @@ Per block, with X the pruned stream's inputs and Y = dense block(dense stream), 
   weights only (biases, norms, routers and unpruned layers stay as they are); every zero of a pruned weight
   stays exactly zero (its gradient is masked, and the weight re-zeroed after each step). The optimiser keeps
   float32 master weights and float32 moments; the block itself runs in its own dtype, or with `bfloat16` its
-  fitting forwards and backwards in bfloat16 autocast (about half the time on CPUs and GPUs with bfloat16 GEMMs). The loss is divided by
+  fitting forwards and backwards in bfloat16 autocast (faster where bfloat16 GEMMs are). The loss is divided by
   the mean square of Y, and each layer's step size is `lr` times the RMS of its kept weights, so that one
   learning rate suits every layer and model scale (Adam's step is otherwise in the weights' own units);
 - mini-batches are the loop's calibration batches, in a seeded random order each epoch; every 8th batch (at

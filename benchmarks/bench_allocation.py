@@ -37,14 +37,10 @@ OBJECTIVES = {
 }
 
 
-def with_objective(weigh):
-    """allocation.allocated_ratios with another weighting of the layers' squared errors."""
+def with_objective(library, weigh):
+    """The library's allocated_ratios with another weighting of the layers' squared errors."""
     def ratios(shapes, rows, grid, sparse_ratio):
-        errors = {r["name"]: r["errors"] for r in rows if "errors" in r}
-        counts = allocation.allocate(shapes, errors, grid, sparse_ratio, weigh(shapes, rows) if weigh else None)
-        result = {n: allocation.ratio_for_count(shapes[n], c) for n, c in counts.items()}
-        allocation.check_total(shapes, result, sparse_ratio)
-        return result
+        return library(shapes, rows, grid, sparse_ratio, weigh(shapes, rows) if weigh else None)
     return ratios
 
 
@@ -68,7 +64,7 @@ def main(argv=None):
     results = []
     for name, weigh in [("uniform", None)] + list(OBJECTIVES.items()):
         model = copy.deepcopy(data.model)
-        allocation.allocated_ratios = with_objective(weigh)
+        allocation.allocated_ratios = with_objective(library, weigh)
         config = FloatSparseConfig(args.ratio, keep_bits=None, mode="fast",
                                    allocation="uniform" if name == "uniform" else "error")
         start = time.perf_counter()
