@@ -292,7 +292,7 @@ def cmd_prune(args) -> int:
     print(format_table(result.rows))
     for r in result.reconstruction:
         print(f"reconstructed {r['block']}: relative MSE to the dense block held out {r['heldout_before']:.4g} -> "
-              f"{r['heldout_after']:.4g}, fitted {r['fit_before']:.4g} -> {r['fit_after']:.4g} "
+              f"{r['heldout_after']:.4g} "
               f"(epoch {r['best_epoch']} of {r['epochs']} kept, {r['seconds']:.1f} s)")
     if eval_windows is not None:
         print(f"perplexity before {result.perplexity_before:.4f}, after {result.perplexity_after:.4f} "

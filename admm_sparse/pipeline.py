@@ -13,7 +13,6 @@ Models without a block stack fall back to collecting every selected layer in one
 """
 from __future__ import annotations
 
-import copy
 import ctypes
 import dataclasses
 import inspect
@@ -433,30 +432,27 @@ def _prune_targets(targets: list[Target], run: Callable[[], Any], batch_start: n
 
 def _prune_block(block: nn.Module, targets: list[Target], hidden, extras, config: FloatSparseConfig, device,
                  make_pruner: PrunerFactory, ratios: dict[str, float], progress: bool, desc: str, group: Group,
-                 scalers: dict | None, dense_hidden: list | None = None) -> list[dict]:
+                 scalers: dict | None, dense_layer_inputs: dict | None = None) -> list[dict]:
     """Prune a block's selected layers on its calibration inputs: all from one pass, or with config.sequential
     group by group in data-flow order (data_flow_groups), each group's statistics from a pass with the groups
-    before it already pruned, the pass stopped once the group's layers have run. dense_hidden: the dense model's
-    inputs to this block, for dense targets (config.dense_targets): before each batch's pass, the dense block
-    runs on the dense inputs to give each layer's dense input for the same tokens."""
+    before it already pruned, the pass stopped once the group's layers have run. dense_layer_inputs: for dense
+    targets (config.dense_targets), {id(layer module): the dense model's input to it, per batch} (from
+    _run_dense_block); each group's entries are dropped once the group is pruned."""
     parts = data_flow_groups(block, targets, hidden[0], extras[0]) if config.sequential else [targets]
-    dense_inputs = {} if dense_hidden is not None else None
-    # The dense block: a copy made before any of its layers is pruned, out of reach of the feeding hooks.
-    dense_block = copy.deepcopy(block) if dense_hidden is not None else block
-    twin = dict(zip(map(id, block.modules()), dense_block.modules()))
+    dense_inputs = {} if dense_layer_inputs is not None else None  # this batch's, for _Feed
     rows = []
     for part in parts:
-        def feed(part=part):
+        # Experts keep their own targets: the tokens routed to them differ between the two streams.
+        fitted = list({id(t.module) for t in part if t.kind != "expert"})
+
+        def feed(part=part, fitted=fitted):
             modules = list({id(t.module): t.module for t in part}.values())
-            # Experts keep their own targets: the tokens routed to them differ between the two streams.
-            fitted = list({id(t.module): t.module for t in part if t.kind != "expert"}.values())
             last = part is parts[-1]  # nothing after the last group's layers is needed either, but little is left
             with calibration_autocast(config, device), _stop_after(modules, enabled=not last) as stop:
                 for b, (h, (args, kwargs)) in enumerate(zip(hidden, extras)):
-                    if dense_inputs is not None and fitted:
+                    if dense_inputs is not None:
                         dense_inputs.clear()
-                        dense_inputs.update(_layer_inputs(dense_block, [twin[id(m)] for m in fitted], fitted,
-                                                          dense_hidden[b], args, kwargs))
+                        dense_inputs.update({key: dense_layer_inputs[key][b] for key in fitted})
                     stop.reset()
                     try:
                         block(h, *args, **kwargs)
@@ -464,30 +460,36 @@ def _prune_block(block: nn.Module, targets: list[Target], hidden, extras, config
                         pass
         rows += _prune_targets(part, feed, block, make_pruner, ratios, progress, desc, group, scalers,
                                dense_inputs, config.dense_targets)
+        if dense_layer_inputs is not None:
+            for key in fitted:
+                dense_layer_inputs.pop(key)
     order = {t.name: i for i, t in enumerate(targets)}
     return sorted(rows, key=lambda row: order[row["name"]])
 
 
-def _layer_inputs(block: nn.Module, modules: list[nn.Module], keys: list[nn.Module], hidden, args, kwargs) -> dict:
-    """{id(key): the input of the matching module} as `block` runs on `hidden`, stopped once all have run."""
-    found: dict[int, torch.Tensor] = {}
+def _run_dense_block(block: nn.Module, hidden, extras, modules: list[nn.Module]) -> tuple[list, dict]:
+    """The block's outputs on `hidden` (run before any of its layers is pruned), and {id(module): its input, per
+    batch (None where it did not run)} for each of `modules`: the dense inputs dense targets fit, recorded in the
+    same pass, in the model's dtype (also where the calibration passes run in bfloat16 autocast). Held for the whole block: about one hidden-state stream per distinct input (q/k/v share one, as do
+    gate/up)."""
+    recorded: dict[int, list] = {id(m): [] for m in modules}
 
-    def hook(key):
-        def record(module, inputs, kwargs_):
-            found.setdefault(id(key), (inputs[0] if inputs else next(iter(kwargs_.values()))).detach())
-            if len(found) == len(keys):
-                raise _GroupFed
-        return record
+    def record(module, inputs, kwargs):
+        batch = recorded[id(module)]
+        if len(batch) == len(outputs):  # its first call in this batch
+            batch.append((inputs[0] if inputs else next(iter(kwargs.values()))).detach())
 
-    handles = [m.register_forward_pre_hook(hook(k), with_kwargs=True) for m, k in zip(modules, keys)]
+    handles = [m.register_forward_pre_hook(record, with_kwargs=True) for m in modules]
+    outputs: list[torch.Tensor] = []
     try:
-        block(hidden, *args, **kwargs)
-    except _GroupFed:
-        pass
+        for h, (args, kwargs) in zip(hidden, extras):
+            outputs.append(block_output(block, h, args, kwargs))
+            for batch in recorded.values():
+                batch.extend([None] * (len(outputs) - len(batch)))
     finally:
         for handle in handles:
             handle.remove()
-    return found
+    return outputs, recorded
 
 
 class _GroupFed(Exception):
@@ -795,13 +797,17 @@ def _prune_blockwise(model, the_plan: Plan, batches, device, make_pruner, config
         with source.block(stack_name, i, device) as block:
             if evals:
                 dense_eval = _run_block(block, dense_eval, eval_extras)  # before its layers are pruned
-            if dense_stream:
-                dense_out = _run_block(block, dense_hidden, calib_extras)  # likewise: what the block is fitted to
+            dense_layer_inputs = None  # for dense targets
+            if dense_stream:  # likewise: what the block is fitted to, and the dense inputs dense targets fit
+                fitted = list({id(t.module): t.module for t in per_block[i] if t.kind != "expert"}.values())
+                dense_out, recorded = _run_dense_block(block, dense_hidden, calib_extras,
+                                                       fitted if config.dense_targets > 0 else [])
+                dense_layer_inputs = recorded if config.dense_targets > 0 else None
             if per_block[i]:
                 scalers = {} if reconstructing else None  # filled with the pruned layers' channel scalers
                 result.rows += _prune_block(block, per_block[i], hidden, calib_extras, config, device, make_pruner,
                                             ratios, progress, f"block {i}", group, scalers,
-                                            dense_hidden if config.dense_targets > 0 else None)
+                                            dense_layer_inputs)
                 pruned = [t for t in per_block[i] if t.name in (scalers or {})]
                 if pruned:  # fitted to the dense block's outputs
                     result.reconstruction.append(reconstruct_block(

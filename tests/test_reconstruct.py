@@ -72,13 +72,13 @@ def test_lowers_the_blocks_error_and_never_raises_the_held_out_one(dtype):
     assert autocast == {(False, False), (True, dtype == "bfloat16")}  # the held-out error in the model's dtype
     assert [r["block"] for r in result.reconstruction] == ["model.layers.0", "model.layers.1"]
     for r in result.reconstruction:
-        assert r["fit_after"] < r["fit_before"] and r["heldout_after"] <= r["heldout_before"]
+        assert r["heldout_after"] <= r["heldout_before"] and set(r) == {
+            "block", "fit_batches", "heldout_batches", "heldout_before", "heldout_after", "epochs", "best_epoch",
+            "seconds"}
         assert (r["fit_batches"], r["heldout_batches"]) == (14, 2) and 1 <= r["best_epoch"] <= r["epochs"] <= 4
     # Measured apart from the report: block 0 (same inputs in both streams) on all calibration windows.
     before, after = block0_relative_mse(plain, dense, calib), block0_relative_mse(fitted, dense, calib)
     assert after < 0.95 * before
-    assert after == pytest.approx((result.reconstruction[0]["fit_after"] * 14 + result.reconstruction[0]
-                                   ["heldout_after"] * 2) / 16, rel=0.2)
 
 
 def test_a_fit_that_only_gets_worse_is_dropped_bitwise():
@@ -91,7 +91,7 @@ def test_a_fit_that_only_gets_worse_is_dropped_bitwise():
                           progress=False)
     for r in result.reconstruction:
         assert r["best_epoch"] == 0 and r["epochs"] == reconstruct.PATIENCE
-        assert r["heldout_after"] == r["heldout_before"] and r["fit_after"] == r["fit_before"]
+        assert r["heldout_after"] == r["heldout_before"]
     assert all(torch.equal(v, plain.state_dict()[k]) for k, v in fitted.state_dict().items())
 
 
