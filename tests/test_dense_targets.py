@@ -111,6 +111,24 @@ def test_the_pipeline_feeds_the_dense_models_inputs_and_block_0_is_unchanged():
     assert Recorder.seen["model.layers.1.self_attn.k_proj"][1] is not None  # shared with q/k/v's leader
 
 
+@pytest.mark.parametrize("name", ["model.layers.0.self_attn.o_proj", "model.layers.1.mlp.down_proj",
+                                  "model.layers.1.mlp.up_proj"])
+def test_sequential_groups_fit_their_own_layers_dense_inputs(name):
+    """With sequential groups, each layer's cross statistic pairs its input with the groups before it pruned
+    (the final model's input: no later group changes it) and the dense model's input to the same layer."""
+    model = tiny_model(layers=2)
+    dense_model = copy.deepcopy(model)
+    windows = token_windows(6, 32)
+    Recorder.seen = {}
+    prune_model(model, windows, FloatSparseConfig(0.5, keep_bits=None, dense_targets=1.0, sequential=True),
+                make_pruner=recording, progress=False)
+    x_pruned, x_dense = layer_inputs(model, windows, name), layer_inputs(dense_model, windows, name)
+    assert not torch.allclose(x_pruned, x_dense)
+    h, cross = Recorder.seen[name]
+    torch.testing.assert_close(cross, x_pruned.T @ x_dense, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(h.tril(), (x_pruned.T @ x_pruned).tril(), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.filterwarnings("ignore:only .* calibration tokens")
 def test_experts_keep_their_own_targets_and_sequential_combines():
     model = build("mixtral")[1]
