@@ -470,8 +470,8 @@ def _prune_block(block: nn.Module, targets: list[Target], hidden, extras, config
 def _run_dense_block(block: nn.Module, hidden, extras, modules: list[nn.Module]) -> tuple[list, dict]:
     """The block's outputs on `hidden` (run before any of its layers is pruned), and {id(module): its input, per
     batch (None where it did not run)} for each of `modules`: the dense inputs dense targets fit, recorded in the
-    same pass, in the model's dtype (also where the calibration passes run in bfloat16 autocast). Held for the whole block: about one hidden-state stream per distinct input (q/k/v share one, as do
-    gate/up)."""
+    same pass, in the model's dtype (also where the calibration passes run in bfloat16 autocast). Held until their
+    layers are pruned: about one hidden-state stream per distinct input (q/k/v share one, as do gate/up)."""
     recorded: dict[int, list] = {id(m): [] for m in modules}
 
     def record(module, inputs, kwargs):
@@ -799,10 +799,11 @@ def _prune_blockwise(model, the_plan: Plan, batches, device, make_pruner, config
                 dense_eval = _run_block(block, dense_eval, eval_extras)  # before its layers are pruned
             dense_layer_inputs = None  # for dense targets
             if dense_stream:  # likewise: what the block is fitted to, and the dense inputs dense targets fit
-                fitted = list({id(t.module): t.module for t in per_block[i] if t.kind != "expert"}.values())
-                dense_out, recorded = _run_dense_block(block, dense_hidden, calib_extras,
-                                                       fitted if config.dense_targets > 0 else [])
-                dense_layer_inputs = recorded if config.dense_targets > 0 else None
+                fitted = [] if config.dense_targets == 0 else \
+                    list({id(t.module): t.module for t in per_block[i] if t.kind != "expert"}.values())
+                dense_out, recorded = _run_dense_block(block, dense_hidden, calib_extras, fitted)
+                if config.dense_targets > 0:
+                    dense_layer_inputs = recorded
             if per_block[i]:
                 scalers = {} if reconstructing else None  # filled with the pruned layers' channel scalers
                 result.rows += _prune_block(block, per_block[i], hidden, calib_extras, config, device, make_pruner,
