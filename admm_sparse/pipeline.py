@@ -715,6 +715,7 @@ def prune_blocks(model: nn.Module, calib, config: FloatSparseConfig | None = Non
                                        group)
                 return PruneResult(_prune_one_pass(model, the_plan.targets, batches, device, home, make_pruner,
                                                    config, ratios, progress), ratios=ratios)
+            _check_blockwise(config, batches, group)  # before the allocation's probe pass, which is as long
             ratios = _layer_ratios(model, the_plan, batches, device, home, config, progress, source, batch_size, group)
             result = _prune_blockwise(model, the_plan, batches, device, make_pruner, config, ratios, progress, source,
                                       writer, state, eval_windows, dtype_check, batch_size, group)
@@ -751,15 +752,22 @@ def _layer_ratios(model, the_plan: Plan, batches, device, home, config, progress
     return allocation.allocated_ratios(shapes, rows, grid, config.sparse_ratio)
 
 
+def _check_blockwise(config: FloatSparseConfig, batches, group: Group) -> None:
+    """The block loop's refusals, raised before any work."""
+    if config.reconstruct_epochs > 0:
+        if group.size > 1:
+            raise ValueError(f"block reconstruction (reconstruct_epochs) runs in one process; this run has "
+                             f"{group.size}: run it without torchrun, or set reconstruct_epochs to 0")
+        holdout_split(len(batches))  # enough calibration batches to hold some out?
+    if len(batches) < group.size:
+        raise ValueError(f"{len(batches)} calibration batches for {group.size} processes: each needs at least one; "
+                         "give more --num-samples or a smaller --batch-size")
+
+
 def _prune_blockwise(model, the_plan: Plan, batches, device, make_pruner, config, ratios, progress, source, writer,
                      state, eval_windows, dtype_check, batch_size, group: Group) -> PruneResult:
     stack_name, blocks = the_plan.stack
     reconstructing = config.reconstruct_epochs > 0
-    if reconstructing:
-        if group.size > 1:
-            raise ValueError(f"block reconstruction (reconstruct_epochs) runs in one process; this run has "
-                             f"{group.size}: run it without torchrun, or set reconstruct_epochs to 0")
-        holdout_split(len(batches))  # enough calibration batches to hold some out? (before any work)
     per_block = [[t for n, t in the_plan.targets.items() if n.startswith(f"{stack_name}.{i}.")]
                  for i in range(len(blocks))]
     # Later blocks need no inputs, unless they are evaluated, checked or written.
@@ -768,9 +776,6 @@ def _prune_blockwise(model, the_plan: Plan, batches, device, make_pruner, config
     last = len(blocks) - 1 if every else with_targets[-1]
     # Three streams of windows share one capture: calibration, evaluation, the dtype check; each rank runs its
     # share of the first two.
-    if len(batches) < group.size:
-        raise ValueError(f"{len(batches)} calibration batches for {group.size} processes: each needs at least one; "
-                         "give more --num-samples or a smaller --batch-size")
     batches = group.split(batches)
     evals = group.split(_batches(eval_windows, batch_size)) if eval_windows is not None else []
     checks = group.split(_batches(dtype_check.windows, batch_size)) if dtype_check is not None else []

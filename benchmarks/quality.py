@@ -176,6 +176,12 @@ ABLATION_RUNS = (
     # the best combination with its calibration passes (statistics, the next block's inputs) in bfloat16 autocast
     + [Run("admm", 0.7, sequential=True, dense_targets=0.5, reconstruct_epochs=5, reconstruct_dtype="bfloat16",
            calibration_dtype="bfloat16")]
+    # quality mode with each cheaper lever alone
+    + _unstructured("admm", (0.5, 0.7), mode="quality", sequential=True)
+    + _nm("admm", ((2, 4),), mode="quality", sequential=True)
+    + _unstructured("admm", (0.5, 0.7), mode="quality", dense_targets=0.5)
+    + _nm("admm", ((2, 4),), mode="quality", dense_targets=0.5)
+    + _unstructured("admm", (0.5, 0.7), mode="quality", allocation="error")
 )
 QUICK_RUNS = [Run("magnitude", 0.5), Run("wanda", 0.5, (2, 4)), Run("sparsegpt", 0.5), Run("sparsegpt", 0.5, (2, 4)),
               Run("admm", 0.5), Run("admm", 0.5, None, 2), Run("admm", 0.5, (2, 4), mode="quality"),

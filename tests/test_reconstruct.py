@@ -1,12 +1,13 @@
 """Block reconstruction (admm_sparse.reconstruct, config.reconstruct_epochs): masks fixed, the block's error to the
 dense block lowered, never worse held out, off by default, one process, resumable."""
 import copy
+import dataclasses
 
 import pytest
 import torch
 
 import admm_sparse.pipeline as pipeline
-from admm_sparse import reconstruct
+from admm_sparse import allocation, reconstruct
 from admm_sparse.config import ConfigError, FloatSparseConfig, parse_config
 from admm_sparse.distributed import Group
 from admm_sparse.keepbits import apply_keepbits
@@ -162,6 +163,21 @@ def test_several_processes_one_window_and_no_block_stack_are_refused():
     flat = torch.nn.Sequential(torch.nn.Embedding(300, 16), torch.nn.Linear(16, 16))
     with pytest.raises(ValueError, match="needs a stack of blocks"):
         prune_model(flat, token_windows(), config, progress=False)
+
+
+def test_refusals_come_before_the_allocations_probe_pass(monkeypatch):
+    def no_probe(*args, **kwargs):
+        raise AssertionError("the probe pass ran before the refusal")
+
+    monkeypatch.setattr(allocation, "ErrorProbe", no_probe)
+    config = FloatSparseConfig(0.5, reconstruct_epochs=1, allocation="error")
+    with pytest.raises(ValueError, match="one process"):
+        prune_blocks(tiny_model(), token_windows(), config, group=TwoProcesses(), progress=False)
+    with pytest.raises(ValueError, match="at least 2 calibration batches"):
+        prune_model(tiny_model(), token_windows(1), config, progress=False)
+    with pytest.raises(ValueError, match="each needs at least one"):
+        prune_blocks(tiny_model(), token_windows(1), dataclasses.replace(config, reconstruct_epochs=0),
+                     group=TwoProcesses(), progress=False)
 
 
 def test_holdout_split():
