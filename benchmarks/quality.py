@@ -182,6 +182,9 @@ ABLATION_RUNS = (
     + _unstructured("admm", (0.5, 0.7), mode="quality", dense_targets=0.5)
     + _nm("admm", ((2, 4),), mode="quality", dense_targets=0.5)
     + _unstructured("admm", (0.5, 0.7), mode="quality", allocation="error")
+    # the best combination with the allocation
+    + [Run("admm", 0.7, sequential=True, dense_targets=0.5, reconstruct_epochs=5, reconstruct_dtype="bfloat16",
+           calibration_dtype="bfloat16", allocation="error")]
 )
 QUICK_RUNS = [Run("magnitude", 0.5), Run("wanda", 0.5, (2, 4)), Run("sparsegpt", 0.5), Run("sparsegpt", 0.5, (2, 4)),
               Run("admm", 0.5), Run("admm", 0.5, None, 2), Run("admm", 0.5, (2, 4), mode="quality"),
