@@ -715,7 +715,7 @@ def prune_blocks(model: nn.Module, calib, config: FloatSparseConfig | None = Non
                                        group)
                 return PruneResult(_prune_one_pass(model, the_plan.targets, batches, device, home, make_pruner,
                                                    config, ratios, progress), ratios=ratios)
-            _check_blockwise(config, batches, group)  # before the allocation's probe pass, which is as long
+            _check_blockwise(config, batches, group)  # before any work, the allocation's probe pass included
             ratios = _layer_ratios(model, the_plan, batches, device, home, config, progress, source, batch_size, group)
             result = _prune_blockwise(model, the_plan, batches, device, make_pruner, config, ratios, progress, source,
                                       writer, state, eval_windows, dtype_check, batch_size, group)
