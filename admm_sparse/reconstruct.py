@@ -8,9 +8,9 @@ Per block, with X the pruned stream's inputs and Y = dense block(dense stream), 
   stays exactly zero (its gradient is masked, so Adam's moments and steps there are zero). The optimiser keeps
   float32 master weights (a float32 layer's own weight) and float32 moments; the block itself runs in its own
   dtype, or with `bfloat16` its fitting forwards and backwards in bfloat16 autocast (faster where bfloat16 GEMMs
-  are). The loss is divided by
-  the mean square of Y, and each layer's step size is `lr` times the RMS of its kept weights, so that one
-  learning rate suits every layer and model scale (Adam's step is otherwise in the weights' own units);
+  are). The loss is divided by the mean square of Y, and each layer's step size is `lr` times the RMS of its
+  kept weights, so that one learning rate suits every layer and model scale (Adam's step is otherwise in the
+  weights' own units);
 - mini-batches are the loop's calibration batches, in a seeded random order each epoch; every 8th batch (at
   least one) is held out of the fit and decides: after each epoch the held-out relative MSE is measured, the
   best weights so far are kept, and the fit stops after PATIENCE epochs without improvement or after
