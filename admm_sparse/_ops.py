@@ -20,9 +20,10 @@ except ImportError as exc:  # pragma: no cover - exercised only on a broken inst
 _ops = torch.ops.admm_sparse
 
 
-def accumulate_stats(hessian: torch.Tensor, scaler: torch.Tensor, inp: torch.Tensor, n_before: int, batch: int) -> None:
-    """In place: hessian's lower triangle += XᵀX and the running per-channel scaler (SPEC §1)."""
-    _ops.accumulate_stats(hessian, scaler, inp, n_before, batch)
+def accumulate_sums(hessian_sum: torch.Tensor, square_sum: torch.Tensor, inp: torch.Tensor) -> None:
+    """In place, float64: hessian_sum's lower triangle += XᵀX and square_sum += Σ X² per channel (SPEC §1's
+    statistics as sums; each batch's products are float32 GEMMs blocked by d_in alone)."""
+    _ops.accumulate_sums(hessian_sum, square_sum, inp)
 
 
 def damped_cholesky_inverse(matrix: torch.Tensor, shift: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,8 +66,8 @@ def warn_if_damped(extra: float) -> None:
                       "to its diagonal (usually too few calibration tokens for this layer)", stacklevel=3)
 
 
-@torch.library.register_fake("admm_sparse::accumulate_stats")
-def _(hessian, scaler, inp, n_before, batch):
+@torch.library.register_fake("admm_sparse::accumulate_sums")
+def _(hessian_sum, square_sum, inp):
     return None
 
 

@@ -6,8 +6,8 @@ single process is a group of one, whose collectives do nothing. Under `torchrun 
 NCCL when the compute device is CUDA (one GPU per rank, from LOCAL_RANK), Gloo on CPUs. Then:
 - calibration (and evaluation) windows are split over the ranks, each rank capturing and running the blocks
   for its own windows only;
-- per-layer statistics (the Hessian's lower triangle, the scaler as a weighted sum, token counts: all plain
-  sums) are summed over the ranks, one all-reduce per statistics group (q/k/v share one);
+- per-layer statistics (the Hessian's lower triangle, the channels' sums of squares, token counts: all plain
+  float64 sums) are summed over the ranks, one all-reduce per statistics group (q/k/v share one);
 - the layers of a block are assigned to ranks, balanced by their cost (layer_cost: the inverse, the ADMM
   iterations' GEMMs and the passes over the weight), each rank pruning its own;
 - each pruned weight is broadcast from its owner, then every rank runs the pruned block on its windows.
@@ -107,17 +107,18 @@ def from_environment(device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S)
 
 
 def sum_statistics(group: Group, pruner) -> None:
-    """Sum an AdmmPruner's statistics (Hessian, scaler, sequence and token counts) over the ranks, on every
-    rank, so that any rank can prune the layer (and the ranks sharing one Hessian, q/k/v, can split them).
-    The scaler is a mean over sequences (SPEC §1), so it travels as a sum, scaler x sequences."""
-    counts = torch.tensor([pruner.nsamples, pruner.tokens], dtype=torch.float64, device=pruner.H.device)
-    pruner.scaler.mul_(pruner.nsamples)
-    group.sum(pruner.H)
-    group.sum(pruner.scaler)
-    if getattr(pruner, "cross", None) is not None:  # dense targets' X_prunedᵀ X_dense
-        group.sum(pruner.cross)
+    """Sum an AdmmPruner's statistics (its float64 sums: Hessian, squares, dense targets' cross product;
+    sequence and token counts) over the ranks, on every rank, so that any rank can prune the layer (and the
+    ranks sharing one Hessian, q/k/v, can split them). Each batch's float32 products are the same on any rank
+    and float64 sums of them round to the same float32 statistics in any order (see README, "How close to one
+    process"), so N processes prune the model of one."""
+    if pruner.hessian_sum is None:
+        raise RuntimeError("sum_statistics needs a pruner still accumulating: its statistics were already read")
+    counts = torch.tensor([pruner.nsamples, pruner.tokens], dtype=torch.float64, device=pruner.hessian_sum.device)
+    for total in (pruner.hessian_sum, pruner.square_sum, pruner.cross_sum):
+        if total is not None:
+            group.sum(total)
     nsamples, tokens = (int(c) for c in group.sum(counts).tolist())
-    pruner.scaler.div_(max(nsamples, 1))
     pruner.nsamples, pruner.tokens = nsamples, tokens
 
 

@@ -59,6 +59,8 @@ class PruneReport:
 
 # Dense targets' least-squares damping, relative to each input channel's energy (diag H).
 DENSE_TARGET_DAMPING = 0.01
+# Columns of X_prunedᵀ X_dense computed per float32 GEMM before their float64 add (bounds the temporary).
+CROSS_PANEL = 1024
 
 
 def parse_mask_structure(structure) -> tuple[str, int, int]:
@@ -206,8 +208,11 @@ class AdmmPruner:
 
     Options given here (see fasterprune) are the defaults of this pruner's fasterprune calls.
 
-    Statistics are float32 on the layer's device; the Hessian keeps only its lower triangle (the
-    upper one is never read), so per-layer statistics from several processes can simply be summed.
+    Statistics are kept as float64 sums on the layer's device (hessian_sum, square_sum, cross_sum and the
+    counts nsamples, tokens), so that they are plain sums: summed over processes in any split of the batches
+    they give the same values (see distributed.sum_statistics). Each batch's products are float32 GEMMs; only
+    their sum is float64, rounded once to float32 when the statistics are first read (H, scaler, cross),
+    which ends the accumulation. The Hessian keeps only its lower triangle (the upper one is never read).
     """
 
     def __init__(self, layer: nn.Module, **options):
@@ -223,13 +228,45 @@ class AdmmPruner:
         self.layer = layer
         self.rows, self.columns = layer.weight.shape
         dev = layer.weight.device
-        self.H = torch.zeros(self.columns, self.columns, dtype=torch.float32, device=dev)
-        self.scaler = torch.zeros(self.columns, dtype=torch.float32, device=dev)
+        self.hessian_sum = torch.zeros(self.columns, self.columns, dtype=torch.float64, device=dev)
+        self.square_sum = torch.zeros(self.columns, dtype=torch.float64, device=dev)
+        self.cross_sum = None  # dense targets: sum of X_prunedᵀ X_dense (add_cross), when the block loop feeds it
         self.nsamples = 0  # sequences seen (SPEC §1's n)
         self.tokens = 0
+        self._final = None  # (H, scaler, cross) in float32 once read; None while accumulating or freed
+        self.freed = False
         self.factors: dict = {}  # factorisations of the final statistics, shared with share_statistics' followers
-        self.cross = None  # dense targets: sum of X_prunedᵀ X_dense (add_cross), when the block loop feeds it
         self.dense_blend = 1.0  # the target: dense_blend · dense model's output + (1 - dense_blend) · this input's
+
+    def _statistics(self) -> tuple:
+        """(H, scaler, cross) in float32: the sums rounded once, on the first call; the sums are then released."""
+        if self._final is None and not self.freed:
+            cross = None if self.cross_sum is None else self.cross_sum.float()
+            self._final = (self.hessian_sum.float(), (self.square_sum / max(self.nsamples, 1)).float(), cross)
+            self.hessian_sum = self.square_sum = self.cross_sum = None
+        return self._final or (None, None, None)
+
+    @property
+    def H(self) -> torch.Tensor | None:
+        """The Hessian Σ XᵀX (lower triangle), float32; None once freed."""
+        return self._statistics()[0]
+
+    @property
+    def scaler(self) -> torch.Tensor | None:
+        """Per input channel, the mean over sequences of Σ x² (SPEC §1's running mean), float32."""
+        return self._statistics()[1]
+
+    @property
+    def cross(self) -> torch.Tensor | None:
+        """Dense targets' Σ X_prunedᵀ X_dense, float32 (None without dense targets)."""
+        return self._statistics()[2]
+
+    def _check_accumulating(self) -> None:
+        if self.freed:
+            raise RuntimeError("this AdmmPruner was freed; create a new one")
+        if self._final is not None:
+            raise RuntimeError("this AdmmPruner's statistics are final once read (pruned, shared or inspected); "
+                               "add every batch before that, or create a new AdmmPruner")
 
     def share_statistics(self, leader: "AdmmPruner") -> None:
         """Take the statistics `leader` accumulated as this layer's own (same Hessian tensor, no copy): layers
@@ -238,19 +275,19 @@ class AdmmPruner:
         if leader.columns != self.columns:
             raise ValueError(f"cannot share statistics of a layer with {leader.columns} inputs with one of "
                              f"{self.columns}")
-        self.H, self.scaler, self.nsamples, self.tokens = leader.H, leader.scaler, leader.nsamples, leader.tokens
-        self.factors, self.cross = leader.factors, leader.cross
+        self.hessian_sum = self.square_sum = self.cross_sum = None
+        self._final, self.nsamples, self.tokens = leader._statistics(), leader.nsamples, leader.tokens
+        self.factors = leader.factors
 
     def add_statistics(self, other: "AdmmPruner", weight: float) -> None:
         """Add weight x other's statistics (Hessian, and the scaler as a weighted mean) to this layer's: a prior
         for a layer that saw too few tokens of its own (a rarely routed expert)."""
         if other.columns != self.columns:
             raise ValueError(f"cannot add statistics of a layer with {other.columns} inputs to one of {self.columns}")
-        self.factors.clear()
-        self.H.add_(other.H, alpha=weight)
-        total = self.nsamples + weight * other.nsamples
-        if total > 0:
-            self.scaler.mul_(self.nsamples / total).add_(other.scaler, alpha=weight * other.nsamples / total)
+        self._check_accumulating()
+        self.hessian_sum.add_(other.H, alpha=weight)
+        self.square_sum.add_(other.scaler.double() * other.nsamples, alpha=weight)
+        self.nsamples += weight * other.nsamples
         self.tokens += round(weight * other.tokens)
 
     def add_cross(self, inp: torch.Tensor, dense_inp: torch.Tensor) -> None:
@@ -260,11 +297,12 @@ class AdmmPruner:
         if inp.shape != dense_inp.shape:
             raise ValueError(f"dense targets need the pruned and the dense model's inputs for the same tokens; got "
                              f"shapes {tuple(inp.shape)} and {tuple(dense_inp.shape)}")
-        x, xd = (t.reshape(-1, self.columns).to(self.H.device, torch.float32) for t in (inp, dense_inp))
-        if self.cross is None:
-            self.cross = torch.zeros_like(self.H)
-        self.factors.clear()  # the statistics change
-        self.cross.addmm_(x.T, xd)
+        self._check_accumulating()
+        x, xd = (t.reshape(-1, self.columns).to(self.hessian_sum.device, torch.float32) for t in (inp, dense_inp))
+        if self.cross_sum is None:
+            self.cross_sum = torch.zeros_like(self.hessian_sum)
+        for c0 in range(0, self.columns, CROSS_PANEL):  # a batch's float32 product, a panel at a time
+            self.cross_sum[:, c0:c0 + CROSS_PANEL].add_(x.T @ xd[:, c0:c0 + CROSS_PANEL])
 
     def dense_target(self, weight: torch.Tensor) -> torch.Tensor:
         """The weight whose output on the pruned inputs best fits the blended target (least squares, damped):
@@ -288,8 +326,7 @@ class AdmmPruner:
         return (w + self.dense_blend * correction).to(weight.dtype)
 
     def add_batch(self, inp: torch.Tensor) -> None:
-        if self.H is None:
-            raise RuntimeError("this AdmmPruner was freed; create a new one")
+        self._check_accumulating()
         if not isinstance(inp, torch.Tensor) or not inp.is_floating_point():
             raise TypeError(f"calibration input must be a floating tensor, got {type(inp).__name__}"
                             + (f" of {inp.dtype}" if isinstance(inp, torch.Tensor) else ""))
@@ -299,11 +336,9 @@ class AdmmPruner:
         if inp.numel() == 0:
             raise ValueError(f"calibration input of shape {tuple(inp.shape)} holds no tokens")
         _check_finite(inp, "the calibration input")
-        batch = inp.shape[0] if inp.dim() >= 3 else 1
-        self.factors.clear()  # the statistics change
         with float32_matmuls(self.allow_tf32):
-            _ops.accumulate_stats(self.H, self.scaler, inp.to(self.H.device), self.nsamples, batch)
-        self.nsamples += batch
+            _ops.accumulate_sums(self.hessian_sum, self.square_sum, inp.to(self.hessian_sum.device))
+        self.nsamples += inp.shape[0] if inp.dim() >= 3 else 1
         self.tokens += inp.numel() // self.columns
 
     def fasterprune(self, sparse_ratio: float | None = None, **options) -> PruneReport:
@@ -315,7 +350,7 @@ class AdmmPruner:
         structure = opts["mask_structure"]
         sparse_ratio = resolve_sparse_ratio(sparse_ratio, structure)
         check_structure_fits(structure, (self.rows, self.columns))
-        if self.H is None:
+        if self.freed:
             raise RuntimeError("this AdmmPruner was freed; create a new one")
         if self.tokens == 0:
             raise RuntimeError("fasterprune() needs calibration statistics: call add_batch(inputs) first")
@@ -425,10 +460,9 @@ class AdmmPruner:
         return new, damping, dense, extra
 
     def free(self) -> None:
-        self.H = None
-        self.scaler = None
+        self.freed = True
+        self.hessian_sum = self.square_sum = self.cross_sum = self._final = None
         self.factors = {}  # a new dict: followers still pruning keep the shared one
-        self.cross = None
 
 
 def quadratic_trace(h_lower: torch.Tensor, a: torch.Tensor, block: int = 512) -> float:

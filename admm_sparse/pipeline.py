@@ -362,9 +362,9 @@ class _Feed:
 
     def gather(self, group: Group) -> None:
         """Every rank's calls, tokens and groupings combined (a rank may not see an expert that others do)."""
-        if not self.sharing or not all(hasattr(p, "H") for p in self.pruners.values()):
+        if not self.sharing or not all(hasattr(p, "hessian_sum") for p in self.pruners.values()):
             raise ValueError("pruning on several processes sums per-layer statistics: it needs the ADMM pruner "
-                             "(or one with the same H / scaler / nsamples / tokens statistics)")
+                             "(or one with the same hessian_sum / square_sum / nsamples / tokens statistics)")
         names = list(self.pruners)
         counts = group.sum(torch.tensor([[self.calls[n], self.tokens[n]] for n in names], dtype=torch.float64))
         for name, (calls, tokens) in zip(names, counts.tolist()):
@@ -870,20 +870,20 @@ class _Injector(nn.Module):
 def _perplexity(model, stack_name, blocks, windows: list[torch.Tensor], finals: list[torch.Tensor], device,
                 group: Group) -> float:
     """exp(mean next-token NLL) of windows whose final hidden states (the stack's outputs) are `finals`, over
-    every rank's windows."""
+    every rank's windows. The batches' sums are added exactly rounded (math.fsum), so in any order: the
+    same figure from any number of processes."""
     parent, attr = _parent(model, stack_name)
-    nll, count = 0.0, 0
+    sums = []
     try:
         for batch, final in zip(windows, finals):
             setattr(parent, attr, nn.ModuleList([_Injector(final)] + [_Injector() for _ in range(len(blocks) - 1)]))
             batch = batch.to(device)
             logits = model(input_ids=batch, use_cache=False).logits
-            batch_nll, predictions = nll_sum(logits, batch)
-            nll, count = nll + batch_nll, count + predictions
+            sums.append(nll_sum(logits, batch))
     finally:
         setattr(parent, attr, blocks)
-    nll, count = group.sum(torch.tensor([nll, count], dtype=torch.float64)).tolist()
-    return math.exp(nll / count)
+    sums = [pair for part in group.gather_objects(sums) for pair in part]
+    return math.exp(math.fsum(nll for nll, _ in sums) / sum(count for _, count in sums))
 
 
 def _libc():

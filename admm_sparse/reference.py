@@ -7,13 +7,13 @@ from __future__ import annotations
 import torch
 
 
-def accumulate_stats(hessian: torch.Tensor, scaler: torch.Tensor, inp: torch.Tensor, n_before: int, batch: int):
-    """SPEC §1 on the full (symmetric) Hessian, in place."""
+def accumulate_sums(hessian_sum: torch.Tensor, square_sum: torch.Tensor, inp: torch.Tensor):
+    """SPEC §1's statistics as float64 sums of each batch's float32 products, on the full (symmetric) Hessian,
+    in place. The Hessian is hessian_sum in float32; the scaler (SPEC's running mean over sequences, which
+    telescopes to the sum over the count) is square_sum / sequences in float32."""
     x = inp.reshape(-1, inp.shape[-1]).float()
-    hessian += x.T @ x
-    n_after = n_before + batch
-    scaler *= n_before / n_after
-    scaler += (x * x).sum(0) / n_after
+    hessian_sum += (x.T @ x).double()
+    square_sum += (x * x).sum(0).double()
 
 
 def damped_cholesky_inverse(matrix: torch.Tensor, shift: float) -> torch.Tensor:
@@ -117,13 +117,13 @@ def prune_linear(weight: torch.Tensor, inputs, sparse_ratio: float, keep_bits: i
                  prune_iters: int = 15) -> torch.Tensor:
     """SPEC §1-3 end to end on a weight and an iterable of input batches; returns the new weight."""
     d_in = weight.shape[1]
-    hessian = torch.zeros(d_in, d_in, device=weight.device)
-    scaler = torch.zeros(d_in, device=weight.device)
+    hessian_sum = torch.zeros(d_in, d_in, dtype=torch.float64, device=weight.device)
+    square_sum = torch.zeros(d_in, dtype=torch.float64, device=weight.device)
     n = 0
     for inp in inputs:
-        batch = inp.shape[0] if inp.dim() >= 3 else 1
-        accumulate_stats(hessian, scaler, inp, n, batch)
-        n += batch
+        accumulate_sums(hessian_sum, square_sum, inp)
+        n += inp.shape[0] if inp.dim() >= 3 else 1
+    hessian, scaler = hessian_sum.float(), (square_sum / n).float()
     k = int(weight.shape[0] * d_in * sparse_ratio)
     pruned = admm_prune(hessian, weight, k, percdamp, rho, iters, prune_iters).to(weight.dtype)
     if keep_bits is None:

@@ -159,11 +159,14 @@ def phases(size: int, tokens: int, ratio: float, repeats: int) -> str:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(tokens, size, generator=g)
     w0 = torch.randn(size, size, generator=g) / size**0.5
-    h, scaler = torch.zeros(size, size), torch.zeros(size)
+    h_sum, square_sum = torch.zeros(size, size, dtype=torch.float64), torch.zeros(size, dtype=torch.float64)
+    _ops.accumulate_sums(h_sum, square_sum, x)
+    h = h_sum.float()
     k = int(size * size * ratio)
     a, out = torch.randn(size, size, generator=g), torch.empty(size, size)
     steps = {
-        "statistics (X^T X, lower triangle)": lambda: (h.zero_(), scaler.zero_(), _ops.accumulate_stats(h, scaler, x, 0, 1)),
+        "statistics (X^T X, lower triangle, float64 sums)": lambda: (h_sum.zero_(), square_sum.zero_(),
+                                                                 _ops.accumulate_sums(h_sum, square_sum, x)),
         "admm_prune op (20 iterations)": lambda: _ops.admm_prune(h, w0, k, 0.1, 1.0, 20, 15, "unstructured"),
         "admm_prune op (1 iteration)": lambda: _ops.admm_prune(h, w0, k, 0.1, 1.0, 1, 1, "unstructured"),
         "one GEMM d_in x d_in x d_out": lambda: torch.mm(a, a, out=out),

@@ -29,45 +29,50 @@ bool all_finite(const at::Tensor& t) {
 // wasted upper half of the diagonal blocks stays a few percent of the work.
 int64_t triangle_leaf(const at::Tensor& t) { return t.is_cuda() ? 1024 : 256; }
 
-// H[j0:j1, j0:j1] += lower triangle of X[:, j0:j1]^T X[:, j0:j1], and col_sq[j0:j1] = the columns' sums of
-// squares. Halved recursively: the off-diagonal quarter is one large GEMM (efficient), the two diagonal
-// halves recurse, and only the leaves compute a full square block to keep its lower triangle.
-void accumulate_triangle(const at::Tensor& hessian, const at::Tensor& col_sq, const at::Tensor& x, int64_t j0,
-                         int64_t j1, int64_t leaf) {
+// hessian_sum[j0:j1, j0:j1] (float64) += lower triangle of X[:, j0:j1]^T X[:, j0:j1] (float32 GEMMs), and
+// square_sum[j0:j1] += the columns' sums of squares. Halved recursively: the off-diagonal quarter is large
+// GEMMs (efficient; cut into panels of `leaf` rows so that the float32 product waiting for its float64 add
+// stays small), the two diagonal halves recurse, and only the leaves compute a full square block to keep
+// its lower triangle. The blocking depends on d_in alone, so a batch's float32 products are the same
+// whichever process computes them and whatever batches came before.
+void accumulate_triangle(const at::Tensor& hessian_sum, const at::Tensor& square_sum, const at::Tensor& x,
+                         int64_t j0, int64_t j1, int64_t leaf) {
   const int64_t w = j1 - j0;
   if (w <= leaf) {
     const at::Tensor xj = x.narrow(1, j0, w);
     // Its diagonal is the columns' sum of squares, which the scaler needs, so X is read only by the GEMMs.
     const at::Tensor diag_block = at::mm(xj.t(), xj);
-    hessian.narrow(0, j0, w).narrow(1, j0, w).add_(diag_block.tril());
-    col_sq.narrow(0, j0, w).copy_(diag_block.diagonal());
+    hessian_sum.narrow(0, j0, w).narrow(1, j0, w).add_(diag_block.tril());
+    square_sum.narrow(0, j0, w).add_(diag_block.diagonal());
     return;
   }
   const int64_t mid = j0 + w / 2;
-  hessian.narrow(0, mid, j1 - mid).narrow(1, j0, mid - j0).addmm_(x.narrow(1, mid, j1 - mid).t(), x.narrow(1, j0, mid - j0));
-  accumulate_triangle(hessian, col_sq, x, j0, mid, leaf);
-  accumulate_triangle(hessian, col_sq, x, mid, j1, leaf);
+  const at::Tensor left = x.narrow(1, j0, mid - j0);
+  for (int64_t r0 = mid; r0 < j1; r0 += leaf) {
+    const int64_t rows = std::min(leaf, j1 - r0);
+    hessian_sum.narrow(0, r0, rows).narrow(1, j0, mid - j0).add_(at::mm(x.narrow(1, r0, rows).t(), left));
+  }
+  accumulate_triangle(hessian_sum, square_sum, x, j0, mid, leaf);
+  accumulate_triangle(hessian_sum, square_sum, x, mid, j1, leaf);
 }
 
-void accumulate_stats(const at::Tensor& hessian, const at::Tensor& scaler, const at::Tensor& inp,
-                      int64_t n_before, int64_t batch) {
-  check_matrix(hessian, "hessian");
-  const int64_t d_in = hessian.size(0);
-  TORCH_CHECK(hessian.size(1) == d_in && hessian.is_contiguous(), "hessian must be a contiguous square matrix");
-  TORCH_CHECK(scaler.dim() == 1 && scaler.size(0) == d_in && scaler.scalar_type() == at::kFloat,
-              "scaler must be a float32 vector of length ", d_in);
+void accumulate_sums(const at::Tensor& hessian_sum, const at::Tensor& square_sum, const at::Tensor& inp) {
+  TORCH_CHECK(hessian_sum.dim() == 2 && hessian_sum.scalar_type() == at::kDouble,
+              "hessian_sum must be a float64 matrix, got ", hessian_sum.scalar_type(), " of ", hessian_sum.dim(),
+              " dimensions");
+  const int64_t d_in = hessian_sum.size(0);
+  TORCH_CHECK(hessian_sum.size(1) == d_in && hessian_sum.is_contiguous(),
+              "hessian_sum must be a contiguous square matrix");
+  TORCH_CHECK(square_sum.dim() == 1 && square_sum.size(0) == d_in && square_sum.scalar_type() == at::kDouble,
+              "square_sum must be a float64 vector of length ", d_in);
   TORCH_CHECK(inp.dim() >= 1 && inp.size(-1) == d_in, "input's last dimension must be ", d_in, ", got ",
               inp.sizes());
   TORCH_CHECK(at::isFloatingType(inp.scalar_type()), "input must be a floating tensor, got ", inp.scalar_type());
-  TORCH_CHECK(inp.device() == hessian.device() && scaler.device() == hessian.device(),
-              "hessian, scaler and input must be on one device");
-  TORCH_CHECK(n_before >= 0 && batch >= 1, "need n_before >= 0 and batch >= 1");
+  TORCH_CHECK(inp.device() == hessian_sum.device() && square_sum.device() == hessian_sum.device(),
+              "hessian_sum, square_sum and input must be on one device");
 
   const at::Tensor x = inp.reshape({-1, d_in}).to(at::kFloat).contiguous();
-  const at::Tensor col_sq = at::empty({d_in}, scaler.options());
-  if (d_in > 0) accumulate_triangle(hessian, col_sq, x, 0, d_in, triangle_leaf(hessian));
-  const double n_after = static_cast<double>(n_before + batch);
-  scaler.mul_(static_cast<double>(n_before) / n_after).add_(col_sq.div_(n_after));
+  if (d_in > 0) accumulate_triangle(hessian_sum, square_sum, x, 0, d_in, triangle_leaf(hessian_sum));
 }
 
 // Retry rule for a factorisation that failed: add 10x more shift each time, starting from a
@@ -251,7 +256,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> admm_prune_with(const at::Tensor&
 }
 
 TORCH_LIBRARY_IMPL(admm_sparse, CompositeExplicitAutograd, m) {
-  m.impl("accumulate_stats", &accumulate_stats);
+  m.impl("accumulate_sums", &accumulate_sums);
   m.impl("damped_cholesky_inverse", &damped_cholesky_inverse);
 }
 

@@ -4,10 +4,11 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(admm_sparse, m) {
-  // hessian[d_in, d_in] += X^T X on the lower triangle (the upper one is never read or written);
-  // scaler[d_in] = scaler * n_before / (n_before + batch) + sum_t X[t]^2 / (n_before + batch).
-  // X = inp.reshape(-1, d_in) in float32. hessian and scaler are float32 and contiguous.
-  m.def("accumulate_stats(Tensor(a!) hessian, Tensor(b!) scaler, Tensor inp, int n_before, int batch) -> ()");
+  // The statistics of SPEC section 1 as plain float64 sums, which any split of the batches over processes
+  // adds up to the same values: hessian_sum[d_in, d_in] += X^T X on the lower triangle (the upper one is
+  // never read or written), square_sum[d_in] += sum_t X[t]^2, X = inp.reshape(-1, d_in) in float32. Each
+  // batch's products are float32 GEMMs blocked by d_in alone; only their sum is float64.
+  m.def("accumulate_sums(Tensor(a!) hessian_sum, Tensor(b!) square_sum, Tensor inp) -> ()");
   // (matrix + shift I)^-1 through a Cholesky factorisation of the lower triangle. If that matrix is not
   // positive definite, more shift is added and the factorisation retried. Returns the inverse and the
   // shift used (a float32 scalar tensor on the matrix's device; callers warn when it exceeds `shift`,

@@ -375,8 +375,9 @@ def test_opcheck_cuda(gpu):
     h, w = make_problem(40, 48, seed=14)
     h_d, w_d = h.to(gpu), w.to(gpu)
     x = torch.randn(3, 10, 48, device=gpu)
-    torch.library.opcheck(torch.ops.admm_sparse.accumulate_stats.default,
-                          (torch.zeros(48, 48, device=gpu), torch.zeros(48, device=gpu), x, 0, 3))
+    torch.library.opcheck(torch.ops.admm_sparse.accumulate_sums.default,
+                          (torch.zeros(48, 48, dtype=torch.float64, device=gpu),
+                           torch.zeros(48, dtype=torch.float64, device=gpu), x))
     torch.library.opcheck(torch.ops.admm_sparse.damped_cholesky_inverse.default, (h_d, 1.0))
     torch.library.opcheck(torch.ops.admm_sparse.prune_mask.default, (torch.randn(33, 17, device=gpu), 200))
     torch.library.opcheck(torch.ops.admm_sparse.prune_mask.default, (tied_values((5, 300), 15).to(gpu), 0))

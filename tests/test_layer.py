@@ -201,3 +201,31 @@ def test_allow_tf32_is_checked_and_torch_setting_restored(monkeypatch):
                 assert matmul.fp32_precision == caller_setting  # the caller's setting is back
     finally:
         matmul.fp32_precision = before
+
+
+def test_statistics_are_float64_sums_rounded_once():
+    """H and the scaler are the float64 sums of each batch's float32 products, rounded to float32 when first
+    read; the scaler is SPEC §1's running mean over sequences (which telescopes to Σx² / sequences)."""
+    batches = [calib((2, 30, 40)), calib((25, 40)), calib((3, 10, 40))]
+    pruner = admm_sparse.AdmmPruner(make_layer(20, 40))
+    for x in batches:
+        pruner.add_batch(x)
+    exact_h = sum((x.reshape(-1, 40).double().T @ x.reshape(-1, 40).double() for x in batches))
+    torch.testing.assert_close(pruner.H.tril(), exact_h.float().tril(), rtol=1e-6, atol=1e-5)
+    assert pruner.H.dtype == torch.float32 and torch.count_nonzero(pruner.H.triu(1)) == 0
+    running, n = torch.zeros(40, dtype=torch.float64), 0
+    for x in batches:  # SPEC §1's running mean, in float64
+        b = x.shape[0] if x.dim() >= 3 else 1
+        running = running * n / (n + b) + (x.reshape(-1, 40).double() ** 2).sum(0) / (n + b)
+        n += b
+    assert pruner.nsamples == n == 6
+    torch.testing.assert_close(pruner.scaler, running.float(), rtol=1e-6, atol=0)
+
+
+def test_statistics_are_final_once_read():
+    pruner = admm_sparse.AdmmPruner(make_layer(20, 40))
+    pruner.add_batch(calib((30, 40)))
+    assert pruner.H is not None  # reading them rounds the sums and ends the accumulation
+    with pytest.raises(RuntimeError, match="final once read"):
+        pruner.add_batch(calib((30, 40)))
+    assert pruner.hessian_sum is None and pruner.H is pruner.H

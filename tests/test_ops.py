@@ -21,37 +21,64 @@ def make_inputs(seed, shape, dtype=torch.float32, zero_channels=()):
 
 
 def stats_of(x_batches, d_in, fn):
-    h = torch.zeros(d_in, d_in)
-    s = torch.zeros(d_in)
-    n = 0
+    h = torch.zeros(d_in, d_in, dtype=torch.float64)
+    s = torch.zeros(d_in, dtype=torch.float64)
     for x in x_batches:
-        b = x.shape[0] if x.dim() >= 3 else 1
-        fn(h, s, x, n, b)
-        n += b
+        fn(h, s, x)
     return h, s
 
 
 @given(d_in=st.integers(1, 70), shapes=st.lists(st.sampled_from(["2d", "3d"]), min_size=1, max_size=3),
        dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16))
-def test_accumulate_stats_matches_reference(d_in, shapes, dtype, seed):
+def test_accumulate_sums_matches_reference(d_in, shapes, dtype, seed):
     batches = [make_inputs(seed + i, (7, d_in) if kind == "2d" else (2, 5, d_in), dtype)
                for i, kind in enumerate(shapes)]
-    h, s = stats_of(batches, d_in, _ops.accumulate_stats)
-    h_ref, s_ref = stats_of(batches, d_in, ref.accumulate_stats)
+    h, s = stats_of(batches, d_in, _ops.accumulate_sums)
+    h_ref, s_ref = stats_of(batches, d_in, ref.accumulate_sums)
     torch.testing.assert_close(h.tril(), h_ref.tril(), rtol=1e-5, atol=1e-4)
     assert torch.count_nonzero(h.triu(1)) == 0, "the upper triangle must stay untouched"
     torch.testing.assert_close(s, s_ref, rtol=1e-5, atol=1e-5)
 
 
-def test_accumulate_stats_spans_several_triangle_blocks():
-    d_in = 600  # > the CPU column block of 256: diagonal, off-diagonal and ragged last blocks
+def test_accumulate_sums_spans_several_triangle_blocks():
+    d_in = 600  # > the CPU column block of 256: diagonal, off-diagonal panels and ragged last blocks
     x = make_inputs(0, (3, 40, d_in), zero_channels=(0, 299, 599))
-    h, s = stats_of([x, x[0]], d_in, _ops.accumulate_stats)
-    h_ref, s_ref = stats_of([x, x[0]], d_in, ref.accumulate_stats)
+    h, s = stats_of([x, x[0]], d_in, _ops.accumulate_sums)
+    h_ref, s_ref = stats_of([x, x[0]], d_in, ref.accumulate_sums)
     torch.testing.assert_close(h.tril(), h_ref.tril(), rtol=1e-5, atol=1e-3)
     assert torch.count_nonzero(h.triu(1)) == 0
     torch.testing.assert_close(s, s_ref, rtol=1e-5, atol=1e-6)
     assert h[299, 299] == 0 and s[599] == 0
+
+
+def test_accumulate_sums_are_the_same_in_any_split_of_the_batches():
+    """What makes N processes prune the model of one: the batches' sums, taken in any grouping and order (as
+    ranks summing their share and then each other's), are bitwise equal once rounded to float32."""
+    d_in = 300
+    batches = [make_inputs(i, (64, d_in)) * (10.0 ** (i % 3)) for i in range(8)]
+
+    def grouped(parts):
+        h, s = torch.zeros(d_in, d_in, dtype=torch.float64), torch.zeros(d_in, dtype=torch.float64)
+        for part in parts:
+            hp, sp = stats_of([batches[i] for i in part], d_in, _ops.accumulate_sums)
+            h += hp
+            s += sp
+        return h.float(), s.float()
+
+    h1, s1 = grouped([range(8)])
+    for parts in ([range(0, 8, 2), range(1, 8, 2)], [range(0, 8, 3), range(1, 8, 3), range(2, 8, 3)],
+                  [[7, 6, 5, 4, 3, 2, 1, 0]]):
+        h, s = grouped(parts)
+        assert torch.equal(h, h1) and torch.equal(s, s1)
+    # The float32 running sums they replace differ in these splits.
+    h32 = [sum((x.T @ x for x in (batches[i] for i in part)), torch.zeros(d_in, d_in))
+           for part in (range(0, 8, 2), range(1, 8, 2))]
+    assert not torch.equal(h32[0] + h32[1], sum((x.T @ x for x in batches), torch.zeros(d_in, d_in)))
+
+
+def test_accumulate_sums_refuses_float32_sums():
+    with pytest.raises(RuntimeError, match="float64"):
+        _ops.accumulate_sums(torch.zeros(4, 4), torch.zeros(4, dtype=torch.float64), torch.randn(3, 4))
 
 
 @given(n=st.integers(0, 300), k_frac=st.floats(0, 1), levels=st.sampled_from([0, 3, 50]), seed=st.integers(0, 2**16))
@@ -249,7 +276,8 @@ def test_admm_prune_rejects_bad_arguments():
 def test_opcheck_every_op():
     h, w = admm_case(12, 10, 30, 5)
     x = make_inputs(9, (2, 6, 10))
-    torch.library.opcheck(torch.ops.admm_sparse.accumulate_stats, (torch.zeros(10, 10), torch.zeros(10), x, 0, 2))
+    torch.library.opcheck(torch.ops.admm_sparse.accumulate_sums,
+                          (torch.zeros(10, 10, dtype=torch.float64), torch.zeros(10, dtype=torch.float64), x))
     torch.library.opcheck(torch.ops.admm_sparse.damped_cholesky_inverse, (h, 1.0))
     torch.library.opcheck(torch.ops.admm_sparse.prune_mask, (w, 40))
     torch.library.opcheck(torch.ops.admm_sparse.admm_prune, (h, w, 40, 0.1, 1.0, 20, 15))
