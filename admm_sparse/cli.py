@@ -23,6 +23,7 @@ import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from . import builtin, evaluate
+from . import device as devices
 from .calib import HELDOUT_FRACTION, calibration_windows, read_texts, split_heldout, tokenize
 from .config import OPTIONS, PRESETS, FloatSparseConfig, load_config, preset_options
 from .deploy import CHECK_WINDOWS, DtypeCheck, check_dtype, describe
@@ -53,8 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                         help="dtype to load the model in (prune's default: the model's own, float32 for GGUF; "
                         "eval's: float32, whatever the stored dtype)")
-    common.add_argument("--device", default="auto", help="compute device, e.g. cpu, cuda, cuda:1 (default: cuda "
-                        "when available). Blocks move there one at a time; the model stays in CPU memory")
+    common.add_argument("--device", default="auto", help="compute device: cpu, cuda, cuda:1, npu, npu:1 (Ascend, with "
+                        "torch_npu), xpu, mps, ... (default: the first of CUDA, NPU, XPU that is present, else the CPU). "
+                        "Blocks move there one at a time; the model stays in CPU memory")
     common.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
     common.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     common.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -106,9 +108,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    return devices.resolve(name)
 
 
 def _model_name(path: Path | None) -> str:

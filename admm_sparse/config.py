@@ -13,8 +13,8 @@ spec:
                                       # or "fast": the seed's accuracy in fewer, cheaper iterations
       round_in_admm: null             # keep-bit rounding with compensation; null = on in quality mode only
       allow_tf32: false               # CUDA float32 GEMMs in TF32 (faster, less exact)
-      calibration_dtype: "auto"       # the calibration forwards' dtype: model, bfloat16, or auto (bfloat16 in
-                                      # fast mode where bfloat16 GEMMs are faster, else the model's)
+      calibration_dtype: "auto"       # the calibration forwards' dtype: model, bfloat16, float16, or auto
+                                      # (bfloat16 in fast mode where bfloat16 GEMMs are faster, else the model's)
       keep_bits: 2                    # mantissa bits the keep-bit rounding keeps (SPEC §3); null: no rounding
       reconstruct_epochs: 0           # block reconstruction after each block's pruning (0: off); see reconstruct.py
       reconstruct_lr: 0.003           # its Adam step, relative to each layer's kept weights' RMS
@@ -119,7 +119,7 @@ def _check_reconstruct_lr(value, where: str) -> float:
     return float(value)
 
 
-CALIBRATION_DTYPES = ("auto", "model", "bfloat16")
+CALIBRATION_DTYPES = ("auto", "model", "bfloat16", "float16")
 ALLOCATIONS = ("uniform", "error")
 RECONSTRUCT_DTYPES = ("model", "bfloat16")
 
@@ -137,8 +137,9 @@ OPTIONS = (
            "(default: on in quality mode only)", None),
     Option("allow_tf32", False, "on a GPU, float32 GEMMs in TF32: faster, less exact", None),
     Option("calibration_dtype", "auto", "dtype of the calibration forwards (statistics and the next block's inputs): "
-           "model (the model's own), bfloat16 (autocast: faster, less exact), or auto: bfloat16 in fast mode where "
-           "bfloat16 GEMMs are faster on the device, else the model's", str, "loop", _check_choice(CALIBRATION_DTYPES)),
+           "model (the model's own), bfloat16 (autocast: faster, less exact), float16 (autocast, for devices without "
+           "bfloat16 such as the Atlas card; an overflow is an error naming the block), or auto: bfloat16 in fast "
+           "mode where bfloat16 GEMMs are faster on the device, else the model's", str, "loop", _check_choice(CALIBRATION_DTYPES)),
     Option("keep_bits", 2, "mantissa bits kept by the keep-bit rounding for the Atlas card's compression "
            "(SPEC §3); none: no rounding", _optional_int),
     Option("reconstruct_epochs", 0, "block reconstruction: after a block is pruned, at most this many epochs of Adam "

@@ -2,8 +2,9 @@
 
 The block loop (pipeline.prune_blocks) talks to a Group and never asks how many processes there are: a
 single process is a group of one, whose collectives do nothing. Under `torchrun --nproc-per-node N`
-(WORLD_SIZE > 1 in the environment) `from_environment` joins the process group PyTorch's launcher set up:
-NCCL when the compute device is CUDA (one GPU per rank, from LOCAL_RANK), Gloo on CPUs. Then:
+(WORLD_SIZE > 1 in the environment) `from_environment` joins the process group PyTorch's launcher set up, with
+the compute device's backend (device.backend: NCCL, HCCL, XCCL; Gloo on CPUs), one accelerator per rank from
+LOCAL_RANK. Then:
 - calibration (and evaluation) windows are split over the ranks, each rank capturing and running the blocks
   for its own windows only;
 - per-layer statistics (the Hessian's lower triangle, the channels' sums of squares, token counts: all plain
@@ -21,6 +22,8 @@ import os
 from typing import Sequence
 
 import torch
+
+from . import device as devices
 
 DEFAULT_TIMEOUT_S = 1800
 
@@ -91,18 +94,16 @@ def launched() -> bool:
 
 def from_environment(device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[Group, torch.device]:
     """(the group this process belongs to, its compute device). Without a launcher: Group() and `device`.
-    Under torchrun: joins the process group (NCCL for CUDA, one GPU per rank by LOCAL_RANK; Gloo else)."""
+    Under torchrun: joins the process group with the device's backend (device.backend: NCCL for CUDA, HCCL for
+    Ascend NPUs, XCCL for XPUs, Gloo for CPUs), one accelerator per process by LOCAL_RANK."""
     if not launched():
         return Group(), device
     import torch.distributed as dist
 
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
+    device = devices.local_device(device, int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(seconds=timeout_s),
-                                **({"device_id": device} if device.type == "cuda" else {}))
+        dist.init_process_group(devices.backend(device), timeout=datetime.timedelta(seconds=timeout_s),
+                                **devices.one_device_per_process(device))
     return TorchGroup(), device
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from . import _ops
+from . import device as devices
 from .quality import pruned_set
 
 ALPHA = 1.5  # over-relaxation (convergent for alpha in (0, 2) in the convex case)
@@ -61,22 +62,25 @@ def low_precision_dtype(device: torch.device) -> torch.dtype:
 
 def relax(gemm_out, wn0, z, u, rho: float, alpha: float) -> None:
     """In place: u <- alpha·(wn0 + rho·gemm_out) + (1 - alpha)·z + u, i.e. V = the over-relaxed Wn plus the
-    scaled dual. One native pass on the CPU."""
-    if u.is_cpu:
+    scaled dual. One native pass where the device has the kernel (the CPU)."""
+    if devices.native("fast_relax", u.device):
         torch.ops.admm_sparse.fast_relax(gemm_out, wn0, z, u, rho, alpha)
     else:
         relax_aten(gemm_out, wn0, z, u, rho, alpha)
 
 
 def relax_aten(gemm_out, wn0, z, u, rho: float, alpha: float) -> None:
-    """relax() in ATen ops, for devices without the native kernel."""
-    u.add_(z, alpha=1 - alpha).add_(wn0, alpha=alpha).add_(gemm_out.float(), alpha=alpha * rho)
+    """relax() in ATen ops, for devices without the native kernel: the native pass's float32 operations in its
+    order (alpha·(wn0 + rho·gemm_out) + (1 - alpha)·z, then + u), so that both paths round alike."""
+    wn = gemm_out.float().mul(rho).add_(wn0)
+    u.add_(wn.mul_(alpha).add_(z.mul(1 - alpha)))
 
 
 def project(u, pruned, previous, wn0, z, step) -> int:
     """With V in u: z <- V off the pruned set, u <- V on it (the scaled dual), step <- z - u - wn0 (in step's
-    dtype). Returns how many entries of pruned differ from previous (0 when None). One native pass on the CPU."""
-    if u.is_cpu:
+    dtype). Returns how many entries of pruned differ from previous (0 when None). One native pass where the
+    device has the kernel (the CPU)."""
+    if devices.native("fast_project", u.device):
         return torch.ops.admm_sparse.fast_project(u, pruned, previous, wn0, z, step)
     return project_aten(u, pruned, previous, wn0, z, step)
 

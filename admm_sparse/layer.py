@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from . import _ops
+from . import device as devices
 from .keepbits import apply_keepbits
 
 # The seed's constants (KEEP_BITS, KEEP_PROPORTION, PERCDAMP, ITERATIVE_PRUNE, ITERS) and rho, and the
@@ -227,9 +228,10 @@ class AdmmPruner:
         _check_finite(layer.weight.detach(), "the layer's weight")
         self.layer = layer
         self.rows, self.columns = layer.weight.shape
-        dev = layer.weight.device
-        self.hessian_sum = torch.zeros(self.columns, self.columns, dtype=torch.float64, device=dev)
-        self.square_sum = torch.zeros(self.columns, dtype=torch.float64, device=dev)
+        self.device = layer.weight.device
+        sums = devices.statistics_device(self.device)  # the CPU for a device without float64
+        self.hessian_sum = torch.zeros(self.columns, self.columns, dtype=torch.float64, device=sums)
+        self.square_sum = torch.zeros(self.columns, dtype=torch.float64, device=sums)
         self.cross_sum = None  # dense targets: sum of X_prunedᵀ X_dense (add_cross), when the block loop feeds it
         self.nsamples = 0  # sequences seen (SPEC §1's n)
         self.tokens = 0
@@ -241,8 +243,9 @@ class AdmmPruner:
     def _statistics(self) -> tuple:
         """(H, scaler, cross) in float32: the sums rounded once, on the first call; the sums are then released."""
         if self._final is None and not self.freed:
-            cross = None if self.cross_sum is None else self.cross_sum.float()
-            self._final = (self.hessian_sum.float(), (self.square_sum / max(self.nsamples, 1)).float(), cross)
+            cross = None if self.cross_sum is None else self.cross_sum.to(self.device, torch.float32)
+            self._final = (self.hessian_sum.to(self.device, torch.float32),
+                           (self.square_sum / max(self.nsamples, 1)).to(self.device, torch.float32), cross)
             self.hessian_sum = self.square_sum = self.cross_sum = None
         return self._final or (None, None, None)
 
@@ -298,11 +301,11 @@ class AdmmPruner:
             raise ValueError(f"dense targets need the pruned and the dense model's inputs for the same tokens; got "
                              f"shapes {tuple(inp.shape)} and {tuple(dense_inp.shape)}")
         self._check_accumulating()
-        x, xd = (t.reshape(-1, self.columns).to(self.hessian_sum.device, torch.float32) for t in (inp, dense_inp))
+        x, xd = (t.reshape(-1, self.columns).to(self.device, torch.float32) for t in (inp, dense_inp))
         if self.cross_sum is None:
             self.cross_sum = torch.zeros_like(self.hessian_sum)
         for c0 in range(0, self.columns, CROSS_PANEL):  # a batch's float32 product, a panel at a time
-            self.cross_sum[:, c0:c0 + CROSS_PANEL].add_(x.T @ xd[:, c0:c0 + CROSS_PANEL])
+            self.cross_sum[:, c0:c0 + CROSS_PANEL].add_((x.T @ xd[:, c0:c0 + CROSS_PANEL]).to(self.cross_sum.device))
 
     def dense_target(self, weight: torch.Tensor) -> torch.Tensor:
         """The weight whose output on the pruned inputs best fits the blended target (least squares, damped):
@@ -337,7 +340,7 @@ class AdmmPruner:
             raise ValueError(f"calibration input of shape {tuple(inp.shape)} holds no tokens")
         _check_finite(inp, "the calibration input")
         with float32_matmuls(self.allow_tf32):
-            _ops.accumulate_sums(self.hessian_sum, self.square_sum, inp.to(self.hessian_sum.device))
+            _ops.accumulate_sums(self.hessian_sum, self.square_sum, inp.to(self.device))
         self.nsamples += inp.shape[0] if inp.dim() >= 3 else 1
         self.tokens += inp.numel() // self.columns
 
@@ -367,8 +370,7 @@ class AdmmPruner:
             new, damping, dense_energy, extra = self._prune(old, k, structure, opts)
             delta_energy = quadratic_trace(self.H, new.float() - old.float())
         weight.data.copy_(new)
-        if weight.is_cuda:
-            torch.cuda.synchronize(weight.device)
+        devices.synchronize(weight.device)
         seconds = time.perf_counter() - start
         dense = dense_energy.item()
         return PruneReport(

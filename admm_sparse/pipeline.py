@@ -29,11 +29,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import allocation
+from . import device as devices
 from .config import FloatSparseConfig
 from .distributed import Group, layer_cost, sum_statistics
 from .evaluate import nll_sum
 from .fast import low_precision_dtype
-from .layer import AdmmPruner, parse_mask_structure
+from .layer import AdmmPruner, all_finite, parse_mask_structure
 from .reconstruct import block_output, holdout_split, reconstruct_block
 from .select import select_targets
 from .targets import Target, feeding, find_targets, is_conv1d, is_fused_experts, routers
@@ -182,12 +183,22 @@ def make_plan(model: nn.Module, config: FloatSparseConfig, blocks: str | None = 
 # ---------------------------------------------------------------- calibration plumbing
 
 def calibration_autocast(config: FloatSparseConfig, device: torch.device):
-    """The context the calibration forwards run in (config.calibration_dtype): bfloat16 autocast, or nothing.
-    The evaluation windows and the float16 check always run in the model's own dtype."""
+    """The context the calibration forwards run in (config.calibration_dtype): bfloat16 or float16 autocast, or
+    nothing. The evaluation windows and the float16 check always run in the model's own dtype. The statistics
+    are float32 products of each layer's input whatever the forwards' dtype (AdmmPruner.add_batch)."""
     dtype = config.calibration_dtype
     if dtype == "auto":
         dtype = "bfloat16" if config.mode == "fast" and low_precision_dtype(device) == torch.bfloat16 else "model"
-    return torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+    return nullcontext() if dtype == "model" else torch.autocast(device.type, dtype=getattr(torch, dtype))
+
+
+def _check_finite_stream(hidden: list[torch.Tensor], where: str) -> None:
+    """The calibration stream leaving a block must be finite: float16 forwards (the model's dtype, or
+    calibration_dtype float16) overflow beyond 65504, and every later statistic would be garbage."""
+    if not all(all_finite(h) for h in hidden):
+        raise ValueError(f"the calibration forwards overflowed in {where} (its outputs hold inf or NaN): in float16 "
+                         "activations beyond 65504 are lost; use calibration_dtype bfloat16 (where the device has it) "
+                         "or model, or a float32 model")
 
 
 class _StopForward(Exception):
@@ -350,6 +361,9 @@ class _Feed:
                                f"calibration batch but not in this one; pass a make_pruner without "
                                "share_statistics to collect its statistics on its own")
         if leader is None:
+            if inp.dtype == torch.float16 and not all_finite(inp):
+                raise ValueError(f"the calibration input of {name} overflowed float16 (it holds inf or NaN): use "
+                                 "calibration_dtype bfloat16 (where the device has it) or model, or a float32 model")
             self.pruners[name].add_batch(inp)
             self.batch.append((inp, name))
             dense = self.dense_inputs.get(id(target.module)) if self.dense_inputs is not None else None
@@ -825,14 +839,14 @@ def _prune_blockwise(model, the_plan: Plan, batches, device, make_pruner, config
             if i < last:
                 with calibration_autocast(config, device):
                     hidden = _run_block(block, hidden, calib_extras)  # with the pruned weights
+                _check_finite_stream(hidden, f"block {i} ({stack_name}.{i})")
             if evals:
                 pruned_eval = _run_block(block, pruned_eval, eval_extras)
             if checks:
                 dtype_check.step(f"{stack_name}.{i}", i, block, check_inputs, check_extras)
             if writer is not None:
                 writer.add({f"{stack_name}.{i}.{name}": t for name, t in block.state_dict().items()})
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        devices.empty_cache(device)
         _return_free_memory()
         result.block_seconds.append(time.perf_counter() - start)
         if state is not None:
