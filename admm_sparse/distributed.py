@@ -10,7 +10,8 @@ LOCAL_RANK. Then:
 - per-layer statistics (the Hessian's lower triangle, the channels' sums of squares, token counts: all plain
   float64 sums) are summed over the ranks, one all-reduce per statistics group (q/k/v share one);
 - the layers of a block are assigned to ranks, balanced by their cost (layer_cost: the inverse, the ADMM
-  iterations' GEMMs and the passes over the weight), each rank pruning its own;
+  iterations' GEMMs and the passes over the weight), each rank pruning its own; a layer costing more than an
+  even share of the block (split_layers) has its output rows split over all ranks instead (admm_sparse.split);
 - each pruned weight is broadcast from its owner, then every rank runs the pruned block on its windows.
 A collective that waits longer than the timeout fails, so a rank that died or hangs ends every rank with an
 error; torchrun then names the failed rank and its cause (errors are recorded with its @record).
@@ -127,6 +128,14 @@ def sum_statistics(group: Group, pruner) -> None:
 # rounding, the error report. Fitted on the built-in model's layers on this project's 2-core CPU (q, k, o,
 # gate, down: 0.18, 0.056, 0.17, 0.35, 0.75 s): the GEMM terms alone weigh down_proj 3.0x gate_proj, measured 2.1x.
 ELEMENTWISE_COST = 8600.0
+
+
+def split_layers(costs: Sequence[float], ranks: int) -> set[int]:
+    """The layers (indices) whose output rows are split over all ranks (admm_sparse.split): those costing more
+    than an even share of the block, which no assignment of whole layers can balance (a block waits for its most
+    loaded rank). None with one rank."""
+    share = sum(costs) / ranks
+    return {i for i, cost in enumerate(costs) if ranks > 1 and cost > share}
 
 
 def layer_cost(shape: tuple[int, int]) -> float:

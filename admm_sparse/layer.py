@@ -239,6 +239,7 @@ class AdmmPruner:
         self.freed = False
         self.factors: dict = {}  # factorisations of the final statistics, shared with share_statistics' followers
         self.dense_blend = 1.0  # the target: dense_blend · dense model's output + (1 - dense_blend) · this input's
+        self.split_group = None  # a distributed.Group whose ranks share this layer's seed-mode ADMM (admm_sparse.split)
 
     def _statistics(self) -> tuple:
         """(H, scaler, cross) in float32: the sums rounded once, on the first call; the sums are then released."""
@@ -344,6 +345,12 @@ class AdmmPruner:
         self.nsamples += inp.shape[0] if inp.dim() >= 3 else 1
         self.tokens += inp.numel() // self.columns
 
+    def can_split(self) -> bool:
+        """Whether this pruner's ADMM can be split over ranks by output rows (split_group): seed mode, rounding
+        after it."""
+        opts = check_options(self.options)
+        return opts["mode"] == "seed" and not opts["round_in_admm"]
+
     def fasterprune(self, sparse_ratio: float | None = None, **options) -> PruneReport:
         """Prune the layer's weight in place; options: keep_bits, keep_proportion, percdamp, prune_iters,
         iters, rho, mask_structure, mode, round_in_admm, allow_tf32 and quality mode's knobs (defaults in
@@ -390,9 +397,14 @@ class AdmmPruner:
         """The new weight (old's dtype), dampings, dense output energy and quality-mode report fields."""
         extra = {}
         if opts["mode"] == "seed" and not opts["round_in_admm"]:
-            pruned, damping, dense_energy = _ops.admm_prune(self.H, old.float(), k, opts["percdamp"], opts["rho"],
-                                                            opts["iters"], opts["prune_iters"],
-                                                            native_structure(structure))
+            args = (self.H, old.float(), k, opts["percdamp"], opts["rho"], opts["iters"], opts["prune_iters"],
+                    native_structure(structure))
+            if self.split_group is None:
+                pruned, damping, dense_energy = _ops.admm_prune(*args)
+            else:  # this rank iterates its share of the output rows; every rank gets the whole weight
+                from .split import admm_prune_split
+
+                pruned, damping, dense_energy = admm_prune_split(*args, self.split_group)
             new = pruned.to(old.dtype)
         elif opts["mode"] == "fast":
             new, damping, dense_energy, extra = self._prune_fast(old, k, structure, opts)

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from . import allocation
 from . import device as devices
 from .config import FloatSparseConfig
-from .distributed import Group, layer_cost, sum_statistics
+from .distributed import Group, layer_cost, split_layers, sum_statistics
 from .evaluate import nll_sum
 from .fast import low_precision_dtype
 from .layer import AdmmPruner, all_finite, parse_mask_structure
@@ -406,8 +406,12 @@ def _prune_targets(targets: list[Target], run: Callable[[], Any], batch_start: n
     if group.size > 1:
         feed.gather(group)
     # Each rank prunes its share, balanced by cost; with the statistics summed on every rank (below), layers
-    # that share one Hessian (q/k/v) can go to different ranks.
-    owners = dict(zip(pruners, group.assign([layer_cost(t.shape) for t in targets])))
+    # that share one Hessian (q/k/v) can go to different ranks. A layer no whole-layer assignment can balance is
+    # split over all ranks by its output rows (admm_sparse.split).
+    costs = [layer_cost(t.shape) for t in targets]
+    split = {targets[i].name for i in split_layers(costs, group.size)
+             if getattr(pruners[targets[i].name], "can_split", lambda: False)()}
+    owners = dict(zip(pruners, group.assign([0.0 if t.name in split else c for t, c in zip(targets, costs)])))
     if group.size > 1:
         for name, pruner in pruners.items():  # leaders only: followers share their leader's statistics
             if name not in feed.leader:
@@ -421,22 +425,27 @@ def _prune_targets(targets: list[Target], run: Callable[[], Any], batch_start: n
     rows = []
     for name in tqdm(list(pruners), desc=desc, unit="layer", leave=False, disable=not progress):
         pruner = pruners.pop(name)
-        if (feed.calls[name] or name in priors) and owners[name] == group.rank:
+        if (feed.calls[name] or name in priors) and (name in split or owners[name] == group.rank):
             start = time.perf_counter()
+            if name in split:
+                pruner.split_group = group
             report = _report_dict(pruner.fasterprune(ratios[name]))
             report.setdefault("seconds", time.perf_counter() - start)
             report["tokens"] = feed.tokens[name]  # routed to it (a prior's tokens are counted apart)
             if name in priors:
                 report["prior_tokens"] = priors[name]
-            rows.append({"name": name, **report})
+            if name in split:
+                report["split_over"] = group.size
+            if name not in split or group.rank == 0:  # a split layer's report is the same on every rank
+                rows.append({"name": name, **report})
             if scalers is not None:  # for the keep-bit rounding after block reconstruction
                 scaler = getattr(pruner, "scaler", None)
                 scalers[name] = scaler.clone() if isinstance(scaler, torch.Tensor) else None
         pruner.free()
     if group.size == 1:
         return rows
-    for t in targets:  # every rank runs the pruned block next
-        if feed.calls[t.name] or t.name in priors:
+    for t in targets:  # every rank runs the pruned block next (a split layer's rows are on every rank already)
+        if (feed.calls[t.name] or t.name in priors) and t.name not in split:
             weight = t.weight.clone()
             group.broadcast(weight, owners[t.name])
             t.weight.copy_(weight)

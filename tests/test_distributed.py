@@ -67,7 +67,9 @@ def assert_same_model(a_folder, b_folder):
 
 
 @pytest.mark.parametrize("model,extra", [("llama", []), ("mixtral", []),
-                                         ("llama", ["--include", "*down_proj"]),  # fewer layers than ranks
+                                         # one layer per block: split over both ranks by its rows
+                                         ("llama", ["--include", "*down_proj"]),
+                                         ("llama", ["--include", "*down_proj", "--mask-structure", "2:4"]),
                                          ("llama", ["--dense-targets", "1", "--sequential"]),
                                          ("llama", ["--allocation", "error"])])
 def test_two_ranks_give_the_model_of_one_process(folders, tmp_path, model, extra):
@@ -79,6 +81,9 @@ def test_two_ranks_give_the_model_of_one_process(folders, tmp_path, model, extra
     assert reports[1]["processes"] == 2 and reports[0]["processes"] == 1
     for a, b in zip(reports[0]["layers"], reports[1]["layers"]):
         assert a["tokens"] == b["tokens"] and a["sparsity"] == b["sparsity"], a["name"]
+        assert "split_over" not in a, a["name"]
+        if "--include" in extra:  # down_proj alone in its block: both ranks share it
+            assert b["split_over"] == 2, b["name"]
 
 
 @pytest.mark.parametrize("extra", [["--keep-bits", "2"], [], ["--mode", "fast", "--keep-bits", "2"], ["--mode", "fast"]],
