@@ -29,10 +29,14 @@ bool all_finite(const at::Tensor& t) {
 // wasted upper half of the diagonal blocks stays a few percent of the work.
 int64_t triangle_leaf(const at::Tensor& t) { return t.is_cuda() ? 1024 : 256; }
 
+// The float32 product of an off-diagonal panel waiting for its float64 add: at most this many floats (16 MiB),
+// which keeps the panels' GEMMs large (a 4096-wide layer's top quarter is one GEMM).
+constexpr int64_t kPanelFloats = int64_t{1} << 22;
+
 // hessian_sum[j0:j1, j0:j1] (float64) += lower triangle of X[:, j0:j1]^T X[:, j0:j1] (float32 GEMMs), and
 // square_sum[j0:j1] += the columns' sums of squares. Halved recursively: the off-diagonal quarter is large
-// GEMMs (efficient; cut into panels of `leaf` rows so that the float32 product waiting for its float64 add
-// stays small), the two diagonal halves recurse, and only the leaves compute a full square block to keep
+// GEMMs (efficient; cut into panels of rows only where its float32 product would exceed kPanelFloats), the
+// two diagonal halves recurse, and only the leaves compute a full square block to keep
 // its lower triangle. The blocking depends on d_in alone, so a batch's float32 products are the same
 // whichever process computes them and whatever batches came before.
 void accumulate_triangle(const at::Tensor& hessian_sum, const at::Tensor& square_sum, const at::Tensor& x,
@@ -48,8 +52,9 @@ void accumulate_triangle(const at::Tensor& hessian_sum, const at::Tensor& square
   }
   const int64_t mid = j0 + w / 2;
   const at::Tensor left = x.narrow(1, j0, mid - j0);
-  for (int64_t r0 = mid; r0 < j1; r0 += leaf) {
-    const int64_t rows = std::min(leaf, j1 - r0);
+  const int64_t panel = std::max(leaf, kPanelFloats / (mid - j0));
+  for (int64_t r0 = mid; r0 < j1; r0 += panel) {
+    const int64_t rows = std::min(panel, j1 - r0);
     hessian_sum.narrow(0, r0, rows).narrow(1, j0, mid - j0).add_(at::mm(x.narrow(1, r0, rows).t(), left));
   }
   accumulate_triangle(hessian_sum, square_sum, x, j0, mid, leaf);
