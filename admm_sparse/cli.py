@@ -352,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
-    if args.threads:
+    if getattr(args, "threads", None):  # the size command has no --threads
         torch.set_num_threads(args.threads)
     old_format, old_sigterm = warnings.formatwarning, signal.signal(signal.SIGTERM, _on_sigterm)
     warnings.formatwarning = lambda msg, category, *rest: f"admm-sparse: warning: {msg}\n"

@@ -257,7 +257,8 @@ def _atlas_marked(folder: Path) -> set[str]:
     description = folder / ATLAS_DESCRIPTION
     if not description.is_file():
         return set()
-    return {name for name, kind in json.loads(description.read_text(encoding="utf-8")).items() if kind == "W16A16S"}
+    entries = json.loads(description.read_text(encoding="utf-8"))
+    return {name for name, kind in entries.items() if kind == "W16A16S" and name != "model_quant_type"}
 
 
 @dataclass
