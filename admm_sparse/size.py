@@ -15,23 +15,26 @@ The Atlas 300I Duo's serving stack compresses W16A16S weights losslessly before 
   plus a 12-byte header a block (the three frames' lengths). `decode` inverts it bit for bit.
 - `bound_bytes`: the information bound under an order-0 model: the pattern's entropy (each block's binary
   entropy of its non-zero fraction) plus the empirical entropy of the non-zero values as 16-bit symbols over
-  the tensor, split into its sign+exponent part (6 bits) and the mantissa given sign+exponent. A coder that
-  codes each weight on its own cannot beat it (apart from its tables); a coder that uses context can, for
+  the tensor, split into its sign+exponent part (6 bits) and the mantissa given sign+exponent. No coder that
+  codes each weight on its own, with those distributions, does better; a coder that uses context can, on
   weights with structure beyond their histogram (dequantised GGUF weights repeat a few levels per group).
 
-Why this layout, block size and codec (measured on SmolLM2-135M layers pruned to 30% and keep-bit rounded,
-bits per weight; README "Compressed size"): splitting the value bytes into streams cut zstd's size from 5.8 to
-4.6 bits against a bitmap followed by the raw float16 values in one frame (6.1 for the dense float16 bytes);
-blocks of 4096 / 16384 / 65536 weights gave 4.83 / 4.63 / 4.52 with zstd: 16384 keeps most of the gain of large
-blocks with a 32 KiB block buffer. zstd (level 3) and brotli (quality 5) came within 2% of each other, both
-within ~7% of the bound (4.3); zstd is the default as the faster (brotli is a choice: `codec="brotli"`);
-zstd at level 19 saved 2% at 60x the time, lz4 was 60% larger, lzma was no smaller and 30x slower.
+Why this layout, block size and codec: measured by benchmarks/bench_size.py on the export of the README's main
+job (SmolLM2-135M, 30% sparsity, keep-bit rounding; every 5th block's 42 tensors; benchmarks/RESULTS.md,
+"Compressed size"), in bits per weight against an order-0 bound of 4.41:
+- layout, blocks of 16384, zstd: float16 bytes 6.27, bitmap + float16 values in one frame 6.00, the split into
+  bitmap / high bytes / low bytes 4.78. The split is what exposes keep-bit rounding: the high byte holds all a
+  rounded weight has, the low-byte stream is nearly all zeros.
+- block size (split, zstd): 1024 / 4096 / 16384 / 65536 / 262144 weights gave 5.59 / 5.01 / 4.78 / 4.66 / 4.79.
+  16384 (a 32 KiB float16 block) is within 3% of the best, with a quarter of its block buffer.
+- codec (split, 16384): zstd level 3 4.78 in 0.3 s, brotli quality 5 4.68 in 1.1 s, zstd level 19 4.67 in 14 s,
+  lzma 4.76 in 17 s, zlib 5.00, lz4 7.45. zstd is the default as the fastest within 2% of the best (a size
+  budget will measure many tensors many times); brotli is the choice for the last 2% (`codec="brotli"`).
 """
 from __future__ import annotations
 
 import json
 import math
-import struct
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -76,8 +79,8 @@ def _check_block_weights(block_weights: int) -> None:
 
 def float16_bits(tensor: torch.Tensor) -> np.ndarray:
     """The tensor's float16 bit patterns, flattened, as uint16. A float16 tensor is read as it is; any other
-    floating dtype is first converted to float16 as the Atlas export stores it (a finite value beyond float16's
-    range is an error naming nothing: callers with names use export.atlas.to_float16)."""
+    floating dtype is converted to float16, as the Atlas export stores it (a finite value beyond float16's range
+    is an error, as there)."""
     if not tensor.is_floating_point():
         raise TypeError(f"only floating tensors have a float16 size; got dtype {tensor.dtype}")
     half = tensor.detach().to("cpu", torch.float16).contiguous()
