@@ -91,8 +91,10 @@ def prune_to_folder(model, calib: torch.Tensor, out: str | Path, config: FloatSp
 def _size_report(model, folder: Path, pruned: list[str], rows: list[dict]) -> dict:
     """The compressed size (admm_sparse.size) of the weights written to `folder`: totals of the pruned layers'
     tensors ("selected") and of all tensors, in float16 as the card stores them (an "hf" folder's tensors are
-    measured as they would be in float16). Each row whose layer's tensors carry its name gets its own "size"."""
-    measured = measure_folder(folder, selected=sparse_tensor_names(model, pruned))
+    measured as they would be in float16; one beyond float16's range is listed in not_measured, the export kept).
+    Each row whose layer's tensors carry its name gets its own "size"."""
+    measured = measure_folder(folder, selected=sparse_tensor_names(model, pruned),
+                              selection="the pruned layers' weights and biases")
     for layer, size in layer_sizes(measured, pruned).items():
         next(row for row in rows if row["name"] == layer)["size"] = size.to_dict()
     return measured.to_dict(per_tensor=False)

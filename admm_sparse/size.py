@@ -274,7 +274,7 @@ class FolderSize:
     tensors: dict = field(default_factory=dict)  # name -> TensorSize
     selected: TensorSize = field(default_factory=TensorSize)
     all: TensorSize = field(default_factory=TensorSize)
-    not_measured: list = field(default_factory=list)  # non-floating tensors: in `all` at their stored bytes only
+    not_measured: dict = field(default_factory=dict)  # name -> why (not floating, beyond float16): in no total
 
     def to_dict(self, per_tensor: bool = True) -> dict:
         out = {"codec": self.codec, "block_weights": self.block_weights, "selection": self.selection,
@@ -285,12 +285,14 @@ class FolderSize:
 
 
 def measure_folder(path: str | Path, codec: str = DEFAULT_CODEC, block_weights: int = BLOCK_WEIGHTS,
-                   selected=None) -> FolderSize:
+                   selected=None, selection: str = "given") -> FolderSize:
     """Size figures of a model folder (Atlas or Hugging Face, sharded or not) or of one safetensors file, read
     one tensor at a time from memory-mapped files.
 
-    selected: names of the tensors to total as "selected"; by default the tensors that an Atlas description
-    marks W16A16S, or, where none is marked, those of the LINEAR_RULE.
+    selected: names of the tensors to total as "selected" (`selection` says what they are); by default the
+    tensors that an Atlas description marks W16A16S, or, where none is marked, those of the LINEAR_RULE.
+    A tensor that has no float16 size (not floating, or values beyond float16's range) is left out of every
+    total and listed in not_measured with the reason.
     """
     from safetensors import safe_open
 
@@ -299,7 +301,7 @@ def measure_folder(path: str | Path, codec: str = DEFAULT_CODEC, block_weights: 
     path = Path(path)
     files = weight_files(path)
     if selected is not None:
-        selected, selection = set(selected), "given"
+        selected = set(selected)
     else:  # None from here on: the rule decides
         selected = (_atlas_marked(path) if path.is_dir() else set()) or None
         selection = LINEAR_RULE if selected is None else f"marked W16A16S in {ATLAS_DESCRIPTION}"
@@ -308,22 +310,18 @@ def measure_folder(path: str | Path, codec: str = DEFAULT_CODEC, block_weights: 
         with safe_open(file, framework="pt") as f:
             for name in f.keys():
                 tensor = f.get_tensor(name)
-                if not tensor.is_floating_point():
-                    stored = tensor.numel() * tensor.element_size()
-                    result.all += TensorSize(numel=tensor.numel(), float16_bytes=stored, compressed_bytes=stored)
-                    result.not_measured.append(name)
-                    continue
                 try:
                     size = measure_tensor(tensor, codec, block_weights)
-                except ValueError as exc:
-                    raise ValueError(f"tensor {name!r} in {file}: {exc}") from None
+                except (TypeError, ValueError) as exc:  # not floating, or beyond float16's range
+                    result.not_measured[name] = str(exc)
+                    continue
                 result.tensors[name] = size
                 result.all += size
                 if (name in selected) if selected is not None else is_linear_weight(name, tensor.shape):
                     result.selected += size
-    missing = sorted(set(selected or ()) - set(result.tensors))
+    missing = sorted(set(selected or ()) - set(result.tensors) - set(result.not_measured))
     if missing:
-        raise ValueError(f"selected tensor(s) {missing[:5]} are not floating tensors of {path}")
+        raise ValueError(f"selected tensor(s) {missing[:5]} are not in {path}")
     return result
 
 

@@ -206,10 +206,15 @@ def test_size_command_on_hugging_face_folders_dense_and_sharded(tmp_path, capsys
     assert a["selected"]["nonzero_fraction"] == 1.0  # dense: what compression alone gives
 
 
-def test_size_command_counts_non_floating_tensors_unmeasured_and_refuses_bad_paths(tmp_path, capsys):
-    save_file({"a.weight": torch.randn(8, 8).half(), "steps": torch.arange(4)}, tmp_path / "model.safetensors")
+def test_size_command_lists_tensors_without_a_float16_size_and_refuses_bad_paths(tmp_path, capsys):
+    save_file({"a.weight": torch.randn(8, 8).half(), "steps": torch.arange(4), "big.weight": torch.full((2, 2), 1e6)},
+              tmp_path / "model.safetensors")
     result = totals(tmp_path, capsys=capsys)
-    assert result["not_measured"] == ["steps"] and result["all"]["float16_bytes"] == 128 + 32
+    assert set(result["not_measured"]) == {"steps", "big.weight"}
+    assert "floating" in result["not_measured"]["steps"] and "float16" in result["not_measured"]["big.weight"]
+    assert result["all"]["weights"] == result["selected"]["weights"] == 64 and result["all"]["float16_bytes"] == 128
+    with pytest.raises(ValueError, match="not in"):
+        size.measure_folder(tmp_path, selected=["a.weight", "nope.weight"])
     assert main(["size", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
@@ -234,8 +239,9 @@ def test_prune_report_and_summary_carry_the_sizes(tmp_path, capsys):
     printed = json.loads(stdout.strip().splitlines()[-1])["size"]
     report = json.loads((out / "prune_report.json").read_text())
     assert printed == {k: report["size"][k] for k in ("codec", "selected", "all")}
+    # the pruned layers' tensors: those the description marks
     assert report["size"] == {**size.measure_folder(out).to_dict(per_tensor=False),
-                              "selection": "given"}  # the pruned layers' tensors: those the description marks
+                              "selection": "the pruned layers' weights and biases"}
     assert len(report["layers"]) == 6
     for row in report["layers"]:
         layer = size.layer_sizes(size.measure_folder(out), [row["name"]])[row["name"]].to_dict()
