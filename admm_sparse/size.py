@@ -96,11 +96,12 @@ def _split(bits: np.ndarray, block_weights: int):
     values = bits[nonzero]
     high, low = (values >> 8).astype(np.uint8), (values & 0xFF).astype(np.uint8)
     blocks = -(-bits.size // block_weights)
-    padded = np.zeros(blocks * block_weights, dtype=bool)
-    padded[: bits.size] = nonzero
-    bitmaps = np.packbits(padded.reshape(blocks, block_weights), axis=1)
-    ends = np.cumsum(padded.reshape(blocks, block_weights).sum(axis=1))
-    starts = ends - padded.reshape(blocks, block_weights).sum(axis=1)
+    padded = np.zeros((blocks, block_weights), dtype=bool)  # the last block padded with zeros
+    padded.reshape(-1)[: bits.size] = nonzero
+    bitmaps = np.packbits(padded, axis=1)
+    counts = padded.sum(axis=1)
+    ends = np.cumsum(counts)
+    starts = ends - counts
     for b in range(blocks):
         weights = min(block_weights, bits.size - b * block_weights)
         s, e = starts[b], ends[b]
