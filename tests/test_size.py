@@ -165,9 +165,10 @@ def test_real_exported_layers_round_trip_and_compress(pruned, tmp_path):
         assert s.bound_bytes < s.compressed_bytes < 0.75 * s.float16_bytes
 
 
-def totals(folder, *extra, capsys):
+def totals(path, *extra, capsys):
+    folder = path if path.is_dir() else path.parent
     before = digest(folder)
-    assert main(["size", str(folder), *extra]) == 0
+    assert main(["size", str(path), *extra]) == 0
     assert digest(folder) == before  # never written to
     stdout = capsys.readouterr().out
     assert "selected tensors:" in stdout and "all tensors:" in stdout
@@ -213,6 +214,7 @@ def test_size_command_lists_tensors_without_a_float16_size_and_refuses_bad_paths
     assert set(result["not_measured"]) == {"steps", "big.weight"}
     assert "floating" in result["not_measured"]["steps"] and "float16" in result["not_measured"]["big.weight"]
     assert result["all"]["weights"] == result["selected"]["weights"] == 64 and result["all"]["float16_bytes"] == 128
+    assert totals(tmp_path / "model.safetensors", capsys=capsys)["all"] == result["all"]  # one file works too
     with pytest.raises(ValueError, match="not in"):
         size.measure_folder(tmp_path, selected=["a.weight", "nope.weight"])
     assert main(["size", str(tmp_path / "missing")]) == 2
