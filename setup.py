@@ -45,7 +45,7 @@ setup(
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
         "model": ["transformers>=4.56", "gguf>=0.10", "accelerate", "safetensors", "pyyaml", "tqdm",
-                  "gensim"],
+                  "gensim", "zstandard", "brotli"],  # the last two: compressed sizes (admm_sparse.size)
         "test": ["pytest", "hypothesis"],
         "bench": ["matplotlib"],
     },

@@ -2,6 +2,7 @@
 
     admm-sparse prune --model PATH --config float_sparse.yaml --calib text.jsonl --out OUT/
     admm-sparse eval --model DIR --text FILE
+    admm-sparse size PATH
 
 Without --model / --calib it uses the built-in SmolLM2-135M-Instruct and Wikipedia text (admm_sparse.builtin).
 All the work is done by library functions; this file only wires arguments to them.
@@ -29,11 +30,12 @@ from .config import OPTIONS, PRESETS, FloatSparseConfig, load_config, preset_opt
 from .deploy import CHECK_WINDOWS, DtypeCheck, check_dtype, describe
 from .distributed import DEFAULT_TIMEOUT_S, from_environment, launched
 from .evaluate import perplexity
-from .export import DEFAULT_SHARD_SIZE, FORMATS, check_output
+from .export import DEFAULT_SHARD_SIZE, FORMATS, REPORT_FILE, check_output
 from .export.shards import parse_size
 from .job import prune_to_folder, streamable
 from .layer import parse_mask_structure
 from .pipeline import PruneResult, candidate_modules, format_table, make_plan, summarize
+from .size import BLOCK_WEIGHTS, CODECS, DEFAULT_CODEC, format_size_table, measure_folder, summary_line
 from .source import LazySource
 from .targets import find_targets
 
@@ -104,6 +106,14 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--text", type=Path, help="text or JSONL file (default: the held-out Wikipedia articles)")
     e.add_argument("--num-windows", type=int, default=EVAL_WINDOWS["model"],
                    help=f"the first N windows (default {EVAL_WINDOWS['model']}, the BENCHMARKS.md protocol; 0 = all)")
+
+    z = sub.add_parser("size", help="compressed size of a model's float16 weights: an Atlas or Hugging Face folder "
+                       "(safetensors, sharded or not), ours or anyone's, or one .safetensors file")
+    z.add_argument("path", type=Path, help="model folder or .safetensors file (never written to)")
+    z.add_argument("--codec", choices=CODECS, default=DEFAULT_CODEC, help=f"lossless codec (default {DEFAULT_CODEC})")
+    z.add_argument("--block-weights", type=int, default=BLOCK_WEIGHTS, help="weights per independently compressed "
+                   f"block, a multiple of 8 (default {BLOCK_WEIGHTS})")
+    z.add_argument("--per-tensor", action="store_true", help="print every tensor's figures, and put them in the JSON")
     return parser
 
 
@@ -290,6 +300,7 @@ def cmd_prune(args) -> int:
                       f"inf/NaN on the card: {describe(check.result)}, on {check.result['windows']} calibration windows. "
                       f"The export is written; see whether the unpruned model does the same: {command}")
     print(format_table(result.rows))
+    size = _print_size(args.out / REPORT_FILE)
     for r in result.reconstruction:
         print(f"reconstructed {r['block']}: relative MSE to the dense block held out {r['heldout_before']:.4g} -> "
               f"{r['heldout_after']:.4g} "
@@ -299,8 +310,28 @@ def cmd_prune(args) -> int:
               f"({eval_windows.shape[0]} windows x {args.seq_len} tokens of {eval_name})")
     print(f"wrote {args.out} ({args.format}) with its report in {args.out / 'prune_report.json'}")
     summary = finish_report(result, report)
-    print(json.dumps({k: summary[k] for k in ("model", "config", "summary", "perplexity", "float16_check",
-                                              "peak_memory_bytes", "seconds")}))
+    print(json.dumps({**{k: summary[k] for k in ("model", "config", "summary", "perplexity", "float16_check",
+                                                 "peak_memory_bytes", "seconds")},
+                      "size": {k: size[k] for k in ("codec", "selected", "all")}}))
+    return 0
+
+
+def _print_size(report_file: Path) -> dict:
+    """Print the compressed-size totals a prune report holds (each layer's are in the report); return its "size"."""
+    size = json.loads(report_file.read_text(encoding="utf-8"))["size"]
+    print(summary_line(size["selected"], "pruned layers") + f" ({size['codec']}, blocks of {size['block_weights']})")
+    print(summary_line(size["all"], "all tensors"))
+    return size
+
+
+def cmd_size(args) -> int:
+    measured = measure_folder(args.path, args.codec, args.block_weights)
+    if args.per_tensor:
+        print(format_size_table({name: s.to_dict() for name, s in measured.tensors.items()}))
+    print(f"selected: {measured.selection}")
+    print(summary_line(measured.selected.to_dict(), "selected tensors"))
+    print(summary_line(measured.all.to_dict(), "all tensors"))
+    print(json.dumps({"path": str(args.path), **measured.to_dict(per_tensor=args.per_tensor)}))
     return 0
 
 
@@ -321,13 +352,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
-    if args.threads:
+    if getattr(args, "threads", None):  # the size command has no --threads
         torch.set_num_threads(args.threads)
     old_format, old_sigterm = warnings.formatwarning, signal.signal(signal.SIGTERM, _on_sigterm)
     warnings.formatwarning = lambda msg, category, *rest: f"admm-sparse: warning: {msg}\n"
     try:
-        return cmd_prune(args) if args.command == "prune" else cmd_eval(args)
-    except (ValueError, TypeError, OSError) as exc:
+        return {"prune": cmd_prune, "eval": cmd_eval, "size": cmd_size}[args.command](args)
+    except (ValueError, TypeError, OSError, ImportError) as exc:
         print(f"admm-sparse: error{_which_process()}: {exc}", file=sys.stderr)
         return 2
     except torch.distributed.DistError as exc:  # another process failed or hung: its own error says why

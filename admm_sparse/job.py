@@ -17,11 +17,13 @@ import torch
 
 from .config import FloatSparseConfig
 from .distributed import Group
-from .export import DEFAULT_SHARD_SIZE, REPORT_FILE, ModelWriter, resumable_output, write_metadata
+from .export import (DEFAULT_SHARD_SIZE, REPORT_FILE, ModelWriter, resumable_output, sparse_tensor_names,
+                     write_metadata)
 from .export.atlas import DESCRIPTION_FILE
 from .export.shards import STATE_FILE, ShardWriter, parse_size
 from .pipeline import PruneResult, prune_blocks
 from .resume import ResumeState, digest
+from .size import layer_sizes, measure_folder
 from .source import LazySource, StreamingSource
 
 def streamable(path: str | Path) -> bool:
@@ -45,7 +47,8 @@ def prune_to_folder(model, calib: torch.Tensor, out: str | Path, config: FloatSp
     `out`; it must have had the same model files, config, calibration and evaluation windows, format, shard
     size and stack (else a ValueError says which differ). force: replace an existing `out`, and start over an
     interrupted run's folder. group: the processes sharing the work (distributed.Group): all of them call
-    this, rank 0 writes; a run of several processes cannot be resumed.
+    this, rank 0 writes; a run of several processes cannot be resumed. The report's "size" and each row's
+    "size" are the written weights' compressed sizes (admm_sparse.size).
     """
     config = config or FloatSparseConfig()
     group = group or Group()
@@ -73,11 +76,25 @@ def prune_to_folder(model, calib: torch.Tensor, out: str | Path, config: FloatSp
                               eval_windows=eval_windows, dtype_check=dtype_check, group=group)
         names = shards.written()
         shards.finish()
-        write_metadata(model, work, fmt, tokenizer, [row["name"] for row in result.rows], names)
+        pruned = [row["name"] for row in result.rows]
+        write_metadata(model, work, fmt, tokenizer, pruned, names)
         report = dict(report or {})
+        report["size"] = _size_report(model, work, pruned, result.rows)
         if finish_report is not None:
             report = finish_report(result, report)
         (work / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         if state is not None:
             state.remove()
     return result
+
+
+def _size_report(model, folder: Path, pruned: list[str], rows: list[dict]) -> dict:
+    """The compressed size (admm_sparse.size) of the weights written to `folder`: totals of the pruned layers'
+    tensors ("selected") and of all tensors, in float16 as the card stores them (an "hf" folder's tensors are
+    measured as they would be in float16; one beyond float16's range is listed in not_measured, the export kept).
+    Each row whose layer's tensors carry its name gets its own "size"."""
+    measured = measure_folder(folder, selected=sparse_tensor_names(model, pruned),
+                              selection="the pruned layers' weights and biases")
+    for layer, size in layer_sizes(measured, pruned).items():
+        next(row for row in rows if row["name"] == layer)["size"] = size.to_dict()
+    return measured.to_dict(per_tensor=False)
