@@ -969,16 +969,20 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def format_table(rows: list[dict]) -> str:
-    """The per-layer report as a fixed-width text table, with a totals line."""
+    """The per-layer report as a fixed-width text table, with a totals line. bits/w: the written weight's
+    compressed bits per weight (admm_sparse.size), where the job measured it."""
     width = max([len("layer")] + [len(r["name"]) for r in rows])
-    header = f"{'layer':<{width}} {'shape':>11} {'sparsity':>8} {'rel.err':>8} {'seconds':>8} {'damping':>9}"
+    header = (f"{'layer':<{width}} {'shape':>11} {'sparsity':>8} {'rel.err':>8} {'seconds':>8} {'damping':>9} "
+              f"{'bits/w':>6}")
     lines = [header, "-" * len(header)]
     for r in rows:
         shape = "x".join(str(s) for s in r.get("shape", ()))
         damping = r.get("damping")
         damping = f"{damping:9.3g}" if isinstance(damping, (int, float)) else f"{'-':>9}"
+        bits = (r.get("size") or {}).get("bits_per_weight")
+        bits = f"{bits:6.2f}" if isinstance(bits, (int, float)) else f"{'-':>6}"
         lines.append(f"{r['name']:<{width}} {shape:>11} {r['sparsity']:8.4f} {r['relative_error']:8.4f} "
-                     f"{r['seconds']:8.2f} {damping}")
+                     f"{r['seconds']:8.2f} {damping} {bits}")
     s = summarize(rows)
     lines.append("-" * len(header))
     lines.append(f"{s['layers']} layers, sparsity {s['sparsity']:.4f}, mean relative error "

@@ -248,3 +248,6 @@ def test_prune_report_and_summary_carry_the_sizes(tmp_path, capsys):
     for row in report["layers"]:
         layer = size.layer_sizes(size.measure_folder(out), [row["name"]])[row["name"]].to_dict()
         assert row["size"] == layer and layer["nonzero_fraction"] < 0.8
+        # the printed table's bits/w column
+        line = next(line for line in stdout.splitlines() if line.startswith(row["name"] + " "))
+        assert line.split()[-1] == f"{layer['bits_per_weight']:.2f}"
