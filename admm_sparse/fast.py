@@ -29,8 +29,7 @@ from .quality import pruned_set
 
 ALPHA = 1.5  # over-relaxation (convergent for alpha in (0, 2) in the convex case)
 MASK_TOL = 0.001  # re-select while more than this fraction of the k pruned entries swaps per iteration
-FIXED_ITERS = 1  # fixed-mask iterations after the mask settles (2 before issue 30: +0.0012-0.0014x seed's
-# error on correlated inputs at 1024-4096 for one iteration less, -0.0001 to -0.0012x on iid ones)
+FIXED_ITERS = 2  # fixed-mask iterations after the mask settles
 BF16_MIN_SPEEDUP = 1.3  # use bfloat16 GEMMs only when measured at least this much faster
 
 

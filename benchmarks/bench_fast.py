@@ -99,7 +99,7 @@ LEVERS = {
     "fast, no over-relaxation (alpha 1)": dict(ALPHA=1.0),
     "fast, no early stop (15 re-selections)": dict(MASK_TOL=-1.0),
     "fast, mask tolerance 0.3% of k": dict(MASK_TOL=0.003),
-    "fast, 2 iterations on the settled mask": dict(FIXED_ITERS=2),
+    "fast, 5 iterations on the settled mask": dict(FIXED_ITERS=5),
 }
 
 
