@@ -7,6 +7,7 @@ on the second half).
     python benchmarks/bench_fast.py --shapes 4096x11008 --repeats 1 --methods fast sparsegpt algorithm1
     python benchmarks/bench_fast.py --real                  # the built-in model's layers instead
     python benchmarks/bench_fast.py --growth 1024 2048 4096 8192 --repeats 1   # time against d_in, log-log
+    python benchmarks/bench_fast.py --profile --shapes 2048x2048   # where fast mode's time goes
 
 Protocol: every run of every method starts from the calibration tokens: its statistics (H = XᵀX) are
 accumulated afresh and timed ("statistics"), then its solver ("solver": fasterprune, for ADMM the
@@ -197,6 +198,65 @@ def lever_rows(args, ratio: float) -> list[str]:
     return lines
 
 
+# Where fast mode's time goes (--profile): each stage is the time spent inside these functions.
+STAGES = {"statistics (add_batch)": ("layer", "AdmmPruner.add_batch"), "factorisation": ("fast", "factor"),
+          "GEMMs": ("fast", "torch.mm"), "mask selection": ("fast", "pruned_set"),
+          "elementwise passes": ("fast", "project relax"), "report's traces": ("layer", "quadratic_trace")}
+
+
+def profile_rows(args, ratio: float) -> list[str]:
+    """Fast mode's time split by stage (statistics included), median over repeats."""
+    import admm_sparse.layer as layer_module
+
+    modules = {"layer": layer_module, "fast": fast}
+    lines = []
+    for kind in args.kinds:
+        for shape in args.shapes:
+            d_out, d_in = (int(t) for t in shape.split("x"))
+            x = make_inputs(kind, args.tokens, d_in)
+            w0 = torch.randn(d_out, d_in, generator=torch.Generator().manual_seed(1)) / math.sqrt(d_in)
+            layer = nn.Linear(d_in, d_out, bias=False)
+            runs = []
+            for _ in range(args.repeats):
+                clock = {stage: 0.0 for stage in STAGES}
+                patches = []
+                for stage, (module, names) in STAGES.items():
+                    for name in names.split():
+                        owner = modules[module]
+                        *path, attr = name.split(".")
+                        for part in path:
+                            owner = getattr(owner, part)
+                        original = getattr(owner, attr)
+
+                        def timed(*a, _f=original, _stage=stage, **kw):
+                            start = time.perf_counter()
+                            try:
+                                return _f(*a, **kw)
+                            finally:
+                                clock[_stage] += time.perf_counter() - start
+
+                        patches.append((owner, attr, original))
+                        setattr(owner, attr, timed)
+                try:
+                    start = time.perf_counter()
+                    run("fast", w0, [x], layer, ratio)
+                    total = time.perf_counter() - start
+                finally:
+                    for owner, attr, original in patches:
+                        setattr(owner, attr, original)
+                runs.append(dict(clock, total=total, other=total - sum(clock.values())))
+            med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+            for stage in (*STAGES, "other"):
+                lines.append(f"| {shape} {kind}, ratio {ratio} | {stage} | {med[stage]:.3f} "
+                             f"| {100 * med[stage] / med['total']:.0f}% |")
+            lines.append(f"| {shape} {kind}, ratio {ratio} | **total** | {med['total']:.3f} | 100% |")
+            print("\n".join(lines[-len(STAGES) - 2:]), flush=True)
+    return lines
+
+
+PROFILE_HEADER = ["| layer | stage | seconds | share |", "|---|---|---|---|"]
+
+
 GROWTH_FIGURE = ROOT / "benchmarks" / "figures" / "fast_growth.png"
 
 
@@ -268,6 +328,7 @@ def main(argv=None) -> None:
     p.add_argument("--real", action="store_true", help="the built-in model's layers instead of synthetic ones")
     p.add_argument("--levers", action="store_true", help="instead: fast mode with one lever taken away at a "
                    "time, against the seed mode")
+    p.add_argument("--profile", action="store_true", help="instead: where fast mode's time goes, by stage")
     p.add_argument("--growth", type=int, nargs="+", metavar="D_IN", help="instead: time against these d_in "
                    "(correlated inputs, 2·d_in tokens each), with a log-log figure")
     p.add_argument("--growth-out", type=int, default=1024, help="d_out of the --growth layers (default 1024)")
@@ -283,6 +344,9 @@ def main(argv=None) -> None:
         if args.levers:
             lines += lever_rows(args, ratio)
             continue
+        if args.profile:
+            lines += profile_rows(args, ratio)
+            continue
         if args.real:
             lines += real_layers(ratio, args.repeats)
             continue
@@ -296,7 +360,7 @@ def main(argv=None) -> None:
                 lines.append(row(f"{shape} {kind}, {args.tokens} tokens, ratio {ratio}", r))
                 print(lines[-1], flush=True)
     command = "python " + " ".join(["benchmarks/bench_fast.py", *sys.argv[1:]] if argv is None else argv)
-    header = LEVER_HEADER if args.levers else HEADER
+    header = LEVER_HEADER if args.levers else PROFILE_HEADER if args.profile else HEADER
     text = "\n".join([f"Command: `{command}`", "", head, "", *header, *lines])
     print(text)
     if args.write:
