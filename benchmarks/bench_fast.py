@@ -57,12 +57,12 @@ def algorithm1(W: torch.Tensor, H: torch.Tensor, p: float, B: int = 128, percdam
     H.diagonal().add_(percdamp * H.diagonal().mean())
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)  # Cholesky(H⁻¹)ᵀ
     M = torch.zeros_like(W, dtype=torch.bool)  # True: pruned
-    E = torch.zeros(d_out, B)
+    E = W.new_zeros(d_out, B)
     for i in range(0, d_in, B):
         for j in range(i, i + B):
             if j % B == 0:  # prune the p share of w²/[H⁻¹]cc² smallest in W[:, j:j+B]
                 score = W[:, j:j + B] ** 2 / Hinv.diagonal()[j:j + B] ** 2
-                block = torch.zeros(score.numel(), dtype=torch.bool)
+                block = torch.zeros(score.numel(), dtype=torch.bool, device=W.device)
                 block[torch.topk(score.flatten(), int(score.numel() * p), largest=False).indices] = True
                 M[:, j:j + B] = block.view_as(score)
             E[:, j - i] = W[:, j] / Hinv[j, j] * M[:, j]
