@@ -1,18 +1,24 @@
-"""Fast mode against the seed mode and SparseGPT on one layer, side by side in one process: time of
-fasterprune (same statistics, same torch threads) and relative output error on held-out inputs
-(statistics from the first half of the tokens, error ||X (W - W')ᵀ|| / ||X Wᵀ|| on the second half).
+"""Fast mode against the seed mode and SparseGPT on one layer, side by side in one process: time and relative
+output error on held-out inputs (statistics from the first half of the tokens, error ||X (W - W')ᵀ|| / ||X Wᵀ||
+on the second half).
 
     python benchmarks/bench_fast.py                         # 1024, 2048, 4096 square layers; prints tables
     python benchmarks/bench_fast.py --write                 # and stores them in benchmarks/RESULTS.md
-    python benchmarks/bench_fast.py --shapes 4096x11008 --repeats 1
+    python benchmarks/bench_fast.py --shapes 4096x11008 --repeats 1 --methods fast sparsegpt algorithm1
     python benchmarks/bench_fast.py --real                  # the built-in model's layers instead
     python benchmarks/bench_fast.py --growth 1024 2048 4096 8192 --repeats 1   # time against d_in, log-log
+    python benchmarks/bench_fast.py --profile --shapes 2048x2048   # where fast mode's time goes
+
+Protocol: every run of every method starts from the calibration tokens: its statistics (H = XᵀX) are
+accumulated afresh and timed ("statistics"), then its solver ("solver": fasterprune, for ADMM the
+factorisation included: nothing is cached between runs). The methods alternate, each repeat; medians.
+SparseGPT is twice here: benchmarks/baselines.py (the yardstick, made as fast as the algorithm allows: its
+statistics with the library's kernel) and algorithm1() below, Algorithm 1 of the paper transcribed as printed
+in plain PyTorch (statistics X.T @ X), which checks that the yardstick is not slower than the method.
 
 Inputs: "iid" are bench_core's (independent unit-variance channels); "correlated" mix the channels and give
 them log-normal scales, as real activations have (tests/test_quality.py's generator). Keep-bit rounding is
-off in every mode (SparseGPT has none): this compares the pruning alone. SparseGPT is
-benchmarks/baselines.py (percdamp 0.01, blocks of 128; its column sweep runs on one thread by its own design,
-measured faster there on this 2-core machine).
+off in every mode (SparseGPT has none): this compares the pruning alone.
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ import math
 import platform
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -37,7 +44,32 @@ from benchmarks.baselines import SparseGPTPruner, relative_output_error  # noqa:
 from benchmarks.results_md import RESULTS_MD, write_section  # noqa: E402
 
 BEGIN, END = "<!-- fast:begin -->", "<!-- fast:end -->"
-METHODS = ("seed", "fast", "sparsegpt")
+METHODS = ("seed", "fast", "sparsegpt", "algorithm1")
+SPARSEGPTS = ("sparsegpt", "algorithm1")
+
+
+def algorithm1(W: torch.Tensor, H: torch.Tensor, p: float, B: int = 128, percdamp: float = 0.01) -> torch.Tensor:
+    """SparseGPT, Frantar & Alistarh 2023, Algorithm 1 as printed (mask blocks Bs = lazy blocks B, damping as in
+    their code), in plain PyTorch on torch's threads: the check on benchmarks/baselines.py's speed."""
+    d_out, d_in = W.shape
+    assert d_in % B == 0
+    W, H = W.clone(), H.clone()
+    H.diagonal().add_(percdamp * H.diagonal().mean())
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)  # Cholesky(H⁻¹)ᵀ
+    M = torch.zeros_like(W, dtype=torch.bool)  # True: pruned
+    E = W.new_zeros(d_out, B)
+    for i in range(0, d_in, B):
+        for j in range(i, i + B):
+            if j % B == 0:  # prune the p share of w²/[H⁻¹]cc² smallest in W[:, j:j+B]
+                score = W[:, j:j + B] ** 2 / Hinv.diagonal()[j:j + B] ** 2
+                block = torch.zeros(score.numel(), dtype=torch.bool, device=W.device)
+                block[torch.topk(score.flatten(), int(score.numel() * p), largest=False).indices] = True
+                M[:, j:j + B] = block.view_as(score)
+            E[:, j - i] = W[:, j] / Hinv[j, j] * M[:, j]
+            W[:, j:i + B] -= E[:, j - i, None] * Hinv[j, j:i + B]
+        W[:, i + B:] -= E @ Hinv[i:i + B, i + B:]
+    W[M] = 0
+    return W
 
 
 def make_inputs(kind: str, tokens: int, d_in: int, seed: int = 0) -> torch.Tensor:
@@ -72,34 +104,49 @@ LEVERS = {
 }
 
 
-def run(method: str, admm: AdmmPruner, sgpt: SparseGPTPruner, ratio: float):
+def run(method: str, w0: torch.Tensor, calib: list[torch.Tensor], layer: nn.Linear, ratio: float):
+    """One run from the calibration tokens: (statistics seconds, solver seconds, ADMM iterations); the pruned
+    weight is left in layer."""
+    layer.weight.data.copy_(w0)
+    start = time.perf_counter()
+    if method == "algorithm1":
+        H = torch.zeros(w0.shape[1], w0.shape[1])
+        for x in calib:
+            H.addmm_(x.T, x)
+        statistics_s = time.perf_counter() - start
+        start = time.perf_counter()
+        layer.weight.data.copy_(algorithm1(w0, H, ratio))
+        return statistics_s, time.perf_counter() - start, None
+    pruner = SparseGPTPruner(layer) if method == "sparsegpt" else AdmmPruner(layer, keep_bits=None)
+    for x in calib:
+        pruner.add_batch(x)
+    statistics_s = time.perf_counter() - start
     if method == "sparsegpt":
-        return sgpt.fasterprune(ratio)
-    if method == "seed":
-        return admm.fasterprune(ratio, mode="seed")
-    options = dict(fast_mask_iters=15) if method == "fast, no early stop (15 re-selections)" else {}
-    with patched(fast, **LEVERS[method]):
-        return admm.fasterprune(ratio, mode="fast", **options)
+        report = pruner.fasterprune(ratio)
+    elif method == "seed":
+        report = pruner.fasterprune(ratio, mode="seed")
+    else:
+        options = dict(fast_mask_iters=15) if method == "fast, no early stop (15 re-selections)" else {}
+        with patched(fast, **LEVERS[method]):
+            report = pruner.fasterprune(ratio, mode="fast", **options)
+    pruner.free()
+    return statistics_s, report.seconds, getattr(report, "iterations", None)
 
 
 def compare(w0: torch.Tensor, calib: list[torch.Tensor], heldout_gram: torch.Tensor, ratio: float,
             repeats: int, methods=METHODS) -> dict:
-    """Seconds (median over repeats, the methods alternating), held-out error and iterations of each method."""
+    """Statistics and solver seconds (medians over repeats, the methods alternating), held-out error and
+    iterations of each method."""
     layer = nn.Linear(w0.shape[1], w0.shape[0], bias=False)
-    admm = AdmmPruner(layer, keep_bits=None)
-    sgpt = SparseGPTPruner(layer)
-    for x in calib:
-        admm.add_batch(x)
-        sgpt.add_batch(x)
-    times, errors, iterations = {m: [] for m in methods}, {}, {}
+    stats, solver, errors, iterations = ({m: [] for m in methods} for _ in range(4))
     for _ in range(repeats):
         for method in methods:
-            layer.weight.data.copy_(w0)
-            report = run(method, admm, sgpt, ratio)
-            times[method].append(report.seconds)
+            s_stats, s_solver, iterations[method] = run(method, w0, calib, layer, ratio)
+            stats[method].append(s_stats)
+            solver[method].append(s_solver)
             errors[method] = relative_output_error(w0, layer.weight.detach(), heldout_gram)
-            iterations[method] = getattr(report, "iterations", None)
-    return dict(seconds={m: statistics.median(t) for m, t in times.items()}, errors=errors, iterations=iterations)
+    med = lambda d: {m: statistics.median(t) for m, t in d.items()}  # noqa: E731
+    return dict(statistics=med(stats), seconds=med(solver), errors=errors, iterations=iterations)
 
 
 def synthetic(shape: tuple[int, int], kind: str, tokens: int, ratio: float, repeats: int, methods=METHODS) -> dict:
@@ -113,14 +160,23 @@ def synthetic(shape: tuple[int, int], kind: str, tokens: int, ratio: float, repe
 
 
 def row(label: str, r: dict) -> str:
-    s, e = r["seconds"], r["errors"]
-    return (f"| {label} | {s['seed']:.2f} | {s['fast']:.2f} | {s['sparsegpt']:.2f} | {s['fast'] / s['sparsegpt']:.2f} "
-            f"| {e['seed']:.5f} | {e['fast']:.5f} | {e['sparsegpt']:.5f} | {e['fast'] / e['seed']:.4f} "
+    s, st, e = r["seconds"], r["statistics"], r["errors"]
+    f = lambda d, m, fmt: format(d[m], fmt) if m in d else "-"  # noqa: E731
+    best = min((m for m in SPARSEGPTS if m in s), key=lambda m: s[m])
+    best_total = min((m for m in SPARSEGPTS if m in s), key=lambda m: s[m] + st[m])
+    ratio_error = f"{e['fast'] / e['seed']:.4f}" if "seed" in e else "-"
+    return (f"| {label} | {f(s, 'seed', '.2f')} | {s['fast']:.2f} | {f(s, 'sparsegpt', '.2f')} "
+            f"| {f(s, 'algorithm1', '.2f')} | **{s['fast'] / s[best]:.2f}** | {st['fast']:.2f} "
+            f"| {f(st, 'sparsegpt', '.2f')} | {f(st, 'algorithm1', '.2f')} "
+            f"| **{(s['fast'] + st['fast']) / (s[best_total] + st[best_total]):.2f}** | {f(e, 'seed', '.5f')} "
+            f"| {e['fast']:.5f} | {f(e, 'sparsegpt', '.5f')} | {f(e, 'algorithm1', '.5f')} | {ratio_error} "
             f"| {r['iterations']['fast']} |")
 
 
-HEADER = ["| layer | seed s | fast s | SparseGPT s | fast / SparseGPT time | seed error | fast error | SparseGPT error "
-          "| fast / seed error | fast iterations |", "|---|---|---|---|---|---|---|---|---|---|"]
+HEADER = ["| layer | seed s | fast s | SparseGPT s | Alg. 1 s | fast / faster SparseGPT, solvers | statistics s, "
+          "ADMM | statistics s, SparseGPT | statistics s, Alg. 1 | fast / faster SparseGPT, with statistics "
+          "| seed error | fast error | SparseGPT error | Alg. 1 error | fast / seed error | fast iterations |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
 
 LEVER_HEADER = ["| layer | setting | seconds | x seed time | held-out error | x seed error | iterations |",
@@ -140,6 +196,65 @@ def lever_rows(args, ratio: float) -> list[str]:
                              f"| {e[m] / e['seed']:.4f} | {r['iterations'][m] or 20} |")
                 print(lines[-1], flush=True)
     return lines
+
+
+# Where fast mode's time goes (--profile): each stage is the time spent inside these functions.
+STAGES = {"statistics (add_batch)": ("layer", "AdmmPruner.add_batch"), "factorisation": ("fast", "factor"),
+          "GEMMs": ("fast", "torch.mm"), "mask selection": ("fast", "pruned_set"),
+          "elementwise passes": ("fast", "project relax"), "report's traces": ("layer", "quadratic_trace")}
+
+
+def profile_rows(args, ratio: float) -> list[str]:
+    """Fast mode's time split by stage (statistics included), median over repeats."""
+    import admm_sparse.layer as layer_module
+
+    modules = {"layer": layer_module, "fast": fast}
+    lines = []
+    for kind in args.kinds:
+        for shape in args.shapes:
+            d_out, d_in = (int(t) for t in shape.split("x"))
+            x = make_inputs(kind, args.tokens, d_in)
+            w0 = torch.randn(d_out, d_in, generator=torch.Generator().manual_seed(1)) / math.sqrt(d_in)
+            layer = nn.Linear(d_in, d_out, bias=False)
+            runs = []
+            for _ in range(args.repeats):
+                clock = {stage: 0.0 for stage in STAGES}
+                patches = []
+                for stage, (module, names) in STAGES.items():
+                    for name in names.split():
+                        owner = modules[module]
+                        *path, attr = name.split(".")
+                        for part in path:
+                            owner = getattr(owner, part)
+                        original = getattr(owner, attr)
+
+                        def timed(*a, _f=original, _stage=stage, **kw):
+                            start = time.perf_counter()
+                            try:
+                                return _f(*a, **kw)
+                            finally:
+                                clock[_stage] += time.perf_counter() - start
+
+                        patches.append((owner, attr, original))
+                        setattr(owner, attr, timed)
+                try:
+                    start = time.perf_counter()
+                    run("fast", w0, [x], layer, ratio)
+                    total = time.perf_counter() - start
+                finally:
+                    for owner, attr, original in patches:
+                        setattr(owner, attr, original)
+                runs.append(dict(clock, total=total, other=total - sum(clock.values())))
+            med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+            for stage in (*STAGES, "other"):
+                lines.append(f"| {shape} {kind}, ratio {ratio} | {stage} | {med[stage]:.3f} "
+                             f"| {100 * med[stage] / med['total']:.0f}% |")
+            lines.append(f"| {shape} {kind}, ratio {ratio} | **total** | {med['total']:.3f} | 100% |")
+            print("\n".join(lines[-len(STAGES) - 2:]), flush=True)
+    return lines
+
+
+PROFILE_HEADER = ["| layer | stage | seconds | share |", "|---|---|---|---|"]
 
 
 GROWTH_FIGURE = ROOT / "benchmarks" / "figures" / "fast_growth.png"
@@ -207,10 +322,13 @@ def main(argv=None) -> None:
     p.add_argument("--tokens", type=int, default=4096, help="calibration tokens (as many again are held out)")
     p.add_argument("--ratios", type=float, nargs="+", default=[0.5])
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
+                   help="the methods of the synthetic tables (fast and one SparseGPT at least)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--real", action="store_true", help="the built-in model's layers instead of synthetic ones")
     p.add_argument("--levers", action="store_true", help="instead: fast mode with one lever taken away at a "
                    "time, against the seed mode")
+    p.add_argument("--profile", action="store_true", help="instead: where fast mode's time goes, by stage")
     p.add_argument("--growth", type=int, nargs="+", metavar="D_IN", help="instead: time against these d_in "
                    "(correlated inputs, 2·d_in tokens each), with a log-log figure")
     p.add_argument("--growth-out", type=int, default=1024, help="d_out of the --growth layers (default 1024)")
@@ -226,6 +344,9 @@ def main(argv=None) -> None:
         if args.levers:
             lines += lever_rows(args, ratio)
             continue
+        if args.profile:
+            lines += profile_rows(args, ratio)
+            continue
         if args.real:
             lines += real_layers(ratio, args.repeats)
             continue
@@ -235,11 +356,11 @@ def main(argv=None) -> None:
         for kind in args.kinds:
             for shape in args.shapes:
                 d_out, d_in = (int(t) for t in shape.split("x"))
-                r = synthetic((d_out, d_in), kind, args.tokens, ratio, args.repeats)
+                r = synthetic((d_out, d_in), kind, args.tokens, ratio, args.repeats, args.methods)
                 lines.append(row(f"{shape} {kind}, {args.tokens} tokens, ratio {ratio}", r))
                 print(lines[-1], flush=True)
     command = "python " + " ".join(["benchmarks/bench_fast.py", *sys.argv[1:]] if argv is None else argv)
-    header = LEVER_HEADER if args.levers else HEADER
+    header = LEVER_HEADER if args.levers else PROFILE_HEADER if args.profile else HEADER
     text = "\n".join([f"Command: `{command}`", "", head, "", *header, *lines])
     print(text)
     if args.write:

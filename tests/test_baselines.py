@@ -280,3 +280,16 @@ def test_wanda_pruner_uses_input_norms():
     p.add_batch(X)
     p.fasterprune(0.5)
     torch.testing.assert_close(layer.weight.detach(), wanda_prune(W0, X.norm(dim=0), 0.5))
+
+
+def test_sparsegpt_equals_bench_fast_transcription_of_algorithm1():
+    """benchmarks/bench_fast.py's plain transcription of the paper's Algorithm 1 (the check on the baseline's
+    speed) computes the same pruned weight as the baseline."""
+    from benchmarks.bench_fast import algorithm1
+
+    W = random_weight(8, 256)
+    H = (lambda X: X.T @ X)(correlated_inputs(600, 256, seed=7))
+    got, _ = sparsegpt_prune(W, H, 0.5)
+    want = algorithm1(W, H, 0.5)
+    assert torch.equal(got == 0, want == 0)
+    torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-8)

@@ -90,11 +90,15 @@ def gemm_dtypes(monkeypatch, *args):
     return w, seen
 
 
-def test_bfloat16_gemms_then_a_float32_last_iteration(monkeypatch):
+def test_bfloat16_gemms_and_a_float32_result(monkeypatch):
     monkeypatch.setattr(fast, "_bf16_faster_on_cpu", lambda: True)
     w0, calib, heldout = layer_case(64, 96, 9)
     w, seen = gemm_dtypes(monkeypatch, "fast", w0, calib, 0.5)
-    assert seen[-1] == torch.float32 and set(seen[:-1]) == {torch.bfloat16}
+    assert set(seen) == {torch.bfloat16} and len(seen) >= 3
+    assert w.dtype == torch.float32 and int((w == 0).sum()) == w0.numel() // 2
+    # the kept weights are float32 (Wn0 plus a bfloat16 correction), not bfloat16 values
+    kept = w[w != 0]
+    assert not torch.equal(kept, kept.bfloat16().float())
     monkeypatch.setattr(fast, "_bf16_faster_on_cpu", lambda: False)  # no fast bfloat16: float32 throughout
     w32, seen = gemm_dtypes(monkeypatch, "fast", w0, calib, 0.5)
     assert set(seen) == {torch.float32} and len(seen) >= 3
@@ -244,3 +248,19 @@ def test_calibration_dtype_option_is_checked_and_reaches_yaml_and_cli():
     config = parse_config({"spec": {"process": [{"type": "float_sparse", "calibration_dtype": "bfloat16"}]}})
     assert config.calibration_dtype == "bfloat16" and "calibration_dtype" not in config.pruner_options()
     assert _parser().parse_args(["prune", "--calibration-dtype", "model"]).calibration_dtype == "model"
+
+
+def test_factor_on_one_thread_restores_the_thread_count(monkeypatch):
+    threads = torch.get_num_threads()
+    seen = []
+    inverse = fast._ops.damped_cholesky_inverse
+
+    def spy(*args):
+        seen.append(torch.get_num_threads())
+        return inverse(*args)
+
+    monkeypatch.setattr(fast._ops, "damped_cholesky_inverse", spy)
+    h = torch.eye(8) * 2
+    f = fast.factor(h, 0.1, 1.0, torch.float32)
+    assert seen == [1] and torch.get_num_threads() == threads
+    torch.testing.assert_close(f.hinv, torch.eye(8) / 2.1)  # Hn = I, shift 0.1 + 1
