@@ -1,4 +1,5 @@
-"""What differs between devices, in one place: nothing else in the package names a device type.
+"""What differs between devices, in one place. The rest of the package asks this module, except fast mode's
+choice of its GEMM dtype and its one-thread factorisation on CPUs (admm_sparse.fast), not moved here yet.
 
 - which device a name means (`resolve`: "auto", "cpu", "cuda:1", "npu", "xpu", "mps", ...), with a clear error when
   the device's PyTorch plugin is missing (Ascend NPUs need `torch_npu`) or the device is absent;
