@@ -22,8 +22,8 @@ from .keepbits import apply_keepbits
 # keep_bits is set; it rounds with error compensation on the solver's support (quality.round_with_feedback).
 # allow_tf32: CUDA float32 GEMMs in TF32 (faster, less exact); off by default whatever torch's global setting.
 # mode="fast" (admm_sparse.fast): the seed's ADMM over-relaxed, the mask re-chosen until it settles or for
-# fast_mask_iters iterations, then 2 on that mask (prune_iters and iters are not used); bfloat16 GEMMs before
-# the last iteration where they are faster.
+# fast_mask_iters iterations, then 2 on that mask (prune_iters and iters are not used); every GEMM in bfloat16
+# where that is faster (the returned weights stay float32).
 DEFAULT_OPTIONS = dict(keep_bits=2, keep_proportion=0.02, percdamp=0.1, prune_iters=15, iters=20, rho=1.0,
                        mask_structure="unstructured", mode="seed", round_in_admm=None, quality_rho=0.1,
                        quality_max_iters=300, quality_check_every=3, refit_iters=200, allow_tf32=False,
