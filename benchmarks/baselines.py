@@ -237,18 +237,20 @@ class _HessianPruner:
         self.prune_n, self.prune_m = prune_n, prune_m
         d_in = layer.weight.shape[1]
         device = layer.weight.device
-        self.lower = torch.zeros(d_in, d_in, dtype=torch.float32, device=device)  # H's lower triangle
-        self._scaler = torch.zeros(d_in, dtype=torch.float32, device=device)  # accumulate_stats' other output
+        # H's lower triangle and the channels' squares as the ADMM pruner sums them (float64 sums of float32
+        # products), so that statistics cost the same for every method
+        self.lower = torch.zeros(d_in, d_in, dtype=torch.float64, device=device)
+        self._squares = torch.zeros(d_in, dtype=torch.float64, device=device)  # accumulate_sums' other output
         self.tokens = 0
 
     @property
     def H(self) -> torch.Tensor | None:
-        """The full H = sum X^T X (None once freed)."""
-        return None if self.lower is None else self.lower + self.lower.tril(-1).T
+        """The full H = sum X^T X in float32 (None once freed)."""
+        return None if self.lower is None else (self.lower + self.lower.tril(-1).T).float()
 
     def add_batch(self, inp: torch.Tensor) -> None:
         X = inp.detach().reshape(-1, self.lower.shape[0])
-        _ops.accumulate_stats(self.lower, self._scaler, X, 0, 1)
+        _ops.accumulate_sums(self.lower, self._squares, X)
         self.tokens += X.shape[0]
 
     def _prune(self, W: torch.Tensor, H: torch.Tensor, sparse_ratio: float) -> tuple[torch.Tensor, float]:
@@ -275,7 +277,7 @@ class _HessianPruner:
         )
 
     def free(self) -> None:
-        self.lower = self._scaler = None
+        self.lower = self._squares = None
 
 
 class MagnitudePruner(_HessianPruner):
