@@ -225,9 +225,9 @@ def relative_output_error(W: torch.Tensor, W_new: torch.Tensor, H: torch.Tensor)
 
 
 class _HessianPruner:
-    """Collects H = sum X^T X (float32) over calibration inputs of one nn.Linear, with the library's own
-    statistics kernel (admm_sparse's accumulate_stats: the lower triangle only, half the GEMM), so that the
-    baselines' statistics cost what ADMM's do."""
+    """Collects H = sum X^T X (float64 sums, read in float32) over one nn.Linear's calibration inputs, with the
+    library's own statistics kernel (admm_sparse's accumulate_sums: the lower triangle only, half the GEMM), so
+    that the baselines' statistics cost what ADMM's do."""
 
     name = "base"
 
