@@ -51,17 +51,24 @@ def damped_cholesky_inverse(matrix: torch.Tensor, shift: float) -> tuple[torch.T
                        "to its diagonal")
 
 
+def normalised(hessian: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """SPEC §2 steps 1-2 on the lower triangle of `hessian`, rounded as the native op rounds them: (d = sqrt(diag H)
+    + 1e-8, the damped Hn = H / d_i / d_j + damping·I, damping = percdamp · mean diag, a float32 product)."""
+    h = symmetric(hessian)
+    d = h.diagonal().sqrt() + 1e-8
+    hn = h / d[:, None] / d[None, :]
+    damping = float(torch.tensor(percdamp, dtype=torch.float32) * hn.diagonal().mean().cpu())
+    hn.diagonal().add_(damping)
+    return d, hn, damping
+
+
 def admm_prune(hessian: torch.Tensor, weight: torch.Tensor, k: int, percdamp: float, rho: float, iters: int,
                prune_iters: int, structure: str = "unstructured") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SPEC §2 on the lower triangle of `hessian`: (the pruned float32 weight, the dampings (percdamp·mean,
     a retry's extra), tr(W H Wᵀ) of the input weight), as the native admm_prune returns them."""
     if not 0 <= k <= weight.numel():
         raise RuntimeError(f"k must be in [0, {weight.numel()}], got {k}")
-    h = symmetric(hessian)
-    d = h.diagonal().sqrt() + 1e-8
-    hn = h / d[:, None] / d[None, :]
-    damping = float(torch.tensor(percdamp, dtype=torch.float32) * hn.diagonal().mean().cpu())  # float32, as natively
-    hn.diagonal().add_(damping)
+    d, hn, damping = normalised(hessian, percdamp)
     wn = (weight.float() * d).T.contiguous()
     b = hn @ wn
     dense_energy = (wn * b).sum(dtype=torch.float64) - damping * (wn * wn).sum(dtype=torch.float64)

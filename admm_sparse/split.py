@@ -70,11 +70,7 @@ def admm_prune_split(hessian: torch.Tensor, weight: torch.Tensor, k: int, percda
     every rank."""
     d_out, d_in = weight.shape
     start, end = column_slices(d_out, group.size)[group.rank]
-    h = generic.symmetric(hessian)
-    d = h.diagonal().sqrt() + 1e-8
-    hn = h / d[:, None] / d[None, :]
-    damping = float(torch.tensor(percdamp, dtype=torch.float32) * hn.diagonal().mean().cpu())  # float32, as natively
-    hn.diagonal().add_(damping)
+    d, hn, damping = generic.normalised(hessian, percdamp)
     hinv, used = _ops.damped_cholesky_inverse(hn, rho)
     wn = (weight[start:end].float() * d).T.contiguous()
     b = hn @ wn
