@@ -9,8 +9,13 @@ config, and down_proj alone, whose layer per block is split over both ranks by i
 process's run (from its report: each block's seconds and each layer's ADMM seconds) into what divides over
 N ranks (the calibration forwards and statistics: the windows are split) and what does not (each layer's
 ADMM runs on one rank, so a block waits for its most loaded rank), plus the reduce/broadcast bytes; its
-prediction for 2 ranks is printed next to the measurement. The same model then predicts LLaMA-2-70B on 8
-GPUs of one node and on 2 nodes (figures labelled as predictions; the hardware numbers are stated).
+prediction for 2 ranks is printed next to the measurement.
+
+    python benchmarks/bench_distributed.py --predict-70b --write
+
+The same model predicts LLaMA-2-70B on 8 GPUs of one node and on 2 nodes (figures labelled as predictions; the
+link speeds are stated), from the per-op times bench_op_times.py measured on a GPU (benchmarks/results/op_times.json),
+or from the FLOP count where none were measured.
 """
 from __future__ import annotations
 
@@ -35,6 +40,8 @@ from admm_sparse.split import DIGITS  # noqa: E402
 from benchmarks.results_md import RESULTS_MD, write_section  # noqa: E402
 
 BEGIN, END = "<!-- distributed:begin -->", "<!-- distributed:end -->"
+PREDICTION_BEGIN, PREDICTION_END = "<!-- llama70b:begin -->", "<!-- llama70b:end -->"
+OP_TIMES = ROOT / "benchmarks" / "results" / "op_times.json"  # written by bench_op_times.py on a GPU
 
 
 def command(ranks: int, out: Path, windows: int, extra: list[str]) -> list[str]:
@@ -67,28 +74,40 @@ def predict_ranks(report: dict, ranks: int) -> dict:
     return {"admm": admm, "split": rest, "total": admm + rest}
 
 
-def llama70b(ranks: int, nodes: int) -> dict:
+def llama70b(ranks: int, nodes: int, measured: dict | None = None) -> dict:
     """Predicted seconds per block of LLaMA-2-70B (hidden 8192, intermediate 28672, GQA 8 KV heads of 128),
-    64 x 512 calibration tokens, float32 GEMMs at 50 TFLOP/s per H100/H200 (TF32 off), NVLink 300 GB/s bus
+    64 x 512 calibration tokens. measured: benchmarks/results/op_times.json (bench_op_times.py: each op timed on
+    one GPU); without it, the FLOP count at 50 TFLOP/s float32 per H100/H200 (TF32 off). Links: NVLink 300 GB/s bus
     bandwidth inside a node, 50 GB/s (400 Gb/s InfiniBand) between nodes."""
     tokens, flops, h, inter, kv = 64 * 512, 50e12, 8192, 28672, 1024
     shapes = {"q": (h, h), "k": (kv, h), "v": (kv, h), "o": (h, h), "gate": (inter, h), "up": (inter, h),
               "down": (h, inter)}
     params = sum(a * b for a, b in shapes.values())
-    forward = 2 * 2 * params * tokens / flops  # two passes (statistics, next inputs), 2 FLOP per weight
     groups = {"qkv": h, "o": h, "gate/up": h, "down": inter}  # one Hessian per input
-    stats = sum(d * d * tokens for d in groups.values()) / flops  # half a GEMM each (one triangle), 2 FLOP
-    admm = {name: 2 * layer_cost(shape) / flops for name, shape in shapes.items()}  # inverse + 20 GEMMs, 2 FLOP
+    names = list(shapes)
+    # A split layer's histogram all-reduces: 15 reselections x 4 sweeps + the tie counts, latency-bound (~20 us).
+    select_s = 15 * (len(DIGITS) + 2) * 20e-6
+    if measured:
+        t = measured["seconds"]
+        forward = 2 * sum(t["forward"].values())  # two passes (statistics, next inputs)
+        stats = sum(t["statistics"].values())
+        admm = dict(t["admm"])
+        share = t["admm_split"].get(str(ranks))
+        if share is None and ranks > 1:
+            raise ValueError(f"{OP_TIMES.name} has no split times for {ranks} ranks: re-run bench_op_times.py "
+                             f"--ranks {ranks}")
+    else:
+        forward = 2 * 2 * params * tokens / flops  # two passes, 2 FLOP per weight
+        stats = sum(d * d * tokens for d in groups.values()) / flops  # half a GEMM each (one triangle), 2 FLOP
+        admm = {name: 2 * layer_cost(shape) / flops for name, shape in shapes.items()}  # inverse + 20 GEMMs
+        inverse = {n: 2 * float(shapes[n][1]) ** 3 / flops for n in names}
+        share = {n: inverse[n] + (admm[n] - inverse[n]) / ranks for n in names}  # the inverse on every rank
     bandwidth = 300e9 if nodes == 1 else 50e9
     hessian_bytes = sum(d * d * 8 for d in groups.values())  # the statistics travel as float64 sums
     reduce_s = 2 * hessian_bytes * (ranks - 1) / ranks / bandwidth if ranks > 1 else 0.0
     broadcast_s = params * 4 / bandwidth if ranks > 1 else 0.0
-    names = list(shapes)
     split = {names[i] for i in split_layers([admm[n] for n in names], ranks)}  # as the block loop decides
-    # A split layer: every rank takes the d_in³ inverse, its share of the rest; 15 reselections x 4 histogram
-    # all-reduces of 256 counts, latency-bound (~20 us each).
-    inverse = {n: 2 * float(shapes[n][1]) ** 3 / flops for n in names}
-    split_s = sum(inverse[n] + (admm[n] - inverse[n]) / ranks + 15 * (len(DIGITS) + 2) * 20e-6 for n in split)
+    split_s = sum(share[n] + select_s for n in split)
     group = Group()
     group.size = ranks
     whole = [n for n in names if n not in split]
@@ -97,7 +116,40 @@ def llama70b(ranks: int, nodes: int) -> dict:
     return {"forward": forward / ranks, "statistics": stats / ranks, "reduce": reduce_s, "admm": admm_s,
             "broadcast": broadcast_s,
             "total": forward / ranks + stats / ranks + reduce_s + admm_s + broadcast_s,
-            "admm_all": sum(admm.values()), "split": sorted(split)}
+            "admm_all": sum(admm.values()), "admm_down": admm["down"], "split": sorted(split)}
+
+
+def prediction_70b() -> str:
+    """The LLaMA-2-70B prediction's text: from measured per-op times where op_times.json exists."""
+    measured = json.loads(OP_TIMES.read_text()) if OP_TIMES.exists() else None
+    source = (f"per-op times measured on one {measured['device']} (torch {measured['torch']}, TF32 off; "
+              "`python benchmarks/bench_op_times.py --device cuda --write`, table below)" if measured else
+              "the FLOP count at 50 TFLOP/s float32 per GPU (no per-op times measured: run bench_op_times.py on a GPU)")
+    lines = [f"Prediction (not measured end to end): LLaMA-2-70B, 80 blocks, seconds per block, from {source}:", "",
+             "| setting | forwards | statistics | reduce | ADMM (most loaded rank) | broadcast | per block | 80 blocks, min |",
+             "|---|---|---|---|---|---|---|---|"]
+    for label, ranks, nodes in (("1 GPU", 1, 1), ("8 GPUs, one node (NVLink)", 8, 1), ("16 GPUs, 2 nodes", 16, 2)):
+        c = llama70b(ranks, nodes, measured)
+        lines.append(f"| {label} | {c['forward']:.2f} | {c['statistics']:.2f} | {c['reduce']:.2f} | {c['admm']:.2f} | "
+                     f"{c['broadcast']:.2f} | {c['total']:.2f} | {80 * c['total'] / 60:.1f} |")
+    c = llama70b(8, 1, measured)
+    lines += ["", f"On 8 GPUs the cost model splits {', '.join(c['split'])} over the ranks by their rows (each costs more "
+              "than an even share of the block; admm_sparse.distributed.split_layers, the rule the block loop uses): "
+              "each rank still takes the split layer's d_in³ inverse, and its share of the GEMMs and passes; the "
+              "selection's histogram all-reduces are latency-bound (60 per layer, 20 us each assumed). Without the "
+              f"split a block would wait for down_proj's whole ADMM ({c['admm_down']:.2f} s). Links assumed: NVLink "
+              "300 GB/s in a node, 50 GB/s between nodes."]
+    if measured:
+        t = measured["seconds"]
+        lines += ["", "Per-op seconds measured (one block; forwards: bfloat16 GEMMs over 32768 tokens; statistics: "
+                  "accumulate_sums per 512-token window; ADMM: the seed-mode op at ratio 0.3, whole and one rank's "
+                  "share of a split):", "",
+                  "| op | " + " | ".join(t["admm"]) + " |", "|---|" + "---:|" * len(t["admm"])]
+        rows = [("forward", t["forward"]), ("ADMM, whole", t["admm"])] + \
+            [(f"ADMM, 1/{r} of the rows", share) for r, share in t["admm_split"].items()]
+        lines += [f"| {label} | " + " | ".join(f"{row[n]:.3f}" for n in t["admm"]) + " |" for label, row in rows]
+        lines += ["", "Statistics: " + ", ".join(f"{n} input {s:.3f} s" for n, s in t["statistics"].items()) + "."]
+    return "\n".join(lines)
 
 
 def main(argv=None) -> str:
@@ -105,7 +157,11 @@ def main(argv=None) -> str:
     p.add_argument("--windows", type=int, default=64, help="calibration windows of 512 tokens (default 64)")
     p.add_argument("--runs", type=int, default=2, help="runs of each command (default 2)")
     p.add_argument("--write", action="store_true", help=f"replace this benchmark's section of {RESULTS_MD.name}")
+    p.add_argument("--predict-70b", action="store_true",
+                   help="only the LLaMA-2-70B prediction (from benchmarks/results/op_times.json where it exists)")
     args = p.parse_args(argv)
+    if args.predict_70b:
+        return write_prediction(args.write)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     from admm_sparse.builtin import load_model
 
@@ -149,28 +205,23 @@ def main(argv=None) -> str:
               f"calibration forwards and statistics halve ({model['split']:.1f} s) and each block waits for its more "
               f"loaded rank's ADMM ({model['admm']:.1f} s): predicted block loop {model['total']:.1f} s, a "
               f"{one / model['total']:.2f}x speed-up of the loop (the reduce and broadcast bytes, a few MB per block, "
-              "cost milliseconds on one machine).", "",
-              "Prediction (not measured): LLaMA-2-70B, 80 blocks, seconds per block:", "",
-              "| setting | forwards | statistics | reduce | ADMM (most loaded rank) | broadcast | per block | 80 blocks, min |",
-              "|---|---|---|---|---|---|---|---|"]
-    for label, ranks, nodes in (("1 GPU", 1, 1), ("8 GPUs, one node (NVLink)", 8, 1), ("16 GPUs, 2 nodes", 16, 2)):
-        c = llama70b(ranks, nodes)
-        lines.append(f"| {label} | {c['forward']:.2f} | {c['statistics']:.2f} | {c['reduce']:.2f} | {c['admm']:.2f} | "
-                     f"{c['broadcast']:.2f} | {c['total']:.2f} | {80 * c['total'] / 60:.1f} |")
-    c = llama70b(8, 1)
-    lines += ["", f"On 8 GPUs the cost model splits {', '.join(c['split'])} over the ranks by their rows (each costs more "
-              "than an even share of the block; admm_sparse.distributed.split_layers, the rule the block loop uses): "
-              "each rank still takes the split layer's d_in³ inverse, and its share of the GEMMs and passes; the "
-              "selection's histogram all-reduces are latency-bound (60 per layer). Without the split a block would "
-              f"wait for down_proj's whole ADMM ({2 * layer_cost((8192, 28672)) / 50e12:.2f} s). The per-op figures are "
-              "the FLOP formula at the stated GEMM rate, not GPU measurements (no GPU was lent to the session that "
-              "built the split)."]
+              "cost milliseconds on one machine)."]
     text = "\n".join(lines)
     print(text)
     if args.write:
         section = (f"{BEGIN}\n## Several processes (torch.distributed)\n\nCommand: "
                    f"`python benchmarks/bench_distributed.py --windows {args.windows} --runs {args.runs} --write`\n\n{text}\n{END}")
         write_section(RESULTS_MD, section, BEGIN, END)
+    return text
+
+
+def write_prediction(write: bool) -> str:
+    text = prediction_70b()
+    print(text)
+    if write:
+        section = (f"{PREDICTION_BEGIN}\n### LLaMA-2-70B on 8 and 16 GPUs: the cost model's prediction\n\nCommand: "
+                   f"`python benchmarks/bench_distributed.py --predict-70b --write`\n\n{text}\n{PREDICTION_END}")
+        write_section(RESULTS_MD, section, PREDICTION_BEGIN, PREDICTION_END)
     return text
 
 

@@ -1,6 +1,8 @@
-"""benchmarks/bench_cuda.py's own logic, run on the CPU at a toy size: the GPU benchmark has never had a GPU
-in CI, and a script that fails on its first GPU would waste that session's device time."""
+"""The GPU benchmarks' own logic (benchmarks/bench_cuda.py, bench_op_times.py and the LLaMA-2-70B prediction that
+reads its times), run on the CPU at a toy size: CI has no GPU, and a script that fails on its first GPU would waste
+that session's device time."""
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -8,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is not an installed package
 
-from benchmarks import bench_cuda  # noqa: E402
+from benchmarks import bench_cuda, bench_distributed, bench_op_times  # noqa: E402
 
 
 def test_smoke_run_on_cpu(capsys):
@@ -35,3 +37,26 @@ def test_bad_shapes_are_refused(bad):
     with pytest.raises(argparse.ArgumentTypeError, match="OUTxIN"):
         bench_cuda.shape_list(bad)
     assert bench_cuda.shape_list("4096x11008,8x4") == [(4096, 11008), (8, 4)]
+
+
+def test_op_times_feed_the_70b_prediction(tmp_path, monkeypatch):
+    """bench_op_times at 1/64 of LLaMA-2-70B's dimensions on the CPU, then the prediction from its file: the
+    measured ADMM times are the ones used, and a rank count without split times is refused by name."""
+    monkeypatch.setattr(bench_op_times, "OP_TIMES", tmp_path / "op_times.json")
+    assert bench_op_times.main(["--device", "cpu", "--scale", "64", "--repeats", "1", "--ranks", "8,16", "--write"]) == 0
+    measured = json.loads((tmp_path / "op_times.json").read_text())
+    times = measured["seconds"]
+    assert set(times["admm"]) == set(times["admm_split"]["8"]) == set(bench_op_times.LAYERS)
+    assert all(t > 0 for op in ("forward", "statistics", "admm") for t in times[op].values())
+    one = bench_distributed.llama70b(1, 1, measured)
+    assert one["admm_down"] == times["admm"]["down"] and one["split"] == []
+    assert one["admm"] == pytest.approx(sum(times["admm"].values()))
+    eight = bench_distributed.llama70b(8, 1, measured)
+    for name in eight["split"]:  # a split layer costs its measured share on the most loaded rank
+        assert eight["admm"] >= times["admm_split"]["8"][name]
+    monkeypatch.setattr(bench_distributed, "OP_TIMES", tmp_path / "op_times.json")
+    text = bench_distributed.prediction_70b()
+    assert "per-op times measured on one cpu" in text and "| ADMM, 1/16 of the rows |" in text
+    del measured["seconds"]["admm_split"]["16"]
+    with pytest.raises(ValueError, match="--ranks 16"):
+        bench_distributed.llama70b(16, 2, measured)
