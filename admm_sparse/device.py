@@ -1,5 +1,4 @@
-"""What differs between devices, in one place. The rest of the package asks this module, except fast mode's
-choice of its GEMM dtype and its one-thread factorisation on CPUs (admm_sparse.fast), not moved here yet.
+"""What differs between devices, in one place: no other module of the package names a device type.
 
 - which device a name means (`resolve`: "auto", "cpu", "cuda:1", "npu", "xpu", "mps", ...), with a clear error when
   the device's PyTorch plugin is missing (Ascend NPUs need `torch_npu`) or the device is absent;
@@ -9,7 +8,10 @@ choice of its GEMM dtype and its one-thread factorisation on CPUs (admm_sparse.f
 - which of admm_sparse's native kernels the device has (`native`): CPU and CUDA builds register them per
   dispatch key; any other device runs their plain-PyTorch twins (admm_sparse.generic);
 - what the device can compute (`supports`): a Cholesky factorisation and float64 arithmetic are probed once per
-  device type; an op the device lacks runs on the CPU, moving only its d_in x d_in matrix.
+  device type; an op the device lacks runs on the CPU, moving only its d_in x d_in matrix;
+- what it computes fast (`gemm_dtype`: bfloat16 GEMMs where measured faster than float32), how a
+  factorisation runs fastest (`factorisation_threads`: on one thread on CPUs), and the float32 GEMMs' precision
+  (`float32_matmuls`: full float32, or TF32 where opted in).
 
 `generic_kernels()` and `unsupported(...)` force the generic path or declare an op missing, so that the CPU can
 test both (tests/test_device.py).
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import time
 import warnings
 from contextlib import contextmanager
 
@@ -32,6 +35,7 @@ PLUGINS = {"npu": ("torch_npu", "Huawei's Ascend plugin: pip install torch-npu (
 DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA", "npu": "PrivateUse1", "xpu": "XPU", "mps": "MPS"}
 # Abilities `supports` probes, by name.
 ABILITIES = ("cholesky", "float64")
+BF16_MIN_SPEEDUP = 1.3  # bfloat16 GEMMs only where measured at least this much faster than float32
 
 _forced_generic = False
 _declared_unsupported: set[str] = set()
@@ -163,6 +167,82 @@ def supports(ability: str, device: torch.device) -> bool:
     if ability not in ABILITIES:
         raise ValueError(f"unknown ability {ability!r}; known: {ABILITIES}")
     return ability not in _declared_unsupported and (device.type == "cpu" or _probe(ability, device.type))
+
+
+@functools.lru_cache(maxsize=None)
+def _bfloat16_faster(device_type: str) -> bool:
+    """Whether bfloat16 GEMMs beat float32 by BF16_MIN_SPEEDUP on this device type. CUDA: every card with
+    bfloat16 has tensor cores for it. Elsewhere a 512³ GEMM is timed once in each dtype (on CPUs bfloat16 is fast
+    only with hardware support such as AMX or AVX512-BF16); a device without bfloat16 (the Atlas 300I Duo) says
+    no. Its own generator: the caller's random stream is left alone."""
+    if device_type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    device = torch.device(device_type)
+    if device_type != "cpu" and runtime(device) is None:  # nothing runs there to time (e.g. meta)
+        return False
+    a = torch.randn(512, 512, generator=torch.Generator().manual_seed(0)).to(device)
+
+    def best(dtype):
+        m = a.to(dtype)
+        torch.mm(m, m)  # warm-up
+        times = []
+        for _ in range(3):
+            synchronize(device)
+            start = time.perf_counter()
+            torch.mm(m, m)
+            synchronize(device)
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    try:
+        return best(torch.float32) >= BF16_MIN_SPEEDUP * best(torch.bfloat16)
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+
+
+def gemm_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of fast mode's low-precision GEMMs (and of its calibration forwards): bfloat16 where the device
+    computes it faster than float32, else float32."""
+    return torch.bfloat16 if _bfloat16_faster(device.type) else torch.float32
+
+
+@contextmanager
+def factorisation_threads(device: torch.device):
+    """Within it, a d_in x d_in factorisation runs as fast as the device allows: on one thread on CPUs (torch
+    2.13's cholesky_inverse measured 1.3-2.8x slower on 2 threads than on one at 2048 and 4096 on a 2-core
+    machine; issue 30); elsewhere nothing changes."""
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@contextmanager
+def float32_matmuls(allow_tf32: bool):
+    """CUDA float32 GEMMs in full float32 (the default: parity with the CPU path and the SPEC) or, opted in,
+    in TF32, whatever the caller's global setting; that setting is restored afterwards (other devices' GEMMs
+    ignore it)."""
+    matmul = torch.backends.cuda.matmul
+    try:
+        old = matmul.fp32_precision  # torch >= 2.9; mixing it with the legacy flag is an error there
+    except AttributeError:
+        old = None
+    if old is None:
+        old_flag = matmul.allow_tf32
+        matmul.allow_tf32 = allow_tf32
+        try:
+            yield
+        finally:
+            matmul.allow_tf32 = old_flag
+        return
+    matmul.fp32_precision = "tf32" if allow_tf32 else "ieee"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = old
 
 
 def statistics_device(device: torch.device) -> torch.device:

@@ -17,9 +17,6 @@ What differs from the seed's 15 re-selections + 5 fixed-mask iterations (measure
 """
 from __future__ import annotations
 
-import functools
-import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -31,36 +28,6 @@ from .quality import pruned_set
 ALPHA = 1.5  # over-relaxation (convergent for alpha in (0, 2) in the convex case)
 MASK_TOL = 0.001  # re-select while more than this fraction of the k pruned entries swaps per iteration
 FIXED_ITERS = 2  # fixed-mask iterations after the mask settles
-BF16_MIN_SPEEDUP = 1.3  # use bfloat16 GEMMs only when measured at least this much faster
-
-
-@functools.lru_cache(maxsize=None)
-def _bf16_faster_on_cpu() -> bool:
-    """Whether a 512³ bfloat16 GEMM beats float32 by BF16_MIN_SPEEDUP on this CPU, timed once (bfloat16 GEMMs
-    are fast only with hardware support such as AMX or AVX512-BF16). Its own generator: the caller's random
-    stream is left alone."""
-    a = torch.randn(512, 512, generator=torch.Generator().manual_seed(0))
-
-    def best(dtype):
-        m = a.to(dtype)
-        torch.mm(m, m)  # warm-up
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            torch.mm(m, m)
-            times.append(time.perf_counter() - start)
-        return min(times)
-
-    return best(torch.float32) >= BF16_MIN_SPEEDUP * best(torch.bfloat16)
-
-
-def low_precision_dtype(device: torch.device) -> torch.dtype:
-    """The GEMM dtype of fast mode's iterations: bfloat16 where it is faster, else float32."""
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    if device.type == "cpu":
-        return torch.bfloat16 if _bf16_faster_on_cpu() else torch.float32
-    return torch.float32
 
 
 def relax(gemm_out, wn0, z, u, rho: float, alpha: float) -> None:
@@ -103,21 +70,9 @@ class Factor:
     share it, so the d_in³ inverse is taken once per input (AdmmPruner caches it with the shared statistics)."""
 
     d: torch.Tensor  # sqrt(diag H): the normalisation
-    hinv: torch.Tensor  # (Hn + (damping + rho)·I)⁻¹ in the GEMM dtype (low_precision_dtype)
+    hinv: torch.Tensor  # (Hn + (damping + rho)·I)⁻¹ in the GEMM dtype (device.gemm_dtype)
     damping: float  # percdamp · mean diag(Hn)
     used: torch.Tensor  # the damping the Cholesky succeeded with (more after retries)
-
-
-@contextmanager
-def _one_cpu_thread(device: torch.device):
-    """On the CPU, torch ops inside run on one thread."""
-    threads = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def factor(h_lower: torch.Tensor, percdamp: float, rho: float, low_dtype: torch.dtype) -> Factor:
@@ -125,9 +80,7 @@ def factor(h_lower: torch.Tensor, percdamp: float, rho: float, low_dtype: torch.
     d = h_lower.diagonal().sqrt() + 1e-8
     hn = h_lower / d[:, None] / d[None, :]  # only its lower triangle is read below
     damping = percdamp * hn.diagonal().mean().item()
-    # On one CPU thread: torch 2.13's cholesky_inverse measured 1.3-2.8x slower on 2 threads than on one
-    # (2048 and 4096, this 2-core machine; issue 30).
-    with _one_cpu_thread(hn.device):
+    with devices.factorisation_threads(hn.device):
         hinv, used = _ops.damped_cholesky_inverse(hn, damping + rho)
     return Factor(d, hinv.to(low_dtype), damping, used)
 

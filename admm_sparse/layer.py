@@ -5,7 +5,6 @@ import math
 import time
 import warnings
 from collections.abc import Iterable
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -169,30 +168,6 @@ def check_options(options: dict) -> dict:
     return opts
 
 
-@contextmanager
-def float32_matmuls(allow_tf32: bool):
-    """CUDA float32 GEMMs in full float32 (the default: parity with the CPU path and the SPEC) or, opted in,
-    in TF32, whatever the caller's global setting; that setting is restored afterwards (CPU GEMMs ignore it)."""
-    matmul = torch.backends.cuda.matmul
-    try:
-        old = matmul.fp32_precision  # torch >= 2.9; mixing it with the legacy flag is an error there
-    except AttributeError:
-        old = None
-    if old is None:
-        old_flag = matmul.allow_tf32
-        matmul.allow_tf32 = allow_tf32
-        try:
-            yield
-        finally:
-            matmul.allow_tf32 = old_flag
-        return
-    matmul.fp32_precision = "tf32" if allow_tf32 else "ieee"
-    try:
-        yield
-    finally:
-        matmul.fp32_precision = old
-
-
 def all_finite(t: torch.Tensor) -> bool:
     """No NaN or inf in t. A finite sum proves it (NaN and inf survive any addition) in one fast reduction;
     only a sum that is not finite (a non-finite entry, or an overflow) needs the elementwise check."""
@@ -340,7 +315,7 @@ class AdmmPruner:
         if inp.numel() == 0:
             raise ValueError(f"calibration input of shape {tuple(inp.shape)} holds no tokens")
         _check_finite(inp, "the calibration input")
-        with float32_matmuls(self.allow_tf32):
+        with devices.float32_matmuls(self.allow_tf32):
             _ops.accumulate_sums(self.hessian_sum, self.square_sum, inp.to(self.device))
         self.nsamples += inp.shape[0] if inp.dim() >= 3 else 1
         self.tokens += inp.numel() // self.columns
@@ -373,7 +348,7 @@ class AdmmPruner:
         start = time.perf_counter()
         old = self.dense_target(weight.detach())  # the weight itself unless the loop fed dense targets
         k = pruned_count((self.rows, self.columns), sparse_ratio, structure)
-        with float32_matmuls(opts["allow_tf32"]):
+        with devices.float32_matmuls(opts["allow_tf32"]):
             new, damping, dense_energy, extra = self._prune(old, k, structure, opts)
             delta_energy = quadratic_trace(self.H, new.float() - old.float())
         weight.data.copy_(new)
@@ -421,7 +396,7 @@ class AdmmPruner:
         """Fast mode: see admm_sparse.fast."""
         from . import fast
 
-        key = ("fast", opts["percdamp"], opts["rho"], fast.low_precision_dtype(old.device))
+        key = ("fast", opts["percdamp"], opts["rho"], devices.gemm_dtype(old.device))
         if key not in self.factors:
             self.factors[key] = fast.factor(self.H, *key[1:])
         pruned, damping, iterations = fast.admm_fast(self.factors[key], old.float(), k,

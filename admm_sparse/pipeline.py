@@ -33,7 +33,6 @@ from . import device as devices
 from .config import FloatSparseConfig
 from .distributed import Group, layer_cost, split_layers, sum_statistics
 from .evaluate import nll_sum
-from .fast import low_precision_dtype
 from .layer import AdmmPruner, all_finite, parse_mask_structure
 from .reconstruct import block_output, holdout_split, reconstruct_block
 from .select import select_targets
@@ -188,7 +187,7 @@ def calibration_autocast(config: FloatSparseConfig, device: torch.device):
     are float32 products of each layer's input whatever the forwards' dtype (AdmmPruner.add_batch)."""
     dtype = config.calibration_dtype
     if dtype == "auto":
-        dtype = "bfloat16" if config.mode == "fast" and low_precision_dtype(device) == torch.bfloat16 else "model"
+        dtype = "bfloat16" if config.mode == "fast" and devices.gemm_dtype(device) == torch.bfloat16 else "model"
     return nullcontext() if dtype == "model" else torch.autocast(device.type, dtype=getattr(torch, dtype))
 
 

@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from admm_sparse import fast  # noqa: E402
+from admm_sparse import device as devices, fast  # noqa: E402
 from admm_sparse.layer import AdmmPruner  # noqa: E402
 from benchmarks.baselines import SparseGPTPruner, relative_output_error  # noqa: E402
 from benchmarks.results_md import RESULTS_MD, write_section  # noqa: E402
@@ -93,14 +93,14 @@ def patched(module, **values):
             setattr(module, name, value)
 
 
-# Fast mode with one lever taken away or changed at a time (--levers): fast.py's constants patched for one call.
+# Fast mode with one lever taken away or changed at a time (--levers): a module's attributes patched for one call.
 LEVERS = {
-    "fast": {},
-    "fast, float32 GEMMs (no bfloat16)": dict(_bf16_faster_on_cpu=lambda: False),
-    "fast, no over-relaxation (alpha 1)": dict(ALPHA=1.0),
-    "fast, no early stop (15 re-selections)": dict(MASK_TOL=-1.0),
-    "fast, mask tolerance 0.3% of k": dict(MASK_TOL=0.003),
-    "fast, 5 iterations on the settled mask": dict(FIXED_ITERS=5),
+    "fast": (fast, {}),
+    "fast, float32 GEMMs (no bfloat16)": (devices, dict(_bfloat16_faster=lambda device_type: False)),
+    "fast, no over-relaxation (alpha 1)": (fast, dict(ALPHA=1.0)),
+    "fast, no early stop (15 re-selections)": (fast, dict(MASK_TOL=-1.0)),
+    "fast, mask tolerance 0.3% of k": (fast, dict(MASK_TOL=0.003)),
+    "fast, 5 iterations on the settled mask": (fast, dict(FIXED_ITERS=5)),
 }
 
 
@@ -127,7 +127,8 @@ def run(method: str, w0: torch.Tensor, calib: list[torch.Tensor], layer: nn.Line
         report = pruner.fasterprune(ratio, mode="seed")
     else:
         options = dict(fast_mask_iters=15) if method == "fast, no early stop (15 re-selections)" else {}
-        with patched(fast, **LEVERS[method]):
+        module, values = LEVERS[method]
+        with patched(module, **values):
             report = pruner.fasterprune(ratio, mode="fast", **options)
     pruner.free()
     return statistics_s, report.seconds, getattr(report, "iterations", None)
@@ -337,7 +338,7 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     head = (f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}, fast mode's "
-            f"low-precision GEMMs: {str(fast.low_precision_dtype(torch.device('cpu'))).removeprefix('torch.')}; "
+            f"low-precision GEMMs: {str(devices.gemm_dtype(torch.device('cpu'))).removeprefix('torch.')}; "
             f"median of {args.repeats} run(s), methods alternating")
     lines = []
     for ratio in args.ratios:

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from admm_sparse import fast  # noqa: E402
+from admm_sparse import device as devices  # noqa: E402
 from admm_sparse.config import FloatSparseConfig  # noqa: E402
 from admm_sparse.layer import AdmmPruner  # noqa: E402
 from benchmarks.baselines import SparseGPTPruner  # noqa: E402
@@ -127,7 +127,7 @@ def main(argv=None) -> None:
              f"Built-in SmolLM2-135M, ratio {args.ratio}, keep-bit rounding off, {args.windows} x 512 calibration "
              f"tokens, perplexity on {args.eval_windows} x 512 held-out tokens (dense {dense_ppl:.2f}); torch "
              f"{torch.__version__}, {args.threads} thread(s), {platform.machine()}; fast mode's low-precision "
-             f"dtype here: {str(fast.low_precision_dtype(torch.device('cpu'))).removeprefix('torch.')}; "
+             f"dtype here: {str(devices.gemm_dtype(torch.device('cpu'))).removeprefix('torch.')}; "
              f"median of {args.rounds} round(s), the methods alternating. Seconds:", "",
              "| method | end to end | x SparseGPT | calibration forwards | statistics | solver | export "
              "| perplexity |", "|---|---|---|---|---|---|---|---|"]

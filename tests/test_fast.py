@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import admm_sparse
-from admm_sparse import fast
+from admm_sparse import device, fast
 from admm_sparse.config import parse_config
 from admm_sparse.keepbits import apply_keepbits
 from admm_sparse.layer import AdmmPruner
@@ -91,7 +91,7 @@ def gemm_dtypes(monkeypatch, *args):
 
 
 def test_bfloat16_gemms_and_a_float32_result(monkeypatch):
-    monkeypatch.setattr(fast, "_bf16_faster_on_cpu", lambda: True)
+    monkeypatch.setattr(device, "_bfloat16_faster", lambda device_type: True)
     w0, calib, heldout = layer_case(64, 96, 9)
     w, seen = gemm_dtypes(monkeypatch, "fast", w0, calib, 0.5)
     assert set(seen) == {torch.bfloat16} and len(seen) >= 3
@@ -99,7 +99,7 @@ def test_bfloat16_gemms_and_a_float32_result(monkeypatch):
     # the kept weights are float32 (Wn0 plus a bfloat16 correction), not bfloat16 values
     kept = w[w != 0]
     assert not torch.equal(kept, kept.bfloat16().float())
-    monkeypatch.setattr(fast, "_bf16_faster_on_cpu", lambda: False)  # no fast bfloat16: float32 throughout
+    monkeypatch.setattr(device, "_bfloat16_faster", lambda device_type: False)  # no fast bfloat16: float32 throughout
     w32, seen = gemm_dtypes(monkeypatch, "fast", w0, calib, 0.5)
     assert set(seen) == {torch.float32} and len(seen) >= 3
     assert w32.dtype == torch.float32 and int((w32 == 0).sum()) == w0.numel() // 2
@@ -107,12 +107,13 @@ def test_bfloat16_gemms_and_a_float32_result(monkeypatch):
     assert heldout_error(w0, w, heldout) == pytest.approx(heldout_error(w0, w32, heldout), rel=0.01)
 
 
-def test_low_precision_dtype_follows_the_measurement(monkeypatch):
-    monkeypatch.setattr(fast, "_bf16_faster_on_cpu", lambda: False)
-    assert fast.low_precision_dtype(torch.device("cpu")) == torch.float32
-    monkeypatch.setattr(fast, "_bf16_faster_on_cpu", lambda: True)
-    assert fast.low_precision_dtype(torch.device("cpu")) == torch.bfloat16
-    assert fast.low_precision_dtype(torch.device("meta")) == torch.float32
+def test_the_gemm_dtype_follows_the_measurement(monkeypatch):
+    monkeypatch.setattr(device, "_bfloat16_faster", lambda device_type: False)
+    assert device.gemm_dtype(torch.device("cpu")) == torch.float32
+    monkeypatch.setattr(device, "_bfloat16_faster", lambda device_type: True)
+    assert device.gemm_dtype(torch.device("cpu")) == torch.bfloat16
+    monkeypatch.undo()
+    assert device.gemm_dtype(torch.device("meta")) == torch.float32  # nothing runs there to time
 
 
 def test_keep_bit_rounding_applies_afterwards():
@@ -174,9 +175,9 @@ def test_cli_accepts_fast_mode():
 
 
 def test_bf16_detection_leaves_the_random_stream_alone():
-    fast._bf16_faster_on_cpu.cache_clear()
+    device._bfloat16_faster.cache_clear()
     state = torch.get_rng_state()
-    assert isinstance(fast._bf16_faster_on_cpu(), bool)
+    assert isinstance(device._bfloat16_faster("cpu"), bool)
     assert torch.equal(torch.get_rng_state(), state)
 
 
@@ -226,7 +227,7 @@ def test_calibration_forwards_run_in_the_configured_dtype(monkeypatch, mode, set
     from admm_sparse.config import FloatSparseConfig
     from admm_sparse.pipeline import prune_model
 
-    monkeypatch.setattr(fast, "_bf16_faster_on_cpu", lambda: bf16_fast)
+    monkeypatch.setattr(device, "_bfloat16_faster", lambda device_type: bf16_fast)
     model = tiny_llama()
     seen = []
     model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, args, out: seen.append(out.dtype))
