@@ -16,6 +16,7 @@ spec:
       calibration_dtype: "auto"       # the calibration forwards' dtype: model, bfloat16, float16, or auto
                                       # (bfloat16 in fast mode where bfloat16 GEMMs are faster, else the model's)
       keep_bits: 2                    # mantissa bits the keep-bit rounding keeps (SPEC §3); null: no rounding
+      keep_proportion: 0.02           # fraction of the weights whose mantissa it leaves whole (most moved first)
       reconstruct_epochs: 0           # block reconstruction after each block's pruning (0: off); see reconstruct.py
       reconstruct_lr: 0.003           # its Adam step, relative to each layer's kept weights' RMS
       reconstruct_dtype: "model"      # or "bfloat16": its forwards and backwards in bfloat16 autocast
@@ -142,6 +143,8 @@ OPTIONS = (
            "mode where bfloat16 GEMMs are faster on the device, else the model's", str, "loop", _check_choice(CALIBRATION_DTYPES)),
     Option("keep_bits", 2, "mantissa bits kept by the keep-bit rounding for the Atlas card's compression "
            "(SPEC §3); none: no rounding", _optional_int),
+    Option("keep_proportion", 0.02, "fraction of the weights whose float16 mantissa the keep-bit rounding leaves whole: "
+           "those it would move most, weighted by their input channel's RMS (SPEC §3's 0.02)", float),
     Option("reconstruct_epochs", 0, "block reconstruction: after a block is pruned, at most this many epochs of Adam "
            "over its kept weights (masks fixed) to reproduce the dense model's block outputs, stopped early on "
            "held-out calibration windows (0: off)", int, "loop", _check_reconstruct_epochs),
@@ -203,6 +206,7 @@ class FloatSparseConfig:
     allow_tf32: bool = False
     calibration_dtype: str = "auto"
     keep_bits: int | None = 2
+    keep_proportion: float = 0.02
     reconstruct_epochs: int = 0
     reconstruct_lr: float = 3e-3
     reconstruct_dtype: str = "model"

@@ -1,0 +1,280 @@
+"""The size–accuracy front: held-out perplexity against the compressed bits per weight of the pruned layers.
+
+Follows benchmarks/BENCHMARKS.md (SmolLM2-135M-Instruct in float32, 64 x 512 calibration windows, perplexity on 100
+held-out windows of 512). Each point prunes the whole model with one setting, then measures every pruned layer's
+weight as the Atlas export stores it (float16) with admm_sparse.size (zstd, blocks of 16384: bitmap, high bytes,
+low bytes), and the perplexity. The settings: the seed mode at sparse_ratio 0.3-0.7 with keep_bits off/3/2/1 and
+keep_proportion around 0.02, the `best` preset, size budgets (target_bits_per_weight) with the uniform settings of
+the same size, and the dense model (what compression alone gives).
+
+    python benchmarks/bench_front.py --write                # every point, in PRIORITY order; resumes
+    python benchmarks/bench_front.py --points seed-0.5-kb2  # some points only
+    python benchmarks/bench_front.py --table                 # the table and plot from the stored results
+
+Results go to benchmarks/results/front.json as each point ends (a run cut short keeps what it measured).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.results_md import RESULTS_MD, write_section  # noqa: E402
+
+BEGIN, END = "<!-- front:begin -->", "<!-- front:end -->"
+JSON_OUT = ROOT / "benchmarks" / "results" / "front.json"
+FIGURE = ROOT / "benchmarks" / "figures" / "front.png"
+PROTOCOL = dict(calib_windows=64, calib_seq_len=512, eval_windows=100, eval_seq_len=512)
+
+
+@dataclass(frozen=True)
+class Point:
+    """One whole-model setting of the front."""
+
+    preset: str  # seed (the original algorithm's options), best (the preset), dense (no pruning)
+    ratio: float | None = None
+    keep_bits: int | None = 2
+    keep_proportion: float = 0.02
+    budget: float | None = None  # target_bits_per_weight: the loop picks each layer's ratio and keep bits
+
+    @property
+    def key(self) -> str:
+        if self.preset == "dense":
+            return "dense"
+        what = f"budget{self.budget:g}" if self.budget is not None else f"{self.ratio:g}"
+        kb = "" if self.budget is not None else f"-kb{'off' if self.keep_bits is None else self.keep_bits}"
+        kp = "" if self.keep_proportion == 0.02 else f"-kp{self.keep_proportion:g}"
+        return f"{self.preset}-{what}{kb}{kp}"
+
+    @property
+    def series(self) -> str:
+        """The plot's line."""
+        if self.preset == "dense":
+            return "dense"
+        if self.budget is not None:
+            return f"{self.preset}, size budget"
+        kp = "" if self.keep_proportion == 0.02 else f", keep_proportion {self.keep_proportion:g}"
+        return f"{self.preset}, keep_bits {'off' if self.keep_bits is None else self.keep_bits}{kp}"
+
+    def config(self):
+        from admm_sparse.config import FloatSparseConfig
+
+        options = dict(keep_bits=self.keep_bits, keep_proportion=self.keep_proportion)
+        if self.budget is not None:
+            options = dict(target_bits_per_weight=self.budget)
+        else:
+            options["sparse_ratio"] = self.ratio
+        return FloatSparseConfig.from_preset("best", **options) if self.preset == "best" else FloatSparseConfig(**options)
+
+
+def _grid(preset, ratios, keep_bits=(2,), **kw):
+    return [Point(preset, r, kb, **kw) for kb in keep_bits for r in ratios]
+
+
+RATIOS = (0.3, 0.4, 0.5, 0.6, 0.7)
+# Every point, most telling first: the seed mode's default rounding across ratios, the dense model, the other
+# keep_bits, the best preset, keep_proportion around 0.02, then the size budgets.
+POINTS = (_grid("seed", RATIOS) + [Point("dense")] + _grid("seed", (0.3, 0.5, 0.7), (None, 3, 1))
+          + _grid("best", (0.3, 0.4, 0.5, 0.7)) + _grid("best", (0.3, 0.4), (1,))
+          + _grid("seed", (0.3,), keep_proportion=0.005) + _grid("seed", (0.3,), keep_proportion=0.05)
+          + _grid("best", (0.6,)))
+
+
+def measure_sizes(model, names: list[str]) -> dict:
+    """The named layers' weights as float16, compressed (admm_sparse.size): totals and bits per weight."""
+    from admm_sparse.size import TensorSize, measure_tensor
+
+    total = TensorSize()
+    for name in names:
+        total = total + measure_tensor(model.get_submodule(name).weight)
+    return total.to_dict()
+
+
+def run_point(point: Point, data, dense_state, names: list[str]) -> dict:
+    from admm_sparse.evaluate import perplexity
+    from admm_sparse.pipeline import prune_blocks
+
+    model = data.model
+    model.load_state_dict(dense_state)
+    start = time.perf_counter()
+    extra = {}
+    if point.preset != "dense":
+        result = prune_blocks(model, data.calib, point.config(), progress=False)
+        rows = result.rows
+        extra["achieved_sparsity"] = sum(r["sparsity"] * math.prod(r["shape"]) for r in rows) / \
+            sum(math.prod(r["shape"]) for r in rows)
+        if point.budget is not None:
+            extra["layer_settings"] = {r["name"]: [round(r["sparsity"], 4), r.get("keep_bits")] for r in rows}
+    prune_s = time.perf_counter() - start
+    size = measure_sizes(model, names)
+    start = time.perf_counter()
+    ppl = perplexity(model, data.heldout, seq_len=PROTOCOL["eval_seq_len"], num_windows=PROTOCOL["eval_windows"],
+                     progress=False)
+    return dict(point=asdict(point), perplexity=ppl, size=size, prune_seconds=prune_s,
+                eval_seconds=time.perf_counter() - start, threads=torch.get_num_threads(), **extra)
+
+
+# ---------------------------------------------------------------- reading
+
+def _interpolate(curve: list[tuple[float, float]], bits: float) -> float | None:
+    """The perplexity of a series' polyline at `bits` (log-perplexity linear in bits), None outside it."""
+    curve = sorted(curve)
+    for (b0, p0), (b1, p1) in zip(curve, curve[1:]):
+        if b0 <= bits <= b1:
+            t = (bits - b0) / (b1 - b0) if b1 > b0 else 0.0
+            return math.exp(math.log(p0) + t * (math.log(p1) - math.log(p0)))
+    return None
+
+
+def render(results: dict, figure_link: str | None) -> str:
+    runs = results["runs"]
+    rows = sorted(runs.values(), key=lambda r: (Point(**r["point"]).series, r["size"]["bits_per_weight"]))
+    env = results["env"]
+    lines = [f"{BEGIN}", "## Size and accuracy: the front (issue 26)", "",
+             "Command: `python benchmarks/bench_front.py --write` (BENCHMARKS.md protocol: SmolLM2-135M-Instruct, "
+             "64 x 512 calibration windows, 100 x 512 held-out windows; sizes of the pruned layers' weights as float16, "
+             f"compressed by admm_sparse.size: zstd, blocks of 16384). torch {env['torch']}, {env['threads']} threads, "
+             f"{env['date']}.", "",
+             "| setting | sparse_ratio | keep_bits | keep_proportion | bits / weight | bound | vs float16 | perplexity "
+             "| prune s |", "|---|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        p, s = Point(**r["point"]), r["size"]
+        ratio = "per layer" if p.budget is not None else "-" if p.ratio is None else f"{p.ratio:g}"
+        kb = "per layer" if p.budget is not None else "-" if p.preset == "dense" else \
+            "off" if p.keep_bits is None else str(p.keep_bits)
+        kp = "-" if p.preset == "dense" or p.keep_bits is None else f"{p.keep_proportion:g}"
+        name = f"{p.preset}, budget {p.budget:g} bits" if p.budget is not None else p.preset
+        lines.append(f"| {name} | {ratio} | {kb} | {kp} | {s['bits_per_weight']:.3f} | {s['bound_bits_per_weight']:.3f} "
+                     f"| {s['ratio_to_float16']:.1%} | {r['perplexity']:.2f} | {r['prune_seconds']:.0f} |")
+    if figure_link:
+        lines += ["", f"![perplexity against compressed bits per weight]({figure_link})"]
+    lines += ["", *reading(results)]
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def reading(results: dict) -> list[str]:
+    """The comparisons the issue asks for, computed from the stored points."""
+    runs = results["runs"]
+    out = []
+    default = runs.get("seed-0.3-kb2")
+    if default:
+        bits0, ppl0 = default["size"]["bits_per_weight"], default["perplexity"]
+        better = sorted((r for r in runs.values() if r["perplexity"] <= ppl0 and r["point"]["preset"] != "dense"),
+                        key=lambda r: r["size"]["bits_per_weight"])
+        if better:
+            b = better[0]
+            out.append(f"- Against the original algorithm's default (0.3, 2 keep bits: {bits0:.3f} bits per weight, "
+                       f"perplexity {ppl0:.2f}), the smallest point at equal or lower perplexity is "
+                       f"`{Point(**b['point']).key}`: {b['size']['bits_per_weight']:.3f} bits per weight "
+                       f"({1 - b['size']['bits_per_weight'] / bits0:.1%} fewer bytes), perplexity {b['perplexity']:.2f}.")
+    seed = [(r["size"]["bits_per_weight"], r["perplexity"]) for r in runs.values()
+            if r["point"]["preset"] == "seed" and r["point"]["keep_bits"] == 2 and r["point"]["budget"] is None
+            and r["point"]["keep_proportion"] == 0.02]
+    best = sorted((r for r in runs.values() if r["point"]["preset"] == "best" and r["point"]["keep_bits"] == 2),
+                  key=lambda r: r["size"]["bits_per_weight"])
+    if seed and best:
+        cells = []
+        for r in best:
+            at = _interpolate(seed, r["size"]["bits_per_weight"])
+            cells.append(f"{r['size']['bits_per_weight']:.2f} bits: best {r['perplexity']:.2f} against seed "
+                         f"{'(outside the seed curve)' if at is None else f'{at:.2f}'}")
+        out.append("- The best preset against the seed mode's curve (keep_bits 2, the seed's perplexity interpolated "
+                   "at the best point's size, log-linear between its two neighbours): " + "; ".join(cells) + ".")
+    return out
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list] = {}
+    for r in results["runs"].values():
+        series.setdefault(Point(**r["point"]).series, []).append((r["size"]["bits_per_weight"], r["perplexity"]))
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for name, pts in sorted(series.items()):
+        pts.sort()
+        single = len(pts) == 1
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="*" if name == "dense" else "o",
+                ls="none" if single else "-", label=name, ms=10 if name == "dense" else 5)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("compressed bits per weight of the pruned layers (float16, zstd blocks; log scale)")
+    ax.set_ylabel("held-out perplexity (log scale)")
+    ax.set_title("SmolLM2-135M: size against accuracy (BENCHMARKS.md protocol)", fontsize=10)
+    ax.legend(fontsize=7)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--points", help="comma-separated keys (default: every point not measured yet)")
+    p.add_argument("--redo", action="store_true", help="measure the --points again")
+    p.add_argument("--table", action="store_true", help="only the table and plot from the stored results")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", type=Path, default=JSON_OUT)
+    p.add_argument("--write", action="store_true", help=f"write the section of {RESULTS_MD.name} and the plot")
+    args = p.parse_args(argv)
+    by_key = {pt.key: pt for pt in POINTS}
+    results = json.loads(args.json.read_text()) if args.json.exists() else dict(protocol=PROTOCOL, runs={})
+    if not args.table:
+        if args.points:
+            unknown = [k for k in args.points.split(",") if k not in by_key]
+            if unknown:
+                p.error(f"unknown point(s) {unknown}; known: {', '.join(by_key)}")
+            todo = [by_key[k] for k in args.points.split(",")]
+        else:
+            todo = list(POINTS)
+        todo = [pt for pt in todo if args.redo or pt.key not in results["runs"]]
+        import transformers
+
+        from admm_sparse.builtin import load_builtin
+        from admm_sparse.pipeline import make_plan
+        from admm_sparse.config import FloatSparseConfig
+
+        torch.set_num_threads(args.threads)
+        results["env"] = dict(torch=torch.__version__, transformers=transformers.__version__,
+                              threads=torch.get_num_threads(), cpu=platform.processor() or platform.machine(),
+                              date=time.strftime("%Y-%m-%d"))
+        data = load_builtin(num_calib=PROTOCOL["calib_windows"], seq_len=PROTOCOL["calib_seq_len"])
+        dense_state = {k: v.clone() for k, v in data.model.state_dict().items()}
+        names = sorted(make_plan(data.model, FloatSparseConfig()).targets)
+        for pt in todo:
+            results["runs"][pt.key] = run_point(pt, data, dense_state, names)
+            r = results["runs"][pt.key]
+            print(f"{pt.key}: {r['size']['bits_per_weight']:.3f} bits/weight, perplexity {r['perplexity']:.2f}, "
+                  f"prune {r['prune_seconds']:.0f} s", flush=True)
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            tmp = args.json.with_suffix(".tmp")
+            tmp.write_text(json.dumps(results, indent=1))
+            tmp.replace(args.json)
+    if args.write:
+        plot(results, FIGURE)
+        link = Path(os.path.relpath(FIGURE, RESULTS_MD.parent)).as_posix()
+        write_section(RESULTS_MD, render(results, link), BEGIN, END)
+        print(f"wrote {RESULTS_MD} and {FIGURE}")
+    else:
+        print(render(results, None))
+    return results
+
+
+if __name__ == "__main__":
+    main()
