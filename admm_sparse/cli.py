@@ -210,7 +210,9 @@ def _dry_run(model, config, blocks) -> int:
     stack = the_plan.stack
     where = f"in the block stack '{stack[0]}'" if stack else "(no block stack: one pass over the whole model)"
     experts = sum(t.kind == "expert" for t in the_plan.targets.values())
-    print(f"{len(the_plan.targets)} of {total} prunable layers would be pruned to sparse_ratio {config.sparse_ratio:g} "
+    target = f"sparse_ratio {config.sparse_ratio:g}" if config.target_bits_per_weight is None else \
+        f"a size budget of {config.target_bits_per_weight:g} bits per weight"
+    print(f"{len(the_plan.targets)} of {total} prunable layers would be pruned to {target} "
           f"({config.mask_structure}, {config.mode} mode) {where}"
           + (f"; {experts} of them are experts' matrices" if experts else ""))
     return 0
@@ -235,6 +237,8 @@ def _config(args) -> FloatSparseConfig:
     changes = {**(preset_options(args.preset) if args.preset else {}), **flags}
     if not changes:
         return config
+    if changes.get("target_bits_per_weight") is not None and "sparse_ratio" not in changes:
+        changes["sparse_ratio"] = None  # a size budget chooses every layer's ratio
     if "mask_structure" in changes and "sparse_ratio" not in changes:
         if parse_mask_structure(changes["mask_structure"])[0] == "N:M":
             changes["sparse_ratio"] = None  # N:M fixes the ratio; the config's own would contradict it
@@ -285,7 +289,8 @@ def cmd_prune(args) -> int:
                 "float16_check": None if check is None else check.result,
                 "peak_memory_bytes": result.peak_memory_bytes, "block_seconds": result.block_seconds,
                 "seconds": round(time.perf_counter() - start, 1), "layers": result.rows,
-                **({"reconstruction": result.reconstruction} if result.reconstruction else {})}
+                **({"reconstruction": result.reconstruction} if result.reconstruction else {}),
+                **({"budget": result.budget} if result.budget else {})}
 
     result = prune_to_folder(model, calib, args.out, config, fmt=args.format, tokenizer=tokenizer, source=source,
                              shard_size=args.shard_size, device=device, batch_size=args.batch_size,
@@ -301,6 +306,9 @@ def cmd_prune(args) -> int:
                       f"The export is written; see whether the unpruned model does the same: {command}")
     print(format_table(result.rows))
     size = _print_size(args.out / REPORT_FILE)
+    if result.budget:
+        print(f"size budget: {result.budget['target_bits_per_weight']:g} bits per weight, predicted by the probe pass "
+              f"{result.budget['predicted_bits_per_weight']:.3f}, measured {size['selected']['bits_per_weight']:.3f}")
     for r in result.reconstruction:
         print(f"reconstructed {r['block']}: relative MSE to the dense block held out {r['heldout_before']:.4g} -> "
               f"{r['heldout_after']:.4g} "

@@ -23,6 +23,8 @@ spec:
       dense_targets: 0.0              # fit the dense model's outputs (1), the layer's own (0), or a blend
       sequential: false               # prune a block's layers group by group in data-flow order
       allocation: "uniform"           # or "error": per-layer ratios by measured error, same total (unstructured)
+      target_bits_per_weight: null    # a size budget: each layer's ratio and keep_bits chosen to meet it (no
+                                      # sparse_ratio then; unstructured); see budget.py
 ```
 Every mistake is a ConfigError naming the file and the key.
 
@@ -114,6 +116,19 @@ def _check_fraction(value, where: str) -> float:
     return float(value)
 
 
+def _check_bits_per_weight(value, where: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 16:
+        raise ConfigError(f"{where}: expected compressed bits per weight, more than 0 and at most 16 (float16), such as "
+                          f"4.0, or null for no budget; got {value!r}")
+    return float(value)
+
+
+def _optional_float(text: str) -> float | None:
+    return None if text.lower() in ("none", "null", "off") else float(text)
+
+
 def _check_reconstruct_lr(value, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
         raise ConfigError(f"{where}: expected a learning rate > 0 such as 0.003, got {value!r}")
@@ -163,6 +178,10 @@ OPTIONS = (
            "error: each layer's error measured at ratios around it in a first pass, then the shares that minimise "
            "the summed error with exactly the same total (unstructured masks only; see allocation.py)", str, "loop",
            _check_choice(ALLOCATIONS)),
+    Option("target_bits_per_weight", None, "a size budget in compressed bits per weight of the pruned layers (float16 "
+           "as the Atlas export stores it, zstd blocks: admm_sparse.size): each layer's sparse_ratio and keep_bits "
+           "(off, 3, 2 or 1) chosen from a probe pass by measured error per byte to meet it (sparse_ratio then unset; "
+           "unstructured masks only; see budget.py); none: no budget", _optional_float, "loop", _check_bits_per_weight),
 )
 _PROCESSOR_KEYS = {"type"} | {o.name for o in OPTIONS}
 
@@ -195,7 +214,8 @@ class FloatSparseConfig:
     """One float_sparse processor: prune the selected nn.Linear layers to `sparse_ratio` zeros.
 
     sparse_ratio None means the seed's 0.3, or 1 - N/M for an "N:M" mask_structure (an explicit ratio must
-    then agree); after construction it holds the resolved number."""
+    then agree); after construction it holds the resolved number, except under a size budget
+    (target_bits_per_weight), which chooses every layer's ratio and leaves it None."""
 
     sparse_ratio: float | None = None
     include: list[str] = field(default_factory=lambda: ["*"])
@@ -213,22 +233,36 @@ class FloatSparseConfig:
     dense_targets: float = 0.0
     sequential: bool = False
     allocation: str = "uniform"
+    target_bits_per_weight: float | None = None
 
     def __post_init__(self):
         from .layer import resolve_sparse_ratio
 
+        if self.target_bits_per_weight is not None:
+            self._check_budget()
         for option in OPTIONS:
             if option.check is not None:
                 setattr(self, option.name, option.check(getattr(self, option.name), option.name))
         _check_pruner_options(self.pruner_options(), "")
-        try:
-            self.sparse_ratio = resolve_sparse_ratio(self.sparse_ratio, self.mask_structure)
-        except ValueError as exc:
-            raise ConfigError(f"sparse_ratio: {exc}") from None
+        if self.target_bits_per_weight is None:  # a budget leaves sparse_ratio None: it chooses each layer's
+            try:
+                self.sparse_ratio = resolve_sparse_ratio(self.sparse_ratio, self.mask_structure)
+            except ValueError as exc:
+                raise ConfigError(f"sparse_ratio: {exc}") from None
         if self.allocation != "uniform" and self.mask_structure != "unstructured":
             raise ConfigError(f"allocation: {self.allocation!r} gives layers different ratios, which needs "
                               f"mask_structure unstructured ({self.mask_structure!r} fixes every row's count); "
                               "set allocation to uniform")
+
+    def _check_budget(self) -> None:
+        """A size budget chooses every layer's ratio and keep bits: the options that would fix them are refused."""
+        if self.sparse_ratio is not None:
+            raise ConfigError(f"target_bits_per_weight: it chooses each layer's sparse_ratio, so sparse_ratio must not "
+                              f"be set (got {self.sparse_ratio!r}); remove one of the two")
+        if self.mask_structure != "unstructured" or self.allocation != "uniform":
+            raise ConfigError("target_bits_per_weight: it gives layers different ratios, which needs mask_structure "
+                              f"unstructured (got {self.mask_structure!r}) and allocation uniform (got "
+                              f"{self.allocation!r}: the budget allocates by error per byte itself)")
 
     @classmethod
     def from_preset(cls, name: str, **options) -> "FloatSparseConfig":

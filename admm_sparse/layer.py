@@ -44,6 +44,8 @@ class PruneReport:
     tokens: int
     mode: str = "seed"
     mask_structure: str = "unstructured"
+    keep_bits: int | None = None  # the keep-bit rounding's mantissa bits (None: none)
+    keep_proportion: float | None = None  # and the fraction of weights it left whole
     # quality and fast mode: ADMM iterations; quality mode only: final rho, relative output error (before
     # keep-bit rounding) of the ADMM's projected iterate and after the refit on its support.
     # round_in_admm only: relative output error of the solver's weight before it was rounded.
@@ -365,6 +367,8 @@ class AdmmPruner:
             tokens=self.tokens,
             mode=opts["mode"],
             mask_structure=structure,
+            keep_bits=opts["keep_bits"],
+            keep_proportion=None if opts["keep_bits"] is None else opts["keep_proportion"],
             **extra,
         )
 

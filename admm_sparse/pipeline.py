@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import allocation
+from . import allocation, budget
 from . import device as devices
 from .config import FloatSparseConfig
 from .distributed import Group, layer_cost, split_layers, sum_statistics
@@ -44,10 +44,22 @@ from .targets import Target, feeding, find_targets, is_conv1d, is_fused_experts,
 PrunerFactory = Callable[[str, Target], Any]
 
 
-def admm_pruner_factory(config: FloatSparseConfig) -> PrunerFactory:
-    """The default pruner: the ADMM pruner of SPEC §1-3 with the config's mask structure and mode."""
+def admm_pruner_factory(config: FloatSparseConfig, layer_options: dict[str, dict] | None = None) -> PrunerFactory:
+    """The default pruner: the ADMM pruner of SPEC §1-3 with the config's options; layer_options: options of
+    single layers over them, by name (a size budget's keep_bits and keep_proportion)."""
     options = config.pruner_options()
-    return lambda name, layer: AdmmPruner(layer, **options)
+    layer_options = layer_options or {}
+    return lambda name, layer: AdmmPruner(layer, **{**options, **layer_options.get(name, {})})
+
+
+def keep_rounding(config: FloatSparseConfig, names, layer_options: dict[str, dict]) -> dict:
+    """Each layer's keep-bit rounding, (keep_bits, keep_proportion) or None for none: the config's, or the layer's
+    own options (for the rounding block reconstruction applies again)."""
+    rounding = {}
+    for name in names:
+        options = {**config.pruner_options(), **layer_options.get(name, {})}
+        rounding[name] = None if options["keep_bits"] is None else (options["keep_bits"], options["keep_proportion"])
+    return rounding
 
 
 # ---------------------------------------------------------------- which layers
@@ -672,6 +684,8 @@ class PruneResult:
     peak_memory_bytes: int = 0
     reconstruction: list[dict] = field(default_factory=list)
     ratios: dict[str, float] = field(default_factory=dict)  # each selected layer's sparse_ratio (config.allocation)
+    layer_options: dict[str, dict] = field(default_factory=dict)  # each layer's rounding, under a size budget
+    budget: dict = field(default_factory=dict)  # a size budget's target and predicted bits per weight
 
 
 def prune_model(model: nn.Module, calib: torch.Tensor | Iterable[torch.Tensor], config: FloatSparseConfig | None = None,
@@ -714,6 +728,9 @@ def prune_blocks(model: nn.Module, calib, config: FloatSparseConfig | None = Non
     then also carries the dense model's hidden states, whose block outputs each pruned block is fitted to.
     """
     config = config or FloatSparseConfig()
+    if config.target_bits_per_weight is not None and make_pruner is not None:
+        raise ValueError("a size budget (target_bits_per_weight) chooses each layer's rounding for the ADMM pruner; "
+                         "it cannot drive another pruner (make_pruner): drop one of the two")
     make_pruner = make_pruner or admm_pruner_factory(config)
     the_plan = make_plan(model, config, blocks)
     if not the_plan.targets and writer is None:
@@ -733,15 +750,23 @@ def prune_blocks(model: nn.Module, calib, config: FloatSparseConfig | None = Non
                 if config.reconstruct_epochs:
                     raise ValueError("block reconstruction (reconstruct_epochs) needs a stack of blocks; this model "
                                      "has none: set reconstruct_epochs to 0")
-                ratios = _layer_ratios(model, the_plan, batches, device, home, config, progress, source, batch_size,
-                                       group)
-                return PruneResult(_prune_one_pass(model, the_plan.targets, batches, device, home, make_pruner,
-                                                   config, ratios, progress), ratios=ratios)
-            _check_blockwise(config, batches, group)  # before any work, the allocation's probe pass included
-            ratios = _layer_ratios(model, the_plan, batches, device, home, config, progress, source, batch_size, group)
-            result = _prune_blockwise(model, the_plan, batches, device, make_pruner, config, ratios, progress, source,
-                                      writer, state, eval_windows, dtype_check, batch_size, group)
-            result.ratios = ratios
+            else:
+                _check_blockwise(config, batches, group)  # before any work, the probe passes included
+            settings = (model, the_plan, batches, device, home, config, progress, source, batch_size, group)
+            layer_options, budget_report = {}, {}
+            if config.target_bits_per_weight is not None:
+                ratios, layer_options, budget_report = _budget_settings(*settings)
+                make_pruner = admm_pruner_factory(config, layer_options)
+            else:
+                ratios = _layer_ratios(*settings)
+            if the_plan.stack is None:
+                result = PruneResult(_prune_one_pass(model, the_plan.targets, batches, device, home, make_pruner,
+                                                     config, ratios, progress))
+            else:
+                result = _prune_blockwise(model, the_plan, batches, device, make_pruner, config, ratios, progress,
+                                          source, writer, state, eval_windows, dtype_check, batch_size, group,
+                                          layer_options)
+            result.ratios, result.layer_options, result.budget = ratios, layer_options, budget_report
             return result
     finally:
         model.train(was_training)
@@ -757,21 +782,46 @@ def _layer_ratios(model, the_plan: Plan, batches, device, home, config, progress
     if config.allocation == "uniform" or config.sparse_ratio == 0:
         return uniform
     grid = allocation.grid(config.sparse_ratio)
-    probe_config = dataclasses.replace(config, mode="fast", keep_bits=None, round_in_admm=None, reconstruct_epochs=0,
-                                       dense_targets=0.0, sequential=False, allocation="uniform")
-    options = probe_config.pruner_options()
-
-    def make_probe(name, layer):
-        return allocation.ErrorProbe(layer, grid, **options)
-
-    if the_plan.stack is None:
-        rows = _prune_one_pass(model, the_plan.targets, batches, device, home, make_probe, probe_config, uniform,
-                               progress)
-    else:
-        rows = _prune_blockwise(model, the_plan, batches, device, make_probe, probe_config, uniform, progress,
-                                source, None, None, None, None, batch_size, group).rows
+    rows = _probe_pass(model, the_plan, batches, device, home, config, progress, source, batch_size, group,
+                       lambda layer, options: allocation.ErrorProbe(layer, grid, **options))
     shapes = {name: tuple(t.shape) for name, t in the_plan.targets.items()}
     return allocation.allocated_ratios(shapes, rows, grid, config.sparse_ratio)
+
+
+def _budget_settings(model, the_plan: Plan, batches, device, home, config, progress, source, batch_size,
+                     group: Group) -> tuple[dict[str, float], dict[str, dict], dict]:
+    """Under a size budget (config.target_bits_per_weight): each selected layer's sparse_ratio and its rounding
+    options (keep_bits, keep_proportion) from a probe pass (admm_sparse.budget), and what the budget predicted. A
+    layer no calibration token reaches is left dense by the loop and counts outside the budget."""
+    rows = _probe_pass(model, the_plan, batches, device, home, config, progress, source, batch_size, group,
+                       lambda layer, options: budget.SizeProbe(layer, **options))
+    measured = {row["name"]: row["settings"] for row in rows if "settings" in row}
+    shapes = {name: tuple(t.shape) for name, t in the_plan.targets.items()}
+    chosen, predicted = budget.choose(shapes, measured, config.target_bits_per_weight)
+    numel = sum(math.prod(shapes[name]) for name in measured)
+    ratios = {name: chosen[name][0] if name in chosen else 0.0 for name in the_plan.targets}
+    layer_options = {name: {"keep_bits": kb, "keep_proportion": kp} for name, (_, kb, kp) in chosen.items()}
+    return ratios, layer_options, {"target_bits_per_weight": config.target_bits_per_weight,
+                                   "predicted_bits_per_weight": round(8 * predicted / numel, 4) if numel else None}
+
+
+def _probe_pass(model, the_plan: Plan, batches, device, home, config, progress, source, batch_size, group: Group,
+                make_probe) -> list[dict]:
+    """The block loop with every selected layer measured by make_probe(layer, options) and left dense (fast mode,
+    no rounding, no reconstruction): the probes' report rows."""
+    probe_config = dataclasses.replace(config, sparse_ratio=0.5, mode="fast", keep_bits=None, round_in_admm=None,
+                                       reconstruct_epochs=0, dense_targets=0.0, sequential=False,
+                                       allocation="uniform", target_bits_per_weight=None)
+    options = probe_config.pruner_options()
+    uniform = {name: probe_config.sparse_ratio for name in the_plan.targets}
+
+    def make(name, layer):
+        return make_probe(layer, options)
+
+    if the_plan.stack is None:
+        return _prune_one_pass(model, the_plan.targets, batches, device, home, make, probe_config, uniform, progress)
+    return _prune_blockwise(model, the_plan, batches, device, make, probe_config, uniform, progress, source, None,
+                            None, None, None, batch_size, group).rows
 
 
 def _check_blockwise(config: FloatSparseConfig, batches, group: Group) -> None:
@@ -787,7 +837,9 @@ def _check_blockwise(config: FloatSparseConfig, batches, group: Group) -> None:
 
 
 def _prune_blockwise(model, the_plan: Plan, batches, device, make_pruner, config, ratios, progress, source, writer,
-                     state, eval_windows, dtype_check, batch_size, group: Group) -> PruneResult:
+                     state, eval_windows, dtype_check, batch_size, group: Group,
+                     layer_options: dict[str, dict] | None = None) -> PruneResult:
+    """The block loop (see prune_blocks); layer_options: single layers' pruner options (a size budget's)."""
     stack_name, blocks = the_plan.stack
     reconstructing = config.reconstruct_epochs > 0
     per_block = [[t for n, t in the_plan.targets.items() if n.startswith(f"{stack_name}.{i}.")]
@@ -840,7 +892,8 @@ def _prune_blockwise(model, the_plan: Plan, batches, device, make_pruner, config
                 if pruned:  # fitted to the dense block's outputs
                     result.reconstruction.append(reconstruct_block(
                         block, pruned, hidden, calib_extras, dense_out, epochs=config.reconstruct_epochs,
-                        lr=config.reconstruct_lr, keep_bits=config.keep_bits, scalers=scalers,
+                        lr=config.reconstruct_lr, rounding=keep_rounding(config, [t.name for t in pruned],
+                                                                         layer_options or {}), scalers=scalers,
                         name=f"{stack_name}.{i}", bfloat16=config.reconstruct_dtype == "bfloat16"))
             if dense_stream:
                 dense_hidden = dense_out

@@ -16,7 +16,7 @@ Per block, with X the pruned stream's inputs and Y = dense block(dense stream), 
   best weights so far are kept, and the fit stops after PATIENCE epochs without improvement or after
   `epochs`. Epoch 0 is the block as pruned, so the result is never worse on the held-out batches than no
   reconstruction (the held-out batches did take part in the pruning's statistics, like every calibration batch);
-- keep-bit rounding (keep_bits not None): the fit works on the float16 keep-bit grid, straight-through: after
+- keep-bit rounding (a layer's keep_bits not None): the fit works on the float16 keep-bit grid, straight-through: after
   every step the masters are rounded with keepbits.apply_keepbits and the layer's own channel scaler (kept from
   its pruner) into the block, so its forwards (the loss, the held-out error, the kept result) see the weights as
   delivered, while the gradients move the unrounded masters. The result is on the grid, chosen by its held-out
@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .keepbits import apply_keepbits
-from .layer import DEFAULT_OPTIONS, all_finite
+from .layer import all_finite
 from .targets import Target
 
 HOLDOUT_EVERY = 8  # every 8th calibration batch is held out of the fit
@@ -75,9 +75,9 @@ class _Weights:
     """The pruned layers' weights being fitted: float32 masters, their masks of kept entries, the step sizes.
     A float32 layer without rounding is its own master (Adam updates the model's weight in place, no copy)."""
 
-    def __init__(self, targets: Sequence[Target], lr: float, keep_bits: int | None, scalers: dict):
+    def __init__(self, targets: Sequence[Target], lr: float, rounding: dict, scalers: dict):
         self.targets = list(targets)
-        self.shared = [t.weight.dtype == torch.float32 and t.weight.is_contiguous() and keep_bits is None
+        self.shared = [t.weight.dtype == torch.float32 and t.weight.is_contiguous() and rounding[t.name] is None
                        for t in self.targets]
         self.masters = [t.weight.detach() if shared else t.weight.detach().float().clone()
                         for t, shared in zip(self.targets, self.shared)]
@@ -85,7 +85,7 @@ class _Weights:
         self.masks = [(m != 0).float() for m in self.masters]
         for master in self.masters:
             master.grad = torch.empty_like(master)  # filled by step(), kept across steps
-        self.keep_bits, self.scalers = keep_bits, scalers
+        self.rounding, self.scalers = rounding, scalers
         groups = []
         for master, mask in zip(self.masters, self.masks):
             kept = master[mask.bool()]
@@ -120,9 +120,9 @@ class _Weights:
             if shared:
                 continue
             w = master.to(t.weight.dtype)
-            if self.keep_bits is not None:
+            if self.rounding[t.name] is not None:
                 if all_finite(w.to(torch.float16)):
-                    w = apply_keepbits(w, self.scalers[t.name], self.keep_bits, DEFAULT_OPTIONS["keep_proportion"])
+                    w = apply_keepbits(w, self.scalers[t.name], *self.rounding[t.name])
                 else:
                     deliverable = False
             t.weight.copy_(w)
@@ -130,18 +130,21 @@ class _Weights:
 
 
 def reconstruct_block(block: nn.Module, targets: Sequence[Target], inputs: Sequence[torch.Tensor], extras: Sequence,
-                      dense_outputs: Sequence[torch.Tensor], *, epochs: int, lr: float, keep_bits: int | None = None,
+                      dense_outputs: Sequence[torch.Tensor], *, epochs: int, lr: float, rounding: dict | None = None,
                       scalers: dict | None = None, name: str = "", bfloat16: bool = False) -> dict:
     """Fit the pruned `targets` of `block` (weights in place, masks fixed) so that block(inputs[b]) approaches
     dense_outputs[b]; see the module's docstring. extras[b] = (args, kwargs) the block takes with inputs[b].
-    scalers: {target name: channel scaler} of each target's pruner, needed when keep_bits is not None.
+    rounding: {target name: (keep_bits, keep_proportion), or None for no rounding}, the keep-bit rounding re-applied
+    after every step (default none); scalers: {target name: channel scaler} of each target's pruner, needed where
+    a target is rounded.
     bfloat16: the fit's forwards and backwards in bfloat16 autocast (the masters, Adam and the held-out error that
     picks the kept epoch stay in float32 / the block's dtype).
     Returns the block's report: the held-out batches' relative MSE before and after, the batch counts, epochs run
     and the epoch kept (0: the block as pruned), seconds."""
     start = time.perf_counter()
-    if keep_bits is not None:
-        missing = [t.name for t in targets if (scalers or {}).get(t.name) is None]
+    rounding = {t.name: (rounding or {}).get(t.name) for t in targets}
+    if any(rounding.values()):
+        missing = [t.name for t in targets if rounding[t.name] is not None and (scalers or {}).get(t.name) is None]
         if missing:
             raise ValueError(f"block reconstruction re-applies the keep-bit rounding with each layer's channel scaler, "
                              f"which the pruner of {missing[0]} does not have (the ADMM pruner's `scaler`); pass "
@@ -155,7 +158,7 @@ def reconstruct_block(block: nn.Module, targets: Sequence[Target], inputs: Seque
     held_x, held_e, held_y = pick(inputs, held), pick(extras, held), pick(dense_outputs, held)
     report = {"block": name, "fit_batches": len(fit), "heldout_batches": len(held),
               "heldout_before": relative_mse(block, held_x, held_e, held_y)}
-    weights = _Weights(targets, lr, keep_bits, scalers or {})
+    weights = _Weights(targets, lr, rounding, scalers or {})
     scale = sum(y.float().square().sum(dtype=torch.float64).item() for y in fit_y) \
         / max(sum(y.numel() for y in fit_y), 1) or 1.0  # mean square of the dense outputs: the loss's unit
     best, best_epoch = report["heldout_before"], 0
