@@ -87,6 +87,28 @@ def test_the_probe_measures_every_setting_and_leaves_the_weight_dense():
         assert errors == sorted(errors)
 
 
+def test_the_probes_error_is_the_exact_one_within_a_tenth_of_a_percent():
+    """The probe takes the rounding's own term on H's diagonal: against tr(ΔHΔᵀ) of the same weight."""
+    from admm_sparse.keepbits import apply_keepbits
+    from admm_sparse.layer import quadratic_trace
+
+    torch.manual_seed(1)
+    layer, twin = nn.Linear(256, 64, bias=False), nn.Linear(256, 64, bias=False)
+    twin.weight.data.copy_(layer.weight.data)
+    dense = layer.weight.detach().clone()
+    x = correlated(1024, 256, 2)
+    probe, pruner = budget.SizeProbe(layer, mode="fast", keep_bits=None), AdmmPruner(twin, mode="fast", keep_bits=None)
+    probe.add_batch(x)
+    pruner.add_batch(x)
+    table = {tuple(r[:3]): r[3] for r in probe.fasterprune()["settings"]}
+    pruner.fasterprune(0.5)
+    energy = quadratic_trace(pruner.H, dense)
+    for keep_bits, keep_proportion in [(1, 0.0), (2, 0.02), (3, 0.05)]:
+        stored = apply_keepbits(twin.weight.detach(), pruner.scaler, keep_bits, keep_proportion).half().float()
+        exact = math.sqrt(quadratic_trace(pruner.H, stored - dense) / energy)
+        assert table[(0.5, keep_bits, keep_proportion)] == pytest.approx(exact, rel=1e-3)
+
+
 def tiny_llama(blocks=2):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
