@@ -197,6 +197,19 @@ def reading(results: dict) -> list[str]:
                          f"{'(outside the seed curve)' if at is None else f'{at:.2f}'}")
         out.append("- The best preset against the seed mode's curve (keep_bits 2, the seed's perplexity interpolated "
                    "at the best point's size, log-linear between its two neighbours): " + "; ".join(cells) + ".")
+    for r in sorted((r for r in runs.values() if r["point"]["budget"] is not None), key=lambda r: r["point"]["preset"]):
+        p, bits = Point(**r["point"]), r["size"]["bits_per_weight"]
+        uniform = [(u["size"]["bits_per_weight"], u["perplexity"]) for u in runs.values()
+                   if u["point"]["preset"] == p.preset and u["point"]["budget"] is None
+                   and u["point"]["keep_bits"] == 2 and u["point"]["keep_proportion"] == 0.02]
+        at = _interpolate(uniform, bits)
+        kinds = sorted({(kb, kp) for _, kb, kp in r["layer_settings"].values()}, key=str)
+        out.append(f"- Size budget {p.budget:g} bits per weight, {p.preset}: predicted by the probe pass "
+                   f"{r['budget']['predicted_bits_per_weight']:.3f}, measured {bits:.3f} ({bits / p.budget - 1:+.2%} of "
+                   f"the budget), perplexity {r['perplexity']:.2f}, against {p.preset} with uniform settings (keep_bits "
+                   f"2) at the same size {'(outside its measured curve)' if at is None else f'{at:.2f}'}; "
+                   f"sparsity {r['achieved_sparsity']:.3f}, roundings used (keep_bits, keep_proportion): "
+                   + ", ".join(f"{kb}/{kp:g}" if kb is not None else "off" for kb, kp in kinds) + ".")
     return out
 
 
