@@ -48,6 +48,7 @@ class Point:
     keep_bits: int | None = 2
     keep_proportion: float = 0.02
     budget: float | None = None  # target_bits_per_weight: the loop picks each layer's ratio and keep bits
+    round_in_admm: bool = False  # the rounding with error compensation inside the solver
 
     @property
     def key(self) -> str:
@@ -56,7 +57,7 @@ class Point:
         what = f"budget{self.budget:g}" if self.budget is not None else f"{self.ratio:g}"
         kb = "" if self.budget is not None else f"-kb{'off' if self.keep_bits is None else self.keep_bits}"
         kp = "" if self.keep_proportion == 0.02 else f"-kp{self.keep_proportion:g}"
-        return f"{self.preset}-{what}{kb}{kp}"
+        return f"{self.preset}-{what}{kb}{kp}{'-ria' if self.round_in_admm else ''}"
 
     @property
     def series(self) -> str:
@@ -66,12 +67,14 @@ class Point:
         if self.budget is not None:
             return f"{self.preset}, size budget"
         kp = "" if self.keep_proportion == 0.02 else f", keep_proportion {self.keep_proportion:g}"
-        return f"{self.preset}, keep_bits {'off' if self.keep_bits is None else self.keep_bits}{kp}"
+        ria = ", rounding in ADMM" if self.round_in_admm else ""
+        return f"{self.preset}, keep_bits {'off' if self.keep_bits is None else self.keep_bits}{kp}{ria}"
 
     def config(self):
         from admm_sparse.config import FloatSparseConfig
 
-        options = dict(keep_bits=self.keep_bits, keep_proportion=self.keep_proportion)
+        options = dict(keep_bits=self.keep_bits, keep_proportion=self.keep_proportion,
+                       round_in_admm=self.round_in_admm or None)
         if self.budget is not None:
             options = dict(target_bits_per_weight=self.budget)
         else:
@@ -88,9 +91,12 @@ RATIOS = (0.3, 0.4, 0.5, 0.6, 0.7)
 BUDGET_15 = 4.04
 # Every point, most telling first: the seed mode's default rounding across ratios, the dense model, the other
 # keep_bits, the size budgets (one at 15% under the default, one at the size of a uniform point), the best preset.
-POINTS = (_grid("seed", (0.3, 0.4, 0.5, 0.7)) + [Point("dense")] + _grid("seed", (0.3, 0.5), (None, 3, 1))
-          + [Point("seed", budget=BUDGET_15), Point("best", budget=BUDGET_15)] + _grid("best", (0.3, 0.5))
-          + _grid("seed", (0.6,)) + _grid("best", (0.4, 0.7)) + _grid("seed", (0.7,), (None, 3, 1))
+POINTS = (_grid("seed", (0.3, 0.4, 0.5, 0.7)) + [Point("dense")]
+          + _grid("seed", (0.3,), (1,)) + _grid("seed", (0.3,), (1,), round_in_admm=True) + _grid("best", (0.3,), (1,))
+          + [Point("seed", budget=BUDGET_15), Point("best", budget=BUDGET_15)]
+          + _grid("seed", (0.3,), (None, 3)) + _grid("seed", (0.5,), (None, 3, 1)) + _grid("best", (0.3, 0.5))
+          + _grid("seed", (0.6,)) + _grid("best", (0.4, 0.7)) + _grid("best", (0.4,), (1,))
+          + _grid("seed", (0.7,), (None, 3, 1))
           + _grid("seed", (0.3,), keep_proportion=0.005) + _grid("seed", (0.3,), keep_proportion=0.05))
 
 
@@ -159,7 +165,8 @@ def render(results: dict, figure_link: str | None) -> str:
         kb = "per layer" if p.budget is not None else "-" if p.preset == "dense" else \
             "off" if p.keep_bits is None else str(p.keep_bits)
         kp = "-" if p.preset == "dense" or p.keep_bits is None else f"{p.keep_proportion:g}"
-        name = f"{p.preset}, budget {p.budget:g} bits" if p.budget is not None else p.preset
+        name = f"{p.preset}, budget {p.budget:g} bits" if p.budget is not None else \
+            f"{p.preset}, rounding in ADMM" if p.round_in_admm else p.preset
         lines.append(f"| {name} | {ratio} | {kb} | {kp} | {s['bits_per_weight']:.3f} | {s['bound_bits_per_weight']:.3f} "
                      f"| {s['ratio_to_float16']:.1%} | {r['perplexity']:.2f} | {r['prune_seconds']:.0f} |")
     if figure_link:
