@@ -4,6 +4,8 @@ off, and the two output folders compared tensor by tensor.
 
     python benchmarks/parity.py --write            # ratio 0.5, 8 windows of 256 tokens, 2 processes
     python benchmarks/parity.py --runs seed-keepbits --ranks 4
+    python benchmarks/parity.py --runs seed --one-process-threads 2                        # 2 threads against 2 x 1
+    python benchmarks/parity.py --runs seed --one-process-threads 2 --mkl-cbwr COMPATIBLE  # MKL's reproducible mode
 
 Reported per run: the pruned layers' mask entries that agree, the tensors that differ in any bit, the worst
 relative Frobenius difference of a tensor, and both runs' perplexities (evaluation windows on, as by default).
@@ -35,10 +37,12 @@ RUNS = {"seed-keepbits": [], "seed": ["--keep-bits", "none"], "fast-keepbits": [
 def prune(ranks: int, out: Path, extra: list[str], args) -> None:
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks)] \
         if ranks > 1 else [sys.executable]
+    threads = str(args.one_process_threads if ranks == 1 else 1)
     command = launch + ["-m", "admm_sparse", "prune", "--sparse-ratio", str(args.ratio), "--num-samples",
-                        str(args.windows), "--seq-len", str(args.seq_len), "--format", "hf", "--threads", "1",
+                        str(args.windows), "--seq-len", str(args.seq_len), "--format", "hf", "--threads", threads,
                         "--device", "cpu", "--no-progress", "--out", str(out), *extra]
-    subprocess.run(command, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=ROOT)
+    env = {**os.environ, "OMP_NUM_THREADS": threads, **({"MKL_CBWR": args.mkl_cbwr} if args.mkl_cbwr else {})}
+    subprocess.run(command, check=True, capture_output=True, env=env, cwd=ROOT)
 
 
 def tensors(folder: Path):
@@ -74,10 +78,16 @@ def main(argv=None) -> str:
     p.add_argument("--ratio", type=float, default=0.5)
     p.add_argument("--windows", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--one-process-threads", type=int, default=1, help="threads of the one-process run (default 1; "
+                   "each of the N processes has 1)")
+    p.add_argument("--mkl-cbwr", help="MKL_CBWR for every process, e.g. COMPATIBLE (MKL's reproducible code path)")
     p.add_argument("--write", action="store_true", help=f"replace this benchmark's section of {RESULTS_MD.name}")
     args = p.parse_args(argv)
+    threads = "1 thread per process" if args.one_process_threads == 1 else \
+        f"{args.one_process_threads} threads in the one process, 1 in each of the {args.ranks}"
+    mkl = f", MKL_CBWR={args.mkl_cbwr}" if args.mkl_cbwr else ""
     lines = [f"Built-in SmolLM2-135M, the default config with sparse_ratio {args.ratio}, {args.windows} calibration "
-             f"windows of {args.seq_len} tokens, Hugging Face format, 1 thread per process; torch {torch.__version__}, "
+             f"windows of {args.seq_len} tokens, Hugging Face format, {threads}{mkl}; torch {torch.__version__}, "
              "Gloo.", "",
              f"| run | mask entries equal | tensors differing in any bit | worst relative difference | perplexity 1 "
              f"process | perplexity {args.ranks} processes |", "|---|---|---|---|---|---|"]
