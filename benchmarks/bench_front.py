@@ -164,7 +164,8 @@ def render(results: dict, figure_link: str | None) -> str:
         ratio = "per layer" if p.budget is not None else "-" if p.ratio is None else f"{p.ratio:g}"
         kb = "per layer" if p.budget is not None else "-" if p.preset == "dense" else \
             "off" if p.keep_bits is None else str(p.keep_bits)
-        kp = "-" if p.preset == "dense" or p.keep_bits is None else f"{p.keep_proportion:g}"
+        kp = "per layer" if p.budget is not None else \
+            "-" if p.preset == "dense" or p.keep_bits is None else f"{p.keep_proportion:g}"
         name = f"{p.preset}, budget {p.budget:g} bits" if p.budget is not None else \
             f"{p.preset}, rounding in ADMM" if p.round_in_admm else p.preset
         lines.append(f"| {name} | {ratio} | {kb} | {kp} | {s['bits_per_weight']:.3f} | {s['bound_bits_per_weight']:.3f} "
@@ -194,8 +195,8 @@ def reading(results: dict) -> list[str]:
     seed = [(r["size"]["bits_per_weight"], r["perplexity"]) for r in runs.values()
             if r["point"]["preset"] == "seed" and r["point"]["keep_bits"] == 2 and r["point"]["budget"] is None
             and r["point"]["keep_proportion"] == 0.02]
-    best = sorted((r for r in runs.values() if r["point"]["preset"] == "best" and r["point"]["keep_bits"] == 2),
-                  key=lambda r: r["size"]["bits_per_weight"])
+    best = sorted((r for r in runs.values() if r["point"]["preset"] == "best" and r["point"]["keep_bits"] == 2
+                   and r["point"]["budget"] is None), key=lambda r: r["size"]["bits_per_weight"])
     if seed and best:
         cells = []
         for r in best:
@@ -204,6 +205,14 @@ def reading(results: dict) -> list[str]:
                          f"{'(outside the seed curve)' if at is None else f'{at:.2f}'}")
         out.append("- The best preset against the seed mode's curve (keep_bits 2, the seed's perplexity interpolated "
                    "at the best point's size, log-linear between its two neighbours): " + "; ".join(cells) + ".")
+    for a in runs.values():  # the same setting in seed mode and the best preset
+        if a["point"]["preset"] != "seed" or a["point"].get("round_in_admm"):
+            continue
+        twin = runs.get(Point(**{**a["point"], "preset": "best"}).key)
+        if twin:
+            out.append(f"- `{Point(**a['point']).key}` against the best preset with the same setting: "
+                       f"{a['size']['bits_per_weight']:.3f} bits, perplexity {a['perplexity']:.2f}; best "
+                       f"{twin['size']['bits_per_weight']:.3f} bits, perplexity {twin['perplexity']:.2f}.")
     for r in sorted((r for r in runs.values() if r["point"]["budget"] is not None), key=lambda r: r["point"]["preset"]):
         p, bits = Point(**r["point"]), r["size"]["bits_per_weight"]
         uniform = [(u["size"]["bits_per_weight"], u["perplexity"]) for u in runs.values()
