@@ -50,12 +50,12 @@ class ErrorProbe(AdmmPruner):
                     seconds=time.perf_counter() - start)
 
 
-def _lower_hull(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
-    """The lower convex hull of (count, error) points sorted by count (monotone chain)."""
-    hull: list[tuple[int, float]] = []
+def lower_hull(points: list[tuple]) -> list[tuple]:
+    """The lower convex hull of (x, y, ...) points sorted by x (monotone chain); the rest of a point rides along."""
+    hull: list[tuple] = []
     for p in points:
         while len(hull) >= 2:
-            (x1, y1), (x2, y2) = hull[-2], hull[-1]
+            (x1, y1), (x2, y2) = hull[-2][:2], hull[-1][:2]
             if (y2 - y1) * (p[0] - x1) >= (p[1] - y1) * (x2 - x1):  # hull[-1] on or above the chord: drop it
                 hull.pop()
             else:
@@ -79,7 +79,7 @@ def allocate(shapes: dict[str, tuple[int, int]], errors: dict[str, list[float]],
         weight = numel if weights is None else weights[name]
         points = sorted({pruned_count(shapes[name], r, "unstructured"): weight * e * e
                          for r, e in zip(ratios, errs)}.items())
-        hull = _lower_hull(points)
+        hull = lower_hull(points)
         counts[name] = hull[0][0]
         for (x1, y1), (x2, y2) in zip(hull, hull[1:]):
             segments.append(((y2 - y1) / (x2 - x1), order, name, x2 - x1))

@@ -27,6 +27,7 @@ import time
 
 import torch
 
+from .allocation import lower_hull
 from .keepbits import apply_keepbits
 from .layer import AdmmPruner, quadratic_trace
 from .size import compressed_bytes
@@ -46,8 +47,8 @@ class SizeProbe(AdmmPruner):
         weight = self.layer.weight
         dense = weight.detach().clone()
         dense32 = dense.float()
-        lower = self.H
-        h = lower + lower.tril(-1).T  # the whole symmetric H, once per layer
+        lower = self.H  # only its lower triangle is defined
+        h = lower.tril().add_(lower.tril(-1).T)  # the whole symmetric H, once per layer
         diag = lower.diagonal()
         energy = quadratic_trace(lower, dense32)
         settings = []
@@ -83,19 +84,13 @@ def rounding_grid() -> list[tuple[int | None, float]]:
 
 
 def _hull(points: list[tuple]) -> list[tuple]:
-    """The lower convex hull of (bytes, cost, ...) points: the settings worth having, bytes up and cost down."""
-    hull: list[tuple] = []
+    """The settings worth having from (bytes, cost, ...) points: more bytes only for less error (the Pareto front),
+    then its lower convex hull."""
+    front: list[tuple] = []
     for p in sorted(points, key=lambda p: (p[0], p[1])):
-        if hull and p[1] >= hull[-1][1]:  # more bytes for no less error
-            continue
-        while len(hull) >= 2:
-            (x1, y1), (x2, y2) = hull[-2][:2], hull[-1][:2]
-            if (y2 - y1) * (p[0] - x1) >= (p[1] - y1) * (x2 - x1):  # hull[-1] on or above the chord: drop it
-                hull.pop()
-            else:
-                break
-        hull.append(p)
-    return hull
+        if not front or p[1] < front[-1][1]:
+            front.append(p)
+    return lower_hull(front)
 
 
 def choose(shapes: dict[str, tuple[int, int]], settings: dict[str, list], target_bits_per_weight: float

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from admm_sparse.allocation import ErrorProbe, _lower_hull, allocate, allocated_ratios, grid, ratio_for_count
+from admm_sparse.allocation import ErrorProbe, lower_hull, allocate, allocated_ratios, grid, ratio_for_count
 from admm_sparse.config import ConfigError, FloatSparseConfig, parse_config
 from admm_sparse.layer import pruned_count
 from admm_sparse import pipeline
@@ -22,7 +22,7 @@ def uniform_total(shapes, ratio):
 
 def interpolated(points, k):
     """The hull's piecewise-linear error at count k."""
-    hull = _lower_hull(sorted(points))
+    hull = lower_hull(sorted(points))
     if len(hull) == 1:
         return hull[0][1]
     for (x1, y1), (x2, y2) in zip(hull, hull[1:]):
