@@ -157,6 +157,17 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
 MOE_FAMILIES = [name for name, f in FAMILIES.items() if f.moe]
 
 
+def tiny_llama(blocks: int = 2, hidden: int = 32, vocab: int = 64, **config):
+    """A LlamaForCausalLM of `blocks` blocks (intermediate 2 x hidden, 4 heads, 2 KV heads), seeded, in eval mode:
+    the small model of the pipeline's tests; `config` adds LlamaConfig fields."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=blocks,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab, **config)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
 def build(name: str, seed: int = 0):
     """(config, model) of a family: float32, eval mode, seeded. Routers get larger random weights than the
     default init (std 0.02, or zeros before init) so that tokens spread over the experts."""

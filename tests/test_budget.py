@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from admm_sparse import budget
+from archs import tiny_llama
 from admm_sparse.config import ConfigError, FloatSparseConfig
 from admm_sparse.keepbits import round_float16
 from admm_sparse.layer import AdmmPruner
@@ -109,15 +110,6 @@ def test_the_probes_error_is_the_exact_one_within_a_tenth_of_a_percent():
         assert table[(0.5, keep_bits, keep_proportion)] == pytest.approx(exact, rel=1e-3)
 
 
-def tiny_llama(blocks=2):
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=blocks, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=96)
-    return AutoModelForCausalLM.from_config(config).eval()
-
-
 WINDOWS = torch.randint(0, 96, (12, 48), generator=torch.Generator().manual_seed(1))
 
 
@@ -132,7 +124,7 @@ def mantissa_bits_used(w: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("preset", [None, "best"])
 def test_a_budget_is_met_with_each_layers_settings(preset):
-    model = tiny_llama()
+    model = tiny_llama(hidden=64, vocab=96)
     options = dict(target_bits_per_weight=4.5)
     config = FloatSparseConfig.from_preset(preset, **options) if preset else FloatSparseConfig(**options)
     result = prune_blocks(model, WINDOWS, config, progress=False)
@@ -163,10 +155,11 @@ def test_budget_refusals():
         FloatSparseConfig(target_bits_per_weight=20)
     assert FloatSparseConfig(target_bits_per_weight=4).sparse_ratio is None
     with pytest.raises(ValueError, match="make_pruner"):
-        prune_model(tiny_llama(1), WINDOWS, FloatSparseConfig(target_bits_per_weight=4),
+        prune_model(tiny_llama(1, hidden=64, vocab=96), WINDOWS, FloatSparseConfig(target_bits_per_weight=4),
                     make_pruner=lambda name, layer: AdmmPruner(layer), progress=False)
     with pytest.raises(ValueError, match="below the smallest size"):
-        prune_model(tiny_llama(1), WINDOWS, FloatSparseConfig(target_bits_per_weight=0.5), progress=False)
+        prune_model(tiny_llama(1, hidden=64, vocab=96), WINDOWS, FloatSparseConfig(target_bits_per_weight=0.5),
+                    progress=False)
 
 
 def test_the_command_line_takes_a_budget_without_the_default_ratio():

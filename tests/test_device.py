@@ -11,6 +11,7 @@ from torch import nn
 import admm_sparse
 from admm_sparse import _ops, device, generic
 from admm_sparse.layer import AdmmPruner
+from archs import tiny_llama
 
 
 def correlated(tokens, d_in, seed):
@@ -196,15 +197,6 @@ def test_a_model_pruned_on_the_device_matches_the_cpu(preset):
 
 
 # ---------------------------------------------------------------- float16 calibration (the Atlas card has no bfloat16)
-
-def tiny_llama(blocks=2):
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=blocks, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=64)
-    return AutoModelForCausalLM.from_config(config).eval()
-
 
 WINDOWS = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(1))
 

@@ -11,6 +11,7 @@ from admm_sparse import device, fast
 from admm_sparse.config import parse_config
 from admm_sparse.keepbits import apply_keepbits
 from admm_sparse.layer import AdmmPruner
+from archs import tiny_llama
 
 
 def correlated(tokens, d_in, seed):
@@ -207,15 +208,6 @@ def test_layers_sharing_statistics_share_one_factorisation(monkeypatch):
     assert len(calls) == 4
     for a, b in zip(layers, separate):
         assert torch.equal(a.weight, b.weight)
-
-
-def tiny_llama():
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=64)
-    return AutoModelForCausalLM.from_config(config).eval()
 
 
 @pytest.mark.parametrize("mode,setting,bf16_fast,expected", [

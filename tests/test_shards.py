@@ -4,11 +4,12 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3MoeConfig
+from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
 from admm_sparse.export import shards
 from admm_sparse.export.shards import STATE_FILE, ShardWriter, hf_checkpoint_tensors, parse_size
 from admm_sparse.source import LazySource
+from archs import tiny_llama
 
 
 def read_back(folder, fmt):
@@ -105,13 +106,6 @@ def test_many_small_tensors(tmp_path):
     assert all(torch.equal(back[k], v) for k, v in tensors.items())
 
 
-def tiny_llama():
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=128, tie_word_embeddings=True)
-    return AutoModelForCausalLM.from_config(config).eval()
-
-
 def assert_same_logits(folder, ref_folder):
     ours, ref = AutoModelForCausalLM.from_pretrained(folder), AutoModelForCausalLM.from_pretrained(ref_folder)
     ids = torch.randint(0, ref.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
@@ -120,7 +114,7 @@ def assert_same_logits(folder, ref_folder):
 
 
 def test_hf_shards_load_like_save_pretrained(tmp_path):
-    model = tiny_llama()
+    model = tiny_llama(3, hidden=64, vocab=128, tie_word_embeddings=True)
     model.save_pretrained(tmp_path / "ref")
     writer = ShardWriter(tmp_path / "out", "hf", "40KB")
     state = model.state_dict()
@@ -159,7 +153,7 @@ def test_streaming_a_fused_expert_model_from_source_to_shards(tmp_path):
 
 
 def test_atlas_layout_float16(tmp_path):
-    model = tiny_llama()
+    model = tiny_llama(3, hidden=64, vocab=128, tie_word_embeddings=True)
     # One shard: the single file, every state_dict tensor in float16 (tied lm_head included).
     assert write(tmp_path / "one", "atlas", "1GB", model.state_dict()) == ["quant_model_weights.safetensors"]
     _, back = read_back(tmp_path / "one", "atlas")
