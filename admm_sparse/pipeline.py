@@ -55,9 +55,9 @@ def admm_pruner_factory(config: FloatSparseConfig, layer_options: dict[str, dict
 def keep_rounding(config: FloatSparseConfig, names, layer_options: dict[str, dict]) -> dict:
     """Each layer's keep-bit rounding, (keep_bits, keep_proportion) or None for none: the config's, or the layer's
     own options (for the rounding block reconstruction applies again)."""
-    rounding = {}
+    rounding, config_options = {}, config.pruner_options()
     for name in names:
-        options = {**config.pruner_options(), **layer_options.get(name, {})}
+        options = {**config_options, **layer_options.get(name, {})}
         rounding[name] = None if options["keep_bits"] is None else (options["keep_bits"], options["keep_proportion"])
     return rounding
 
@@ -809,6 +809,7 @@ def _probe_pass(model, the_plan: Plan, batches, device, home, config, progress, 
                 make_probe) -> list[dict]:
     """The block loop with every selected layer measured by make_probe(layer, options) and left dense (fast mode,
     no rounding, no reconstruction): the probes' report rows."""
+    # sparse_ratio: any valid one (a budget's config has none); the probes choose their own ratios
     probe_config = dataclasses.replace(config, sparse_ratio=0.5, mode="fast", keep_bits=None, round_in_admm=None,
                                        reconstruct_epochs=0, dense_targets=0.0, sequential=False,
                                        allocation="uniform", target_bits_per_weight=None)

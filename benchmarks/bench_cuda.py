@@ -38,8 +38,9 @@ ITERS, PRUNE_ITERS, PERCDAMP, RHO = 20, 15, 0.1, 1.0
 
 
 def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    from admm_sparse import device as devices  # imported late: main() checks for a GPU before loading the extension
+
+    devices.synchronize(device)
 
 
 def median_seconds(fn, repeats: int, device: torch.device, setup=None) -> float:
@@ -57,8 +58,9 @@ def median_seconds(fn, repeats: int, device: torch.device, setup=None) -> float:
 
 
 def empty_cache(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    from admm_sparse import device as devices
+
+    devices.empty_cache(device)
 
 
 def calibration(tokens: int, d_in: int, seed: int, device: torch.device) -> torch.Tensor:

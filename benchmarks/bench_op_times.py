@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -32,6 +30,7 @@ if str(ROOT) not in sys.path:
 
 from admm_sparse import _ops, device as devices  # noqa: E402
 from admm_sparse.split import admm_prune_split  # noqa: E402
+from benchmarks.bench_cuda import calibration, median_seconds  # noqa: E402
 
 OP_TIMES = ROOT / "benchmarks" / "results" / "op_times.json"
 HIDDEN, INTERMEDIATE, KV = 8192, 28672, 1024
@@ -57,24 +56,6 @@ class MirroredGroup:
         pass
 
 
-def median_seconds(fn, repeats: int, device: torch.device) -> float:
-    times = []
-    for i in range(repeats + 1):  # the first run is the warm-up
-        devices.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        devices.synchronize(device)
-        if i:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def calibration(tokens: int, d_in: int, seed: int, device: torch.device) -> torch.Tensor:
-    g = torch.Generator(device=device).manual_seed(seed)
-    x = torch.randn(tokens, d_in, device=device, generator=g)
-    return x * (torch.rand(d_in, device=device, generator=g) * 2 + 0.1)  # uneven channel energies
-
-
 def measure(device: torch.device, scale: int, repeats: int, ranks: list[int]) -> dict:
     dims = {name: (o // scale, i // scale) for name, (o, i) in LAYERS.items()}
     inputs = {name: d // scale for name, d in INPUTS.items()}
@@ -82,7 +63,7 @@ def measure(device: torch.device, scale: int, repeats: int, ranks: list[int]) ->
     out = {"forward": {}, "statistics": {}, "admm": {}, "admm_split": {str(r): {} for r in ranks}}
 
     for name, (d_out, d_in) in dims.items():
-        x = calibration(tokens, d_in, 1, device).bfloat16()
+        x = calibration(tokens, d_in, 1, device)[0].bfloat16()
         w = torch.randn(d_out, d_in, device=device, dtype=torch.bfloat16)
         out["forward"][name] = median_seconds(lambda: x @ w.T, repeats, device)
         del x, w
@@ -90,7 +71,7 @@ def measure(device: torch.device, scale: int, repeats: int, ranks: list[int]) ->
 
     hessians = {}
     for name, d_in in inputs.items():
-        x = calibration(tokens, d_in, 2, device)
+        x = calibration(tokens, d_in, 2, device)[0]
         sums = (torch.zeros(d_in, d_in, dtype=torch.float64, device=device),
                 torch.zeros(d_in, dtype=torch.float64, device=device))
         out["statistics"][name] = median_seconds(
