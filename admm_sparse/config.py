@@ -17,6 +17,8 @@ spec:
                                       # (bfloat16 in fast mode where bfloat16 GEMMs are faster, else the model's)
       keep_bits: 2                    # mantissa bits the keep-bit rounding keeps (SPEC §3); null: no rounding
       keep_proportion: 0.02           # fraction of the weights whose mantissa it leaves whole (most moved first)
+      salience_bits: null             # or a level such as 1.25: each weight's mantissa bits by its salience
+                                      # instead (replaces keep_bits' grid and keep_proportion); see keepbits.py
       reconstruct_epochs: 0           # block reconstruction after each block's pruning (0: off); see reconstruct.py
       reconstruct_lr: 0.003           # its Adam step, relative to each layer's kept weights' RMS
       reconstruct_dtype: "model"      # or "bfloat16": its forwards and backwards in bfloat16 autocast
@@ -160,6 +162,10 @@ OPTIONS = (
            "(SPEC §3); none: no rounding", _optional_int),
     Option("keep_proportion", 0.02, "fraction of the weights whose float16 mantissa the keep-bit rounding leaves whole: "
            "those it would move most, weighted by their input channel's RMS (SPEC §3's 0.02)", float),
+    Option("salience_bits", None, "keep-bit rounding by salience instead of SPEC §3's grid: each weight keeps "
+           "round(level + log2(its salience / the layer's mean) / 2) mantissa bits, 1 to 10 (salience: its input "
+           "channel's mean square times its square); the level is the bits of a weight of mean salience, such as 1.0 "
+           "(see keepbits.py); none: the SPEC's rounding", _optional_float),
     Option("reconstruct_epochs", 0, "block reconstruction: after a block is pruned, at most this many epochs of Adam "
            "over its kept weights (masks fixed) to reproduce the dense model's block outputs, stopped early on "
            "held-out calibration windows (0: off)", int, "loop", _check_reconstruct_epochs),
@@ -227,6 +233,7 @@ class FloatSparseConfig:
     calibration_dtype: str = "auto"
     keep_bits: int | None = 2
     keep_proportion: float = 0.02
+    salience_bits: float | None = None
     reconstruct_epochs: int = 0
     reconstruct_lr: float = 3e-3
     reconstruct_dtype: str = "model"
@@ -263,6 +270,10 @@ class FloatSparseConfig:
             raise ConfigError("target_bits_per_weight: it gives layers different ratios, which needs mask_structure "
                               f"unstructured (got {self.mask_structure!r}) and allocation uniform (got "
                               f"{self.allocation!r}: the budget allocates by error per byte itself)")
+        if self.salience_bits is not None:
+            raise ConfigError("target_bits_per_weight: it chooses each layer's keep-bit rounding from its own grid "
+                              f"(keep_bits and keep_proportion), so salience_bits must not be set (got "
+                              f"{self.salience_bits!r}); remove one of the two")
 
     @classmethod
     def from_preset(cls, name: str, **options) -> "FloatSparseConfig":

@@ -10,6 +10,16 @@ Decisions where SPEC §3 is silent (each checked against admm_sparse.reference.k
   subnormals are flushed to zero);
 - every zero result is +0.0: a -0.0 would not be a zero to the card's compression unit;
 - keep_proportion == 0 keeps nothing (the seed's index formula would otherwise keep everything).
+
+Rounding by salience (option `salience_bits`, not in the SPEC): each weight keeps as many mantissa bits as its
+share of the layer's output error asks for, instead of keep_bits everywhere and the whole mantissa for a fixed
+fraction. A weight's salience is s_j·w² (s_j its input channel's mean square, the scaler), what its rounding error
+costs per unit of relative error; rounding to b bits moves it by about |w|·2^-b, so the error it adds is about
+s_j·w²·4^-b, and giving each weight b = level + ½·log2(salience / mean salience) (rounded, 1 to 10) makes those
+errors about equal: the allocation that minimises the summed error for the mantissa bits spent (reverse water-filling),
+the bytes the card stores being about those bits. `level` (salience_bits) is the bits a weight of the layer's mean
+salience keeps; measured on the built-in model (benchmarks/RESULTS.md, "Size and accuracy"), it reaches the error of
+keep_bits 1 with keep_proportion 0.02 in about 7% fewer compressed bytes.
 """
 from __future__ import annotations
 
@@ -112,8 +122,40 @@ def _keep_mask(w: torch.Tensor, rounded: torch.Tensor, scaler: torch.Tensor, kee
     return metric >= threshold
 
 
-def apply_keepbits(w: torch.Tensor, scaler: torch.Tensor, keep_bits: int = 2, keep_proportion: float = 0.02) -> torch.Tensor:
-    """SPEC §3 final weight: rounded except at the keep mask, cast back to w's dtype."""
+def salience_mantissa_bits(w: torch.Tensor, scaler: torch.Tensor, level: float) -> torch.Tensor:
+    """Each weight's mantissa bits under rounding by salience (module docstring): round(level + ½·log2(s_j·w² over
+    its mean on the non-zero weights)), clamped to [1, 10], as int32; w read as float16."""
+    x = w.to(torch.float16).float()
+    salience = x.square().mul_(scaler.float()[None, :])
+    nonzero = int(torch.count_nonzero(x))
+    mean = float(salience.sum(dtype=torch.float64)) / max(nonzero, 1)
+    if not mean > 0:  # all zero (or no channel energy): nothing to rank, every weight at the level
+        return torch.full(x.shape, min(max(round(level), 1), 10), dtype=torch.int32, device=w.device)
+    bits = salience.div_(mean).clamp_(min=1e-30).log2_().mul_(0.5).add_(level).round_()
+    return bits.clamp_(1, 10).to(torch.int32)
+
+
+def round_by_salience(w: torch.Tensor, scaler: torch.Tensor, level: float) -> torch.Tensor:
+    """w rounded in float16, each weight to its salience_mantissa_bits, half to even on the bit pattern; zero,
+    subnormals, inf and NaN left as they are (every zero is +0.0), and a value that would round up to inf kept."""
+    bits = w.to(torch.float16).view(torch.int16).to(torch.int32) & 0xFFFF
+    sign, mag = bits & _SIGN, bits & _MAG
+    drop = 10 - salience_mantissa_bits(w, scaler, level)
+    half = torch.where(drop > 0, 1 << (drop - 1).clamp_(min=0), 0)
+    odd = (mag >> drop) & 1
+    rounded = torch.where(drop > 0, ((mag + half - 1 + odd) >> drop) << drop, mag)
+    exponent = mag >> 10
+    rounded = torch.where((exponent == 0) | (exponent == 31) | (rounded >= _INF), mag, rounded)
+    out = torch.where(rounded == 0, 0, rounded | sign)
+    return out.to(torch.int16).view(torch.float16)
+
+
+def apply_keepbits(w: torch.Tensor, scaler: torch.Tensor, keep_bits: int = 2, keep_proportion: float = 0.02,
+                   salience_bits: float | None = None) -> torch.Tensor:
+    """The final weight of the keep-bit rounding, cast back to w's dtype: SPEC §3's (rounded except at the keep
+    mask), or by salience at level salience_bits when that is given (keep_bits and keep_proportion then unused)."""
+    if salience_bits is not None:
+        return round_by_salience(w, scaler, salience_bits).to(w.dtype)
     rounded = round_float16(w, None, keep_bits)
     keep = _keep_mask(w, rounded, scaler, keep_proportion)
     # The rounding is elementwise: redo only the kept few (keep_proportion) with their mantissa kept,

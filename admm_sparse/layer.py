@@ -23,7 +23,7 @@ from .keepbits import apply_keepbits
 # mode="fast" (admm_sparse.fast): the seed's ADMM over-relaxed, the mask re-chosen until it settles or for
 # fast_mask_iters iterations, then 2 on that mask (prune_iters and iters are not used); every GEMM in bfloat16
 # where that is faster (the returned weights stay float32).
-DEFAULT_OPTIONS = dict(keep_bits=2, keep_proportion=0.02, percdamp=0.1, prune_iters=15, iters=20, rho=1.0,
+DEFAULT_OPTIONS = dict(keep_bits=2, keep_proportion=0.02, salience_bits=None, percdamp=0.1, prune_iters=15, iters=20, rho=1.0,
                        mask_structure="unstructured", mode="seed", round_in_admm=None, quality_rho=0.1,
                        quality_max_iters=300, quality_check_every=3, refit_iters=200, allow_tf32=False,
                        fast_mask_iters=8)
@@ -46,6 +46,7 @@ class PruneReport:
     mask_structure: str = "unstructured"
     keep_bits: int | None = None  # the keep-bit rounding's mantissa bits (None: none)
     keep_proportion: float | None = None  # and the fraction of weights it left whole
+    salience_bits: float | None = None  # rounding by salience instead (keepbits.round_by_salience): its level
     # quality and fast mode: ADMM iterations; quality mode only: final rho, relative output error (before
     # keep-bit rounding) of the ADMM's projected iterate and after the refit on its support.
     # round_in_admm only: relative output error of the solver's weight before it was rounded.
@@ -137,6 +138,17 @@ def check_options(options: dict) -> dict:
         raise ValueError(f"keep_bits must be an int in [0, 10] or None (no rounding), got {kb!r}")
     if not 0.0 <= opts["keep_proportion"] <= 1.0:
         raise ValueError(f"keep_proportion must be in [0, 1], got {opts['keep_proportion']}")
+    sb = opts["salience_bits"]
+    if sb is not None:
+        if isinstance(sb, bool) or not isinstance(sb, (int, float)) or not 0 <= sb <= 10:
+            raise ValueError(f"salience_bits must be a number in [0, 10] (the mantissa bits of a weight of mean "
+                             f"salience, such as 1.25) or None (the SPEC's keep-bit rounding), got {sb!r}")
+        if kb is None:
+            raise ValueError("salience_bits is a way of keep-bit rounding, which keep_bits=None turns off; pass "
+                             "keep_bits (any value: rounding by salience replaces it) or leave salience_bits unset")
+        if opts["round_in_admm"]:
+            raise ValueError("round_in_admm=True rounds to the SPEC's keep-bit grid; with salience_bits the rounding "
+                             "comes after the solver: leave round_in_admm unset or False")
     if not (math.isfinite(opts["percdamp"]) and opts["percdamp"] >= 0):
         raise ValueError(f"percdamp must be finite and >= 0, got {opts['percdamp']}")
     if not (math.isfinite(opts["rho"]) and opts["rho"] > 0):
@@ -166,7 +178,8 @@ def check_options(options: dict) -> dict:
     if opts["mode"] == "quality" and "percdamp" not in options:
         opts["percdamp"] = QUALITY_PERCDAMP
     if opts["round_in_admm"] is None:
-        opts["round_in_admm"] = opts["mode"] == "quality" and opts["keep_bits"] is not None
+        opts["round_in_admm"] = (opts["mode"] == "quality" and opts["keep_bits"] is not None
+                                 and opts["salience_bits"] is None)
     return opts
 
 
@@ -368,7 +381,9 @@ class AdmmPruner:
             mode=opts["mode"],
             mask_structure=structure,
             keep_bits=opts["keep_bits"],
-            keep_proportion=None if opts["keep_bits"] is None else opts["keep_proportion"],
+            keep_proportion=None if opts["keep_bits"] is None or opts["salience_bits"] is not None
+            else opts["keep_proportion"],
+            salience_bits=None if opts["keep_bits"] is None else opts["salience_bits"],
             **extra,
         )
 
@@ -393,7 +408,7 @@ class AdmmPruner:
             if not all_finite(new.to(torch.float16)):
                 raise ValueError("the pruned weight has values beyond float16's range, which keep-bit rounding "
                                  "(float16 for the Atlas card) cannot represent; pass keep_bits=None")
-            new = apply_keepbits(new, self.scaler, opts["keep_bits"], opts["keep_proportion"])
+            new = apply_keepbits(new, self.scaler, opts["keep_bits"], opts["keep_proportion"], opts["salience_bits"])
         return new, damping, dense_energy, extra
 
     def _prune_fast(self, old: torch.Tensor, k: int, structure: str, opts: dict):

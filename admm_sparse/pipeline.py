@@ -53,12 +53,13 @@ def admm_pruner_factory(config: FloatSparseConfig, layer_options: dict[str, dict
 
 
 def keep_rounding(config: FloatSparseConfig, names, layer_options: dict[str, dict]) -> dict:
-    """Each layer's keep-bit rounding, (keep_bits, keep_proportion) or None for none: the config's, or the layer's
-    own options (for the rounding block reconstruction applies again)."""
+    """Each layer's keep-bit rounding, (keep_bits, keep_proportion, salience_bits) or None for none: the config's, or
+    the layer's own options (for the rounding block reconstruction applies again)."""
     rounding, config_options = {}, config.pruner_options()
     for name in names:
         options = {**config_options, **layer_options.get(name, {})}
-        rounding[name] = None if options["keep_bits"] is None else (options["keep_bits"], options["keep_proportion"])
+        rounding[name] = None if options["keep_bits"] is None else (options["keep_bits"], options["keep_proportion"],
+                                                                    options["salience_bits"])
     return rounding
 
 

@@ -112,6 +112,25 @@ def keep_mask(w: torch.Tensor, scaler: torch.Tensor, keep_bits: int = 2, keep_pr
     return metric >= v
 
 
+def salience_round(w: torch.Tensor, scaler: torch.Tensor, level: float) -> torch.Tensor:
+    """Rounding by salience (admm_sparse.keepbits), written with frexp: b = round(level + ½·log2(s_j·w² / mean over
+    the non-zero weights)) in [1, 10] mantissa bits after the leading one, half to even; zeros and subnormals kept."""
+    x = w.to(torch.float16).float()
+    salience = x * x * scaler.float()[None, :]  # float32, as the kernel: the bits are compared exactly
+    nonzero = x != 0
+    mean = float(salience[nonzero].double().sum()) / max(int(nonzero.sum()), 1)
+    if not mean > 0:
+        bits = torch.full(x.shape, float(min(max(round(level), 1), 10)))
+    else:
+        bits = (0.5 * torch.log2((salience / mean).clamp(min=1e-30)) + level).round().clamp(1, 10)
+    x, bits = x.double(), bits.double()
+    mant, exp = torch.frexp(x)  # x = mant·2^exp, 0.5 <= |mant| < 1: b bits after the leading one is mant·2^(b+1)
+    scale = torch.pow(2.0, bits + 1)
+    out = torch.ldexp(torch.round(mant * scale) / scale, exp)
+    keep = (x.abs() < 2.0**-14) | ~torch.isfinite(x) | (out.abs() > 65504)
+    return torch.where(keep, x, out).to(torch.float16).abs().mul(torch.sign(x.to(torch.float16))).add(0.0)
+
+
 def prune_linear(weight: torch.Tensor, inputs, sparse_ratio: float, keep_bits: int | None = 2,
                  keep_proportion: float = 0.02, percdamp: float = 0.1, rho: float = 1.0, iters: int = 20,
                  prune_iters: int = 15) -> torch.Tensor:

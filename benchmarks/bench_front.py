@@ -49,6 +49,7 @@ class Point:
     keep_proportion: float = 0.02
     budget: float | None = None  # target_bits_per_weight: the loop picks each layer's ratio and keep bits
     round_in_admm: bool = False  # the rounding with error compensation inside the solver
+    salience_bits: float | None = None  # rounding by salience at this level instead of keep_bits' grid
 
     @property
     def key(self) -> str:
@@ -56,7 +57,10 @@ class Point:
             return "dense"
         what = f"budget{self.budget:g}" if self.budget is not None else f"{self.ratio:g}"
         kb = "" if self.budget is not None else f"-kb{'off' if self.keep_bits is None else self.keep_bits}"
-        kp = "" if self.keep_proportion == 0.02 else f"-kp{self.keep_proportion:g}"
+        if self.salience_bits is not None:
+            kb, kp = f"-sb{self.salience_bits:g}", ""
+        else:
+            kp = "" if self.keep_proportion == 0.02 else f"-kp{self.keep_proportion:g}"
         return f"{self.preset}-{what}{kb}{kp}{'-ria' if self.round_in_admm else ''}"
 
     @property
@@ -66,6 +70,8 @@ class Point:
             return "dense"
         if self.budget is not None:
             return f"{self.preset}, size budget"
+        if self.salience_bits is not None:
+            return f"{self.preset}, sparse_ratio {self.ratio:g}, rounding by salience"
         kp = "" if self.keep_proportion == 0.02 else f", keep_proportion {self.keep_proportion:g}"
         ria = ", rounding in ADMM" if self.round_in_admm else ""
         return f"{self.preset}, keep_bits {'off' if self.keep_bits is None else self.keep_bits}{kp}{ria}"
@@ -74,7 +80,7 @@ class Point:
         from admm_sparse.config import FloatSparseConfig
 
         options = dict(keep_bits=self.keep_bits, keep_proportion=self.keep_proportion,
-                       round_in_admm=self.round_in_admm or None)
+                       round_in_admm=self.round_in_admm or None, salience_bits=self.salience_bits)
         if self.budget is not None:
             options = dict(target_bits_per_weight=self.budget)
         else:
@@ -89,6 +95,8 @@ def _grid(preset, ratios, keep_bits=(2,), **kw):
 RATIOS = (0.3, 0.4, 0.5, 0.6, 0.7)
 # 15% under the original algorithm's default (0.3, keep_bits 2: 4.763 bits per weight measured here).
 BUDGET_15 = 4.04
+# Rounding by salience (salience_bits) at 0.3: levels around the size 15% under the default.
+SALIENCE_LEVELS = (1.0, 1.25)
 # Every point, most telling first: the seed mode's default rounding across ratios, the dense model, the other
 # keep_bits, the size budgets (one at 15% under the default, one at the size of a uniform point), the best preset.
 POINTS = (_grid("seed", (0.3, 0.4, 0.5, 0.7)) + [Point("dense")]
@@ -97,7 +105,9 @@ POINTS = (_grid("seed", (0.3, 0.4, 0.5, 0.7)) + [Point("dense")]
           + _grid("seed", (0.3,), (None, 3)) + _grid("seed", (0.5,), (None, 3, 1)) + _grid("best", (0.3, 0.5))
           + _grid("seed", (0.6,)) + _grid("best", (0.4, 0.7)) + _grid("best", (0.4,), (1,))
           + _grid("seed", (0.7,), (None, 3, 1))
-          + _grid("seed", (0.3,), keep_proportion=0.005) + _grid("seed", (0.3,), keep_proportion=0.05))
+          + _grid("seed", (0.3,), keep_proportion=0.005) + _grid("seed", (0.3,), keep_proportion=0.05)
+          + [Point("seed", 0.3, salience_bits=level) for level in SALIENCE_LEVELS]
+          + [Point("best", 0.3, salience_bits=level) for level in SALIENCE_LEVELS])
 
 
 def measure_sizes(model, names: list[str]) -> dict:
@@ -163,9 +173,10 @@ def render(results: dict, figure_link: str | None) -> str:
         p, s = Point(**r["point"]), r["size"]
         ratio = "per layer" if p.budget is not None else "-" if p.ratio is None else f"{p.ratio:g}"
         kb = "per layer" if p.budget is not None else "-" if p.preset == "dense" else \
+            f"by salience, {p.salience_bits:g}" if p.salience_bits is not None else \
             "off" if p.keep_bits is None else str(p.keep_bits)
         kp = "per layer" if p.budget is not None else \
-            "-" if p.preset == "dense" or p.keep_bits is None else f"{p.keep_proportion:g}"
+            "-" if p.preset == "dense" or p.keep_bits is None or p.salience_bits is not None else f"{p.keep_proportion:g}"
         name = f"{p.preset}, budget {p.budget:g} bits" if p.budget is not None else \
             f"{p.preset}, rounding in ADMM" if p.round_in_admm else p.preset
         lines.append(f"| {name} | {ratio} | {kb} | {kp} | {s['bits_per_weight']:.3f} | {s['bound_bits_per_weight']:.3f} "
@@ -192,11 +203,8 @@ def reading(results: dict) -> list[str]:
                        f"perplexity {ppl0:.2f}), the smallest point at equal or lower perplexity is "
                        f"`{Point(**b['point']).key}`: {b['size']['bits_per_weight']:.3f} bits per weight "
                        f"({1 - b['size']['bits_per_weight'] / bits0:.1%} fewer bytes), perplexity {b['perplexity']:.2f}.")
-    seed = [(r["size"]["bits_per_weight"], r["perplexity"]) for r in runs.values()
-            if r["point"]["preset"] == "seed" and r["point"]["keep_bits"] == 2 and r["point"]["budget"] is None
-            and r["point"]["keep_proportion"] == 0.02]
-    best = sorted((r for r in runs.values() if r["point"]["preset"] == "best" and r["point"]["keep_bits"] == 2
-                   and r["point"]["budget"] is None), key=lambda r: r["size"]["bits_per_weight"])
+    seed = [(r["size"]["bits_per_weight"], r["perplexity"]) for r in runs.values() if _default_rounding(r, "seed")]
+    best = sorted((r for r in runs.values() if _default_rounding(r, "best")), key=lambda r: r["size"]["bits_per_weight"])
     if seed and best:
         cells = []
         for r in best:
@@ -216,8 +224,7 @@ def reading(results: dict) -> list[str]:
     for r in sorted((r for r in runs.values() if r["point"]["budget"] is not None), key=lambda r: r["point"]["preset"]):
         p, bits = Point(**r["point"]), r["size"]["bits_per_weight"]
         uniform = [(u["size"]["bits_per_weight"], u["perplexity"]) for u in runs.values()
-                   if u["point"]["preset"] == p.preset and u["point"]["budget"] is None
-                   and u["point"]["keep_bits"] == 2 and u["point"]["keep_proportion"] == 0.02]
+                   if _default_rounding(u, p.preset)]
         at = _interpolate(uniform, bits)
         kinds = sorted({(kb, kp) for _, kb, kp in r["layer_settings"].values()}, key=str)
         out.append(f"- Size budget {p.budget:g} bits per weight, {p.preset}: predicted by the probe pass "
@@ -227,6 +234,13 @@ def reading(results: dict) -> list[str]:
                    f"sparsity {r['achieved_sparsity']:.3f}, roundings used (keep_bits, keep_proportion): "
                    + ", ".join(f"{kb}/{kp:g}" if kb is not None else "off" for kb, kp in kinds) + ".")
     return out
+
+
+def _default_rounding(run: dict, preset: str) -> bool:
+    """A uniform point of `preset` with the SPEC's default rounding (keep_bits 2, keep_proportion 0.02)."""
+    p = Point(**run["point"])
+    return (p.preset == preset and p.budget is None and p.salience_bits is None and not p.round_in_admm
+            and p.keep_bits == 2 and p.keep_proportion == 0.02)
 
 
 def plot(results: dict, path: Path) -> None:

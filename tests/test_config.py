@@ -24,7 +24,7 @@ def test_load_good_file(tmp_path):
     assert cfg == FloatSparseConfig(0.5, ["*mlp*"], ["*self_attn*"])
     assert cfg.to_dict() == {"sparse_ratio": 0.5, "include": ["*mlp*"], "exclude": ["*self_attn*"],
                              "mask_structure": "unstructured", "mode": "seed", "round_in_admm": None,
-                             "allow_tf32": False, "calibration_dtype": "auto", "keep_bits": 2, "keep_proportion": 0.02,
+                             "allow_tf32": False, "calibration_dtype": "auto", "keep_bits": 2, "keep_proportion": 0.02, "salience_bits": None,
                              "reconstruct_epochs": 0, "reconstruct_lr": 3e-3, "reconstruct_dtype": "model",
                              "dense_targets": 0.0, "sequential": False,
                              "allocation": "uniform", "target_bits_per_weight": None}
@@ -47,7 +47,8 @@ def test_extension_keys(tmp_path):
                                                    '      keep_bits: null\n      keep_proportion: 0.01')))
     assert (cfg.sparse_ratio, cfg.mask_structure, cfg.mode, cfg.round_in_admm) == (0.5, "2:4", "quality", False)
     assert cfg.pruner_options() == {"mask_structure": "2:4", "mode": "quality", "round_in_admm": False,
-                                    "allow_tf32": True, "keep_bits": None, "keep_proportion": 0.01}
+                                    "allow_tf32": True, "keep_bits": None, "keep_proportion": 0.01,
+                                    "salience_bits": None}
     assert FloatSparseConfig(mask_structure="1:4").sparse_ratio == 0.75  # N:M implies the ratio
     assert FloatSparseConfig(0.75, mask_structure="1:4").sparse_ratio == 0.75  # an agreeing ratio is fine
     assert FloatSparseConfig(0.6, mask_structure="per_row").sparse_ratio == 0.6

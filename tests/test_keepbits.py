@@ -1,6 +1,11 @@
-"""Keep-bit rounding (SPEC §3): bit for bit against hand-worked values and the frexp reference."""
+"""Keep-bit rounding (SPEC §3) and rounding by salience: bit for bit against hand-worked values and the frexp
+references."""
+import math
+
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from admm_sparse import keepbits
 from admm_sparse import reference as ref
@@ -122,3 +127,120 @@ def test_round_in_slices_equals_one_pass(monkeypatch):
     grid = ALL_FLOAT16[:63489].view(-1, 3)[:, :2]  # a non-contiguous 2-D view
     sliced = keepbits.round_float16(grid, keep[:63489].view(-1, 3)[:, :2])
     assert torch.equal(sliced, whole[:63489].view(-1, 3)[:, :2])
+
+
+# ---------------------------------------------------------------- rounding by salience
+
+FINITE_FLOAT16 = ALL_FLOAT16[torch.isfinite(ALL_FLOAT16)]
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.view(torch.int16), b.view(torch.int16))
+
+
+@pytest.mark.parametrize("level", [0.0, 1.0, 1.25, 2.5, 4.0, 10.0])
+@pytest.mark.parametrize("scaler", ["ones", "random"])
+def test_round_by_salience_every_finite_float16_matches_frexp_reference(level, scaler):
+    w = FINITE_FLOAT16[: 240 * 256].view(240, 256)
+    s = torch.ones(256) if scaler == "ones" else torch.rand(256, generator=torch.Generator().manual_seed(7)) ** 4
+    out = keepbits.round_by_salience(w, s, level)
+    assert same_bits(out, ref.salience_round(w, s, level))
+    assert not (out.view(torch.int16) == -32768).any(), "no -0.0 in the output"
+    assert torch.equal(out == 0, w == 0), "zeros stay zeros, and no weight is rounded to zero"
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 40), cols=st.integers(1, 40), level=st.floats(0, 10), zeros=st.floats(0, 1),
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]), seed=st.integers(0, 2**16),
+       dead_channels=st.booleans())
+def test_round_by_salience_matches_reference(rows, cols, level, zeros, dtype, seed, dead_channels):
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(rows, cols, generator=g) * torch.logspace(-7, 1, cols)[torch.randperm(cols, generator=g)])
+    w[torch.rand(rows, cols, generator=g) < zeros] = 0
+    w = w.to(dtype)
+    s = torch.rand(cols, generator=g) ** 3
+    if dead_channels:
+        s[::2] = 0  # channels no calibration token reaches
+    out = keepbits.apply_keepbits(w, s, 2, 0.02, level)
+    assert out.dtype == dtype
+    assert same_bits(out.to(torch.float16), ref.salience_round(w, s, level))
+    assert torch.equal(out == 0, w.to(torch.float16) == 0)
+
+
+def test_salience_bits_follow_salience():
+    # Four times the salience is one more mantissa bit; a weight of mean salience keeps round(level) bits.
+    w = torch.tensor([[1.0, 2.0, 4.0, 8.0, 0.0]])
+    s = torch.ones(5)
+    mean = (1 + 4 + 16 + 64) / 4
+    bits = keepbits.salience_mantissa_bits(w, s, 3.0)
+    expected = [max(1, min(10, round(3 + 0.5 * math.log2(x * x / mean)))) for x in (1.0, 2.0, 4.0, 8.0)]
+    assert bits[0, :4].tolist() == expected == [1, 2, 3, 4]
+    on_mean = torch.full((2, 3), 0.5)
+    assert (keepbits.salience_mantissa_bits(on_mean, torch.ones(3), 2.4) == 2).all()
+    assert (keepbits.salience_mantissa_bits(torch.zeros(2, 3), torch.ones(3), 2.4) == 2).all()  # nothing to rank
+
+
+def test_round_by_salience_spends_bits_where_the_error_is():
+    # At the same mean mantissa bits, the salience allocation moves the outputs less than one bit count for all
+    # (the claim of keepbits' docstring, on a layer with uneven channels).
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(256, 128, generator=g) * 0.05
+    s = torch.rand(128, generator=g) ** 6 * 100
+    # the smallest level whose weights keep 2 mantissa bits on average, as keep_bits=2 does
+    level = next(x / 20 for x in range(20, 200) if keepbits.salience_mantissa_bits(w, s, x / 20).float().mean() >= 2)
+    assert keepbits.salience_mantissa_bits(w, s, level).float().mean() < 2.1
+    uniform = keepbits.round_float16(w, None, 2)
+    salience = keepbits.round_by_salience(w, s, level)
+
+    def error(r):
+        return float(((r.float() - w).square() * s[None, :]).sum())
+    assert error(salience) < 0.7 * error(uniform)
+
+
+def test_salience_bits_option_rounds_the_pruned_weight():
+    from admm_sparse.layer import AdmmPruner
+
+    g = torch.Generator().manual_seed(4)
+    X = torch.randn(4, 64, 48, generator=g) * torch.linspace(0.1, 3, 48)
+    reports, weights = {}, {}
+    for key, options in (("off", dict(keep_bits=None)), ("salience", dict(salience_bits=1.5))):
+        torch.manual_seed(0)
+        layer = torch.nn.Linear(48, 40)
+        pruner = AdmmPruner(layer)
+        pruner.add_batch(X)
+        reports[key], weights[key] = pruner.fasterprune(0.4, **options), layer.weight.detach().clone()
+        scaler = pruner.scaler
+    # the seed's ADMM, then the rounding by salience with the layer's scaler
+    assert same_bits(weights["salience"].half(), keepbits.round_by_salience(weights["off"], scaler, 1.5))
+    r = reports["salience"]
+    assert (r.keep_bits, r.keep_proportion, r.salience_bits) == (2, None, 1.5)
+    assert reports["off"].salience_bits is None
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(salience_bits=-1), "salience_bits must be a number in \\[0, 10\\]"),
+    (dict(salience_bits="2"), "salience_bits must be a number"),
+    (dict(salience_bits=True), "salience_bits must be a number"),
+    (dict(salience_bits=1.0, keep_bits=None), "keep_bits=None turns off"),
+    (dict(salience_bits=1.0, round_in_admm=True), "leave round_in_admm unset"),
+])
+def test_salience_bits_bad_options(options, message):
+    from admm_sparse.layer import check_options
+
+    with pytest.raises(ValueError, match=message):
+        check_options(options)
+
+
+def test_salience_bits_config_yaml_and_refusal_under_a_budget():
+    from admm_sparse.config import ConfigError, FloatSparseConfig, parse_config
+    from admm_sparse.layer import check_options
+
+    cfg = parse_config({"spec": {"process": [{"type": "float_sparse", "salience_bits": 1.25}]}})
+    assert cfg.pruner_options()["salience_bits"] == 1.25
+    # quality mode rounds inside ADMM by default, on the SPEC's grid: with salience_bits it rounds after
+    assert check_options(dict(mode="quality", salience_bits=1.0))["round_in_admm"] is False
+    with pytest.raises(ConfigError, match="salience_bits must not be set"):
+        FloatSparseConfig(salience_bits=1.0, target_bits_per_weight=4.0)
+    with pytest.raises(ConfigError, match="salience_bits"):
+        FloatSparseConfig(salience_bits=11)
+
