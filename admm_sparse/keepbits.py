@@ -122,25 +122,30 @@ def _keep_mask(w: torch.Tensor, rounded: torch.Tensor, scaler: torch.Tensor, kee
     return metric >= threshold
 
 
-def salience_mantissa_bits(w: torch.Tensor, scaler: torch.Tensor, level: float) -> torch.Tensor:
-    """Each weight's mantissa bits under rounding by salience (module docstring): round(level + ½·log2(s_j·w² over
-    its mean on the non-zero weights)), clamped to [1, 10], as int32; w read as float16."""
+def salience_mean(w: torch.Tensor, scaler: torch.Tensor) -> float:
+    """The mean salience s_j·w² over the non-zero weights of w (read as float16), the rounding by salience's
+    reference point; 0 for an all-zero weight."""
     x = w.to(torch.float16).float()
-    salience = x.square().mul_(scaler.float()[None, :])
-    nonzero = int(torch.count_nonzero(x))
-    mean = float(salience.sum(dtype=torch.float64)) / max(nonzero, 1)
+    return float(x.square().mul_(scaler.float()[None, :]).sum(dtype=torch.float64)) / max(int(torch.count_nonzero(x)), 1)
+
+
+def salience_mantissa_bits(w: torch.Tensor, channel_scaler: torch.Tensor, level: float, mean: float) -> torch.Tensor:
+    """Each weight's mantissa bits under rounding by salience (module docstring): round(level + ½·log2(s_j·w² /
+    mean)), clamped to [1, 10], as int32; w read as float16, channel_scaler (s_j) broadcast against it."""
     if not mean > 0:  # all zero (or no channel energy): nothing to rank, every weight at the level
-        return torch.full(x.shape, min(max(round(level), 1), 10), dtype=torch.int32, device=w.device)
+        return torch.full(w.shape, min(max(round(level), 1), 10), dtype=torch.int32, device=w.device)
+    salience = w.to(torch.float16).float().square_().mul_(channel_scaler.float())
     bits = salience.div_(mean).clamp_(min=1e-30).log2_().mul_(0.5).add_(level).round_()
     return bits.clamp_(1, 10).to(torch.int32)
 
 
-def round_by_salience(w: torch.Tensor, scaler: torch.Tensor, level: float) -> torch.Tensor:
-    """w rounded in float16, each weight to its salience_mantissa_bits, half to even on the bit pattern; zero,
-    subnormals, inf and NaN left as they are (every zero is +0.0), and a value that would round up to inf kept."""
-    bits = w.to(torch.float16).view(torch.int16).to(torch.int32) & 0xFFFF
-    sign, mag = bits & _SIGN, bits & _MAG
-    drop = 10 - salience_mantissa_bits(w, scaler, level)
+def round_to_bits(w: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """w rounded in float16, each weight to its own number of mantissa bits (1 to 10), half to even on the bit
+    pattern; zero, subnormals, inf and NaN left as they are (every zero is +0.0), and a value that would round up
+    to inf kept."""
+    pattern = w.to(torch.float16).view(torch.int16).to(torch.int32) & 0xFFFF
+    sign, mag = pattern & _SIGN, pattern & _MAG
+    drop = 10 - bits
     half = torch.where(drop > 0, 1 << (drop - 1).clamp_(min=0), 0)
     odd = (mag >> drop) & 1
     rounded = torch.where(drop > 0, ((mag + half - 1 + odd) >> drop) << drop, mag)
@@ -148,6 +153,11 @@ def round_by_salience(w: torch.Tensor, scaler: torch.Tensor, level: float) -> to
     rounded = torch.where((exponent == 0) | (exponent == 31) | (rounded >= _INF), mag, rounded)
     out = torch.where(rounded == 0, 0, rounded | sign)
     return out.to(torch.int16).view(torch.float16)
+
+
+def round_by_salience(w: torch.Tensor, scaler: torch.Tensor, level: float) -> torch.Tensor:
+    """w rounded in float16 by salience at `level` (module docstring), scaler: its input channels' mean squares."""
+    return round_to_bits(w, salience_mantissa_bits(w, scaler[None, :], level, salience_mean(w, scaler)))
 
 
 def apply_keepbits(w: torch.Tensor, scaler: torch.Tensor, keep_bits: int = 2, keep_proportion: float = 0.02,

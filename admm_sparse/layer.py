@@ -146,9 +146,6 @@ def check_options(options: dict) -> dict:
         if kb is None:
             raise ValueError("salience_bits is a way of keep-bit rounding, which keep_bits=None turns off; pass "
                              "keep_bits (any value: rounding by salience replaces it) or leave salience_bits unset")
-        if opts["round_in_admm"]:
-            raise ValueError("round_in_admm=True rounds to the SPEC's keep-bit grid; with salience_bits the rounding "
-                             "comes after the solver: leave round_in_admm unset or False")
     if not (math.isfinite(opts["percdamp"]) and opts["percdamp"] >= 0):
         raise ValueError(f"percdamp must be finite and >= 0, got {opts['percdamp']}")
     if not (math.isfinite(opts["rho"]) and opts["rho"] > 0):
@@ -178,8 +175,7 @@ def check_options(options: dict) -> dict:
     if opts["mode"] == "quality" and "percdamp" not in options:
         opts["percdamp"] = QUALITY_PERCDAMP
     if opts["round_in_admm"] is None:
-        opts["round_in_admm"] = (opts["mode"] == "quality" and opts["keep_bits"] is not None
-                                 and opts["salience_bits"] is None)
+        opts["round_in_admm"] = opts["mode"] == "quality" and opts["keep_bits"] is not None
     return opts
 
 
@@ -452,8 +448,9 @@ class AdmmPruner:
             if not all_finite((wn.T / ctx["d"]).to(torch.float16)):
                 raise ValueError("the pruned weight has values beyond float16's range, which keep-bit rounding "
                                  "(float16 for the Atlas card) cannot represent; pass keep_bits=None")
+            salience = None if opts["salience_bits"] is None else (self.scaler, opts["salience_bits"])
             w = quality.round_with_feedback(wn, pruned, ctx, opts["keep_bits"], opts["keep_proportion"],
-                                            opts["refit_iters"])
+                                            opts["refit_iters"], salience=salience)
             new = w.to(old.dtype)
             error_before_rounding = info.error_after_refit
         else:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from . import _ops
-from .keepbits import round_float16
+from .keepbits import round_float16, round_to_bits, salience_mantissa_bits, salience_mean
 
 ROUND_PERCDAMP = 0.1  # damping of the rounding compensation (measured: 0.1 beats 0.01 and 0.3)
 
@@ -169,7 +169,8 @@ def keep_budget(numel: int, keep_proportion: float) -> int:
 
 
 def round_with_feedback(wn: torch.Tensor, pruned: torch.Tensor, ctx: dict, keep_bits: int, keep_proportion: float,
-                        refit_iters: int, block: int = 128) -> torch.Tensor:
+                        refit_iters: int, block: int = 128, salience: tuple[torch.Tensor, float] | None = None
+                        ) -> torch.Tensor:
     """Round the solver's weight onto the Atlas card's values (pruned zeros, at most the keep budget of
     full-mantissa entries, the rest on the keep-bit grid) while compensating the error, then refit the
     full-mantissa entries. Returns the W-layout float32 weight, exactly representable.
@@ -178,12 +179,19 @@ def round_with_feedback(wn: torch.Tensor, pruned: torch.Tensor, ctx: dict, keep_
     the paper): inputs are rounded one at a time, most energetic first, and each rounding error is pushed
     onto the inputs not yet rounded through the Cholesky factor of Hd⁻¹, so later inputs absorb it. The
     full-mantissa set is fixed up front: the entries of largest normalised rounding error. The compensation
-    uses the Hessian damped by ROUND_PERCDAMP whatever the solver used (measured better than less damping)."""
+    uses the Hessian damped by ROUND_PERCDAMP whatever the solver used (measured better than less damping).
+
+    salience = (scaler, level): rounding by salience instead (keepbits.round_by_salience): each entry, as the
+    compensation has moved it, to the mantissa bits of its salience against the mean salience of the weight before
+    rounding; no full-mantissa set, so no refit."""
     d = ctx["d"]
     hd = ctx["hn"].clone()
     hd.diagonal().add_(ROUND_PERCDAMP * hd.diagonal().mean())
-    budget = keep_budget(wn.numel(), keep_proportion)
+    budget = 0 if salience is not None else keep_budget(wn.numel(), keep_proportion)
     w_layout = wn.T / d
+    if salience is not None:
+        scaler, level = salience
+        mean = salience_mean(w_layout, scaler)
     metric = ((w_layout.to(torch.float16).float() - round_float16(w_layout, None, keep_bits).float()).abs_()
               * d[None, :]).masked_fill_(pruned.T, 0.0)
     if budget > 0:
@@ -195,6 +203,9 @@ def round_with_feedback(wn: torch.Tensor, pruned: torch.Tensor, ctx: dict, keep_
     order = torch.argsort((wn * wn).sum(1), descending=True)  # act order: large rows first
     w = wn[order]
     kept, zero, dd = keep[order], pruned[order], d[order]
+    if salience is not None:
+        channel = scaler.float()[order]
+        bits = torch.empty(w.shape, dtype=torch.int32, device=w.device)  # each entry's mantissa bits, as rounded
     u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hd[order][:, order])), upper=True)
     n_in = w.shape[0]
     for b0 in range(0, n_in, block):
@@ -202,13 +213,22 @@ def round_with_feedback(wn: torch.Tensor, pruned: torch.Tensor, ctx: dict, keep_
         wb, err = w[b0:b1], torch.empty_like(w[b0:b1])
         for i in range(b1 - b0):
             j = b0 + i
-            q = (round_float16(wb[i] / dd[j], kept[j], keep_bits).float() * dd[j]).masked_fill_(zero[j], 0.0)
+            if salience is None:
+                q = round_float16(wb[i] / dd[j], kept[j], keep_bits)
+            else:
+                bits[j] = salience_mantissa_bits(wb[i] / dd[j], channel[j], level, mean)
+                q = round_to_bits(wb[i] / dd[j], bits[j])
+            q = (q.float() * dd[j]).masked_fill_(zero[j], 0.0)
             err[i] = (wb[i] - q) / u[j, j]
             wb[i] = q
             wb[i + 1:] -= u[j, j + 1:b1, None] * err[i][None, :]
         w[b1:] -= u[b0:b1, b1:].T @ err
     rounded = torch.empty_like(w)
     rounded[order] = w
+    if salience is not None:  # undo the float32 error of * d then / d: the values are on their grid already
+        bits_layout = torch.empty_like(bits)
+        bits_layout[order] = bits
+        return round_to_bits(rounded.T / d, bits_layout.T).float()
 
     # Refit the full-mantissa entries with everything else fixed: Hd_KK x_K = (Hd (w0 - base))_K.
     free = keep & ~pruned

@@ -172,12 +172,14 @@ def test_salience_bits_follow_salience():
     w = torch.tensor([[1.0, 2.0, 4.0, 8.0, 0.0]])
     s = torch.ones(5)
     mean = (1 + 4 + 16 + 64) / 4
-    bits = keepbits.salience_mantissa_bits(w, s, 3.0)
+    bits = keepbits.salience_mantissa_bits(w, s, 3.0, keepbits.salience_mean(w, s))
+    assert keepbits.salience_mean(w, s) == mean
     expected = [max(1, min(10, round(3 + 0.5 * math.log2(x * x / mean)))) for x in (1.0, 2.0, 4.0, 8.0)]
     assert bits[0, :4].tolist() == expected == [1, 2, 3, 4]
     on_mean = torch.full((2, 3), 0.5)
-    assert (keepbits.salience_mantissa_bits(on_mean, torch.ones(3), 2.4) == 2).all()
-    assert (keepbits.salience_mantissa_bits(torch.zeros(2, 3), torch.ones(3), 2.4) == 2).all()  # nothing to rank
+    assert (keepbits.salience_mantissa_bits(on_mean, torch.ones(3), 2.4, 0.25) == 2).all()
+    assert keepbits.salience_mean(torch.zeros(2, 3), torch.ones(3)) == 0
+    assert (keepbits.salience_mantissa_bits(torch.zeros(2, 3), torch.ones(3), 2.4, 0.0) == 2).all()  # nothing to rank
 
 
 def test_round_by_salience_spends_bits_where_the_error_is():
@@ -186,9 +188,10 @@ def test_round_by_salience_spends_bits_where_the_error_is():
     g = torch.Generator().manual_seed(11)
     w = torch.randn(256, 128, generator=g) * 0.05
     s = torch.rand(128, generator=g) ** 6 * 100
+    mean = keepbits.salience_mean(w, s)
     # the smallest level whose weights keep 2 mantissa bits on average, as keep_bits=2 does
-    level = next(x / 20 for x in range(20, 200) if keepbits.salience_mantissa_bits(w, s, x / 20).float().mean() >= 2)
-    assert keepbits.salience_mantissa_bits(w, s, level).float().mean() < 2.1
+    level = next(x / 20 for x in range(20, 200) if keepbits.salience_mantissa_bits(w, s, x / 20, mean).float().mean() >= 2)
+    assert keepbits.salience_mantissa_bits(w, s, level, mean).float().mean() < 2.1
     uniform = keepbits.round_float16(w, None, 2)
     salience = keepbits.round_by_salience(w, s, level)
 
@@ -222,7 +225,6 @@ def test_salience_bits_option_rounds_the_pruned_weight():
     (dict(salience_bits="2"), "salience_bits must be a number"),
     (dict(salience_bits=True), "salience_bits must be a number"),
     (dict(salience_bits=1.0, keep_bits=None), "keep_bits=None turns off"),
-    (dict(salience_bits=1.0, round_in_admm=True), "leave round_in_admm unset"),
 ])
 def test_salience_bits_bad_options(options, message):
     from admm_sparse.layer import check_options
@@ -237,10 +239,32 @@ def test_salience_bits_config_yaml_and_refusal_under_a_budget():
 
     cfg = parse_config({"spec": {"process": [{"type": "float_sparse", "salience_bits": 1.25}]}})
     assert cfg.pruner_options()["salience_bits"] == 1.25
-    # quality mode rounds inside ADMM by default, on the SPEC's grid: with salience_bits it rounds after
-    assert check_options(dict(mode="quality", salience_bits=1.0))["round_in_admm"] is False
+    assert check_options(dict(mode="quality", salience_bits=1.0))["round_in_admm"] is True  # as with keep_bits
     with pytest.raises(ConfigError, match="salience_bits must not be set"):
         FloatSparseConfig(salience_bits=1.0, target_bits_per_weight=4.0)
     with pytest.raises(ConfigError, match="salience_bits"):
         FloatSparseConfig(salience_bits=11)
 
+
+
+@pytest.mark.parametrize("mode", ["seed", "quality"])
+def test_salience_rounding_with_feedback_beats_rounding_after(mode):
+    # round_in_admm: the rounding errors pushed onto the inputs not yet rounded (quality.round_with_feedback)
+    from admm_sparse.layer import AdmmPruner
+
+    g = torch.Generator().manual_seed(9)
+    mix = torch.randn(64, 64, generator=g) / 8 + torch.eye(64)  # correlated inputs, uneven channels
+    X = (torch.randn(8, 128, 64, generator=g) @ mix) * torch.linspace(0.2, 4, 64)
+    results = {}
+    for round_in_admm in (False, True):
+        torch.manual_seed(1)
+        layer = torch.nn.Linear(64, 48)
+        pruner = AdmmPruner(layer)
+        pruner.add_batch(X)
+        report = pruner.fasterprune(0.5, mode=mode, salience_bits=1.0, round_in_admm=round_in_admm)
+        results[round_in_admm] = report, layer.weight.detach().clone()
+    (after, w_after), (inside, w_inside) = results[False], results[True]
+    assert torch.equal(w_after == 0, w_inside == 0)  # the same support
+    assert torch.equal(w_inside, w_inside.half().float())  # float16 values as delivered
+    assert inside.relative_error < after.relative_error
+    assert inside.salience_bits == 1.0 and inside.keep_proportion is None
