@@ -23,8 +23,8 @@ from .keepbits import apply_keepbits
 # mode="fast" (admm_sparse.fast): the seed's ADMM over-relaxed, the mask re-chosen until it settles or for
 # fast_mask_iters iterations, then 2 on that mask (prune_iters and iters are not used); every GEMM in bfloat16
 # where that is faster (the returned weights stay float32).
-DEFAULT_OPTIONS = dict(keep_bits=2, keep_proportion=0.02, salience_bits=None, percdamp=0.1, prune_iters=15, iters=20, rho=1.0,
-                       mask_structure="unstructured", mode="seed", round_in_admm=None, quality_rho=0.1,
+DEFAULT_OPTIONS = dict(keep_bits=2, keep_proportion=0.02, salience_bits=None, percdamp=0.1, prune_iters=15, iters=20,
+                       rho=1.0, mask_structure="unstructured", mode="seed", round_in_admm=None, quality_rho=0.1,
                        quality_max_iters=300, quality_check_every=3, refit_iters=200, allow_tf32=False,
                        fast_mask_iters=8)
 QUALITY_PERCDAMP = 0.01

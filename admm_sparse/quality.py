@@ -192,13 +192,14 @@ def round_with_feedback(wn: torch.Tensor, pruned: torch.Tensor, ctx: dict, keep_
     if salience is not None:
         scaler, level = salience
         mean = salience_mean(w_layout, scaler)
-    metric = ((w_layout.to(torch.float16).float() - round_float16(w_layout, None, keep_bits).float()).abs_()
-              * d[None, :]).masked_fill_(pruned.T, 0.0)
     if budget > 0:
+        metric = ((w_layout.to(torch.float16).float() - round_float16(w_layout, None, keep_bits).float()).abs_()
+                  * d[None, :]).masked_fill_(pruned.T, 0.0)
         keep = ~_ops.prune_mask(metric, metric.numel() - budget).T
+        del metric
     else:
         keep = torch.zeros_like(pruned)
-    del w_layout, metric
+    del w_layout
 
     order = torch.argsort((wn * wn).sum(1), descending=True)  # act order: large rows first
     w = wn[order]

@@ -134,8 +134,8 @@ def reconstruct_block(block: nn.Module, targets: Sequence[Target], inputs: Seque
                       scalers: dict | None = None, name: str = "", bfloat16: bool = False) -> dict:
     """Fit the pruned `targets` of `block` (weights in place, masks fixed) so that block(inputs[b]) approaches
     dense_outputs[b]; see the module's docstring. extras[b] = (args, kwargs) the block takes with inputs[b].
-    rounding: {target name: (keep_bits, keep_proportion, salience_bits), or None for no rounding}, the keep-bit rounding re-applied
-    after every step (default none); scalers: {target name: channel scaler} of each target's pruner, needed where
+    rounding: {target name: (keep_bits, keep_proportion, salience_bits), or None for no rounding}, the keep-bit
+    rounding re-applied after every step (default none); scalers: {target name: channel scaler} of each target's pruner, needed where
     a target is rounded.
     bfloat16: the fit's forwards and backwards in bfloat16 autocast (the masters, Adam and the held-out error that
     picks the kept epoch stay in float32 / the block's dtype).

@@ -124,6 +124,30 @@ def test_keep_bit_rounding_is_applied_again_after_the_fit(monkeypatch):
             assert ((before[name] == 0) <= (w == 0)).all(), name  # zeros stay; rounding may flush a tiny one
 
 
+def test_rounding_by_salience_is_the_grid_the_fit_works_on(monkeypatch):
+    """salience_bits reaches the fit's rounding: every rounding it applies is by salience, and each pruned weight
+    ends as one of those roundings (the kept epoch's), zeros kept."""
+    seen = spy_on_reconstruction(monkeypatch)
+    outputs = []
+
+    def recording(w, scaler, *rounding):
+        assert rounding[2] == 1.0, rounding
+        out = apply_keepbits(w, scaler, *rounding)
+        outputs.append(out.clone())
+        return out
+
+    monkeypatch.setattr(reconstruct, "apply_keepbits", recording)
+    model = tiny_model(layers=2)
+    result = prune_blocks(model, token_windows(16, 32), FloatSparseConfig(0.6, reconstruct_epochs=4, salience_bits=1.0,
+                                                                          reconstruct_lr=1e-2), progress=False)
+    assert any(r["best_epoch"] > 0 for r in result.reconstruction) and outputs
+    assert all(r["salience_bits"] == 1.0 and r["keep_proportion"] is None for r in result.rows)
+    for before, after, _, _ in seen:
+        for name, w in after.items():
+            assert any(o.shape == w.shape and torch.equal(o, w) for o in outputs), name
+            assert ((before[name] == 0) <= (w == 0)).all(), name
+
+
 def test_the_fit_runs_on_the_keep_bit_grid(monkeypatch):
     """Straight-through: every forward of the fit sees the weights as delivered (rounded), not the masters."""
     seen = spy_on_reconstruction(monkeypatch)
