@@ -125,39 +125,64 @@ def _keep_mask(w: torch.Tensor, rounded: torch.Tensor, scaler: torch.Tensor, kee
 def salience_mean(w: torch.Tensor, scaler: torch.Tensor) -> float:
     """The mean salience s_j·w² over the non-zero weights of w (read as float16), the rounding by salience's
     reference point; 0 for an all-zero weight."""
-    x = w.to(torch.float16).float()
-    return float(x.square().mul_(scaler.float()[None, :]).sum(dtype=torch.float64)) / max(int(torch.count_nonzero(x)), 1)
+    half = w.to(torch.float16)
+    return _mean(_salience(half, scaler[None, :]), half)
 
 
 def salience_mantissa_bits(w: torch.Tensor, channel_scaler: torch.Tensor, level: float, mean: float) -> torch.Tensor:
     """Each weight's mantissa bits under rounding by salience (module docstring): round(level + ½·log2(s_j·w² /
     mean)), clamped to [1, 10], as int32; w read as float16, channel_scaler (s_j) broadcast against it."""
+    return _bits(_salience(w, channel_scaler), level, mean)
+
+
+def _salience(w: torch.Tensor, channel_scaler: torch.Tensor) -> torch.Tensor:
+    return w.to(torch.float16).float().square_().mul_(channel_scaler.float())
+
+
+def _mean(salience: torch.Tensor, half: torch.Tensor) -> float:
+    """The mean of the salience over the non-zero entries of `half` (the weight as float16)."""
+    return float(salience.sum(dtype=torch.float64)) / max(int(torch.count_nonzero(half)), 1)
+
+
+def _bits(salience: torch.Tensor, level: float, mean: float) -> torch.Tensor:
+    """salience_mantissa_bits from the salience (float32, overwritten)."""
     if not mean > 0:  # all zero (or no channel energy): nothing to rank, every weight at the level
-        return torch.full(w.shape, min(max(round(level), 1), 10), dtype=torch.int32, device=w.device)
-    salience = w.to(torch.float16).float().square_().mul_(channel_scaler.float())
-    bits = salience.div_(mean).clamp_(min=1e-30).log2_().mul_(0.5).add_(level).round_()
-    return bits.clamp_(1, 10).to(torch.int32)
+        return torch.full(salience.shape, min(max(round(level), 1), 10), dtype=torch.int32, device=salience.device)
+    return salience.div_(mean).clamp_(min=1e-30).log2_().mul_(0.5).add_(level).round_().clamp_(1, 10).to(torch.int32)
 
 
 def round_to_bits(w: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
     """w rounded in float16, each weight to its own number of mantissa bits (1 to 10), half to even on the bit
     pattern; zero, subnormals, inf and NaN left as they are (every zero is +0.0), and a value that would round up
-    to inf kept."""
+    to inf kept. One look-up in a table of every (bits, pattern) pair."""
     pattern = w.to(torch.float16).view(torch.int16).to(torch.int32) & 0xFFFF
+    index = pattern.add_(bits.to(torch.int32) << 16)
+    return _bits_table(w.device)[index].view(torch.float16)
+
+
+@functools.lru_cache(maxsize=None)
+def _bits_table(device: torch.device) -> torch.Tensor:
+    """round_to_bits of all 65536 float16 patterns at 0 to 10 mantissa bits (as int16, 11 x 65536, flattened)."""
+    pattern = torch.arange(1 << 16, dtype=torch.int32)
     sign, mag = pattern & _SIGN, pattern & _MAG
-    drop = 10 - bits
-    half = torch.where(drop > 0, 1 << (drop - 1).clamp_(min=0), 0)
-    odd = (mag >> drop) & 1
-    rounded = torch.where(drop > 0, ((mag + half - 1 + odd) >> drop) << drop, mag)
     exponent = mag >> 10
-    rounded = torch.where((exponent == 0) | (exponent == 31) | (rounded >= _INF), mag, rounded)
-    out = torch.where(rounded == 0, 0, rounded | sign)
-    return out.to(torch.int16).view(torch.float16)
+    rows = []
+    for drop in range(10, -1, -1):  # bits 0..10
+        if drop > 0:
+            half, odd = 1 << (drop - 1), (mag >> drop) & 1
+            rounded = ((mag + half - 1 + odd) >> drop) << drop
+        else:
+            rounded = mag
+        rounded = torch.where((exponent == 0) | (exponent == 31) | (rounded >= _INF), mag, rounded)
+        rows.append(torch.where(rounded == 0, 0, rounded | sign))
+    return torch.cat(rows).to(torch.int16).to(device)
 
 
 def round_by_salience(w: torch.Tensor, scaler: torch.Tensor, level: float) -> torch.Tensor:
     """w rounded in float16 by salience at `level` (module docstring), scaler: its input channels' mean squares."""
-    return round_to_bits(w, salience_mantissa_bits(w, scaler[None, :], level, salience_mean(w, scaler)))
+    half = w.to(torch.float16)
+    salience = _salience(half, scaler[None, :])
+    return round_to_bits(half, _bits(salience, level, _mean(salience, half)))
 
 
 def apply_keepbits(w: torch.Tensor, scaler: torch.Tensor, keep_bits: int = 2, keep_proportion: float = 0.02,
