@@ -5,7 +5,8 @@ held-out windows of 512). Each point prunes the whole model with one setting, th
 weight as the Atlas export stores it (float16) with admm_sparse.size (zstd, blocks of 16384: bitmap, high bytes,
 low bytes), and the perplexity. The settings: the seed mode at sparse_ratio 0.3-0.7 with keep_bits off/3/2/1 and
 keep_proportion around 0.02, the `best` preset, size budgets (target_bits_per_weight) with the uniform settings of
-the same size, and the dense model (what compression alone gives).
+the same size, rounding by salience (salience_bits) around the size 15% under the default, and the dense model (what
+compression alone gives).
 
     python benchmarks/bench_front.py --write                # every point, in PRIORITY order; resumes
     python benchmarks/bench_front.py --points seed-0.5-kb2  # some points only
@@ -181,7 +182,11 @@ def render(results: dict, figure_link: str | None) -> str:
         name = f"{p.preset}, budget {p.budget:g} bits" if p.budget is not None else \
             f"{p.preset}, rounding in ADMM" if p.round_in_admm else p.preset
         lines.append(f"| {name} | {ratio} | {kb} | {kp} | {s['bits_per_weight']:.3f} | {s['bound_bits_per_weight']:.3f} "
-                     f"| {s['ratio_to_float16']:.1%} | {r['perplexity']:.2f} | {r['prune_seconds']:.0f} |")
+                     f"| {s['ratio_to_float16']:.1%} | {r['perplexity']:.2f} | {r['prune_seconds']:.0f}"
+                     f"{' *' if r.get('note') else ''} |")
+    notes = sorted({r["note"] for r in rows if r.get("note")})
+    if notes:
+        lines += ["", "\\* " + "; ".join(notes) + "."]
     if figure_link:
         lines += ["", f"![perplexity against compressed bits per weight]({figure_link})"]
     lines += ["", *reading(results)]
@@ -204,6 +209,14 @@ def reading(results: dict) -> list[str]:
                        f"perplexity {ppl0:.2f}), the smallest point at equal or lower perplexity is "
                        f"`{Point(**b['point']).key}`: {b['size']['bits_per_weight']:.3f} bits per weight "
                        f"({1 - b['size']['bits_per_weight'] / bits0:.1%} fewer bytes), perplexity {b['perplexity']:.2f}.")
+        smaller = sorted((r for r in runs.values() if r["size"]["bits_per_weight"] <= 0.85 * bits0),
+                         key=lambda r: r["perplexity"])
+        if smaller:
+            b = smaller[0]
+            out.append(f"- The most accurate point with at least 15% fewer bytes than that default: "
+                       f"`{Point(**b['point']).key}`, {b['size']['bits_per_weight']:.3f} bits per weight "
+                       f"({1 - b['size']['bits_per_weight'] / bits0:.1%} fewer bytes), perplexity {b['perplexity']:.2f} "
+                       f"({b['perplexity'] / ppl0 - 1:+.1%}).")
     seed = [(r["size"]["bits_per_weight"], r["perplexity"]) for r in runs.values() if _default_rounding(r, "seed")]
     best = sorted((r for r in runs.values() if _default_rounding(r, "best")), key=lambda r: r["size"]["bits_per_weight"])
     if seed and best:
@@ -215,7 +228,7 @@ def reading(results: dict) -> list[str]:
         out.append("- The best preset against the seed mode's curve (keep_bits 2, the seed's perplexity interpolated "
                    "at the best point's size, log-linear between its two neighbours): " + "; ".join(cells) + ".")
     for a in runs.values():  # the same setting in seed mode and the best preset
-        if a["point"]["preset"] != "seed" or a["point"].get("round_in_admm"):
+        if a["point"]["preset"] != "seed":
             continue
         twin = runs.get(Point(**{**a["point"], "preset": "best"}).key)
         if twin:
