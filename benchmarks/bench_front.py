@@ -109,7 +109,8 @@ POINTS = (_grid("seed", (0.3, 0.4, 0.5, 0.7)) + [Point("dense")]
           + _grid("seed", (0.3,), keep_proportion=0.005) + _grid("seed", (0.3,), keep_proportion=0.05)
           + [Point("seed", 0.3, salience_bits=level) for level in SALIENCE_LEVELS]
           + [Point("best", 0.3, salience_bits=level) for level in SALIENCE_LEVELS]
-          + [Point(preset, 0.3, salience_bits=1.0, round_in_admm=True) for preset in ("seed", "best")])
+          + [Point(preset, 0.3, salience_bits=level, round_in_admm=True) for level in SALIENCE_LEVELS
+             for preset in ("seed", "best")])
 
 
 def measure_sizes(model, names: list[str]) -> dict:
