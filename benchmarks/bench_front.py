@@ -71,10 +71,10 @@ class Point:
             return "dense"
         if self.budget is not None:
             return f"{self.preset}, size budget"
-        if self.salience_bits is not None:
-            return f"{self.preset}, sparse_ratio {self.ratio:g}, rounding by salience"
-        kp = "" if self.keep_proportion == 0.02 else f", keep_proportion {self.keep_proportion:g}"
         ria = ", rounding in ADMM" if self.round_in_admm else ""
+        if self.salience_bits is not None:
+            return f"{self.preset}, sparse_ratio {self.ratio:g}, rounding by salience{ria}"
+        kp = "" if self.keep_proportion == 0.02 else f", keep_proportion {self.keep_proportion:g}"
         return f"{self.preset}, keep_bits {'off' if self.keep_bits is None else self.keep_bits}{kp}{ria}"
 
     def config(self):
@@ -268,6 +268,7 @@ def plot(results: dict, path: Path) -> None:
     for r in results["runs"].values():
         series.setdefault(Point(**r["point"]).series, []).append((r["size"]["bits_per_weight"], r["perplexity"]))
     fig, ax = plt.subplots(figsize=(7.5, 5))
+    ax.set_prop_cycle(color=plt.get_cmap("tab20").colors)  # more series than tab10's colours
     for name, pts in sorted(series.items()):
         pts.sort()
         single = len(pts) == 1
