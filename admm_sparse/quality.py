@@ -214,11 +214,12 @@ def round_with_feedback(wn: torch.Tensor, pruned: torch.Tensor, ctx: dict, keep_
         wb, err = w[b0:b1], torch.empty_like(w[b0:b1])
         for i in range(b1 - b0):
             j = b0 + i
+            values = wb[i] / dd[j]
             if salience is None:
-                q = round_float16(wb[i] / dd[j], kept[j], keep_bits)
+                q = round_float16(values, kept[j], keep_bits)
             else:
-                bits[j] = salience_mantissa_bits(wb[i] / dd[j], channel[j], level, mean)
-                q = round_to_bits(wb[i] / dd[j], bits[j])
+                bits[j] = salience_mantissa_bits(values, channel[j], level, mean)
+                q = round_to_bits(values, bits[j])
             q = (q.float() * dd[j]).masked_fill_(zero[j], 0.0)
             err[i] = (wb[i] - q) / u[j, j]
             wb[i] = q
