@@ -29,12 +29,18 @@ if str(ROOT) not in sys.path:
 from admm_sparse import size  # noqa: E402
 
 
+DEFAULT = f"{size.CODEC_SETTINGS['zstd']} (default)"
+
+
 def codecs() -> dict:
     import brotli
     import zstandard
 
-    out = {"zstd 3 (default)": zstandard.ZstdCompressor(level=3).compress,
-           "zstd 19": zstandard.ZstdCompressor(level=19).compress,
+    longest_match = zstandard.ZstdCompressionParameters.from_level(19, min_match=size.ZSTD_MIN_MATCH)
+    out = {DEFAULT: size._codec("zstd")[0],
+           "zstd level 3, its own min_match": zstandard.ZstdCompressor(level=3).compress,
+           "zstd level 19, its own min_match": zstandard.ZstdCompressor(level=19).compress,
+           f"zstd level 19, min_match {size.ZSTD_MIN_MATCH}": zstandard.ZstdCompressor(compression_params=longest_match).compress,
            "brotli 5": lambda data: brotli.compress(data, quality=size.BROTLI_QUALITY),
            "zlib 6": zlib.compress,
            "lzma 6": lambda data: lzma.compress(data, format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2}])}
@@ -96,7 +102,7 @@ def main(argv=None) -> str:
              "| layout | block (weights) | codec | bits/weight | seconds |", "|---|---|---|---|---|"]
     rows = [(layout, size.BLOCK_WEIGHTS, name) for layout in ("float16", "bitmap+values", "split")
             for name in codecs()]
-    rows += [("split", b, "zstd 3 (default)") for b in (1024, 4096, 65536, 262144)]
+    rows += [("split", b, DEFAULT) for b in (1024, 4096, 65536, 262144)]
     rows += [("split", b, "brotli 5") for b in (4096, 65536)]
     all_codecs = codecs()
     for layout, block_weights, name in rows:

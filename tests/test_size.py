@@ -186,6 +186,7 @@ def test_size_command_on_atlas_folders_sharded_or_not(pruned, tmp_path, capsys):
     assert a["selected"]["weights"] < a["all"]["weights"]
     assert "tensors" not in a
     per_tensor = totals(single, "--per-tensor", "--codec", "brotli", capsys=capsys)
+    assert a["codec_setting"] == size.CODEC_SETTINGS["zstd"] and per_tensor["codec_setting"].startswith("brotli")
     assert per_tensor["codec"] == "brotli" and len(per_tensor["tensors"]) == len(load_file(
         single / "quant_model_weights.safetensors"))
 
