@@ -34,7 +34,9 @@ from .export import DEFAULT_SHARD_SIZE, FORMATS, REPORT_FILE, check_output
 from .export.shards import parse_size
 from .job import prune_to_folder, streamable
 from .layer import parse_mask_structure
-from .pipeline import PruneResult, candidate_modules, format_table, make_plan, summarize
+from .pipeline import PruneResult
+from .plan import candidate_modules, make_plan
+from .report import format_table, summarize
 from .size import BLOCK_WEIGHTS, CODECS, DEFAULT_CODEC, format_size_table, measure_folder, summary_line
 from .source import LazySource
 from .targets import find_targets

@@ -13,7 +13,9 @@ import copy
 
 import torch
 
-from .pipeline import InMemorySource, _capture_block_inputs, _run_block, find_block_stack
+from .plan import find_block_stack
+from .source import InMemorySource
+from .stream import capture_block_inputs, run_block
 
 CHECK_WINDOWS = 4  # calibration windows the check after pruning runs: enough to see the activations' scale
 
@@ -73,7 +75,7 @@ class DtypeCheck:
         copied = copy.deepcopy(block).to(dtype=self.dtype).eval()
         found, handles = _watch(copied, f"{name}.")
         try:
-            self.hidden = _run_block(copied, inputs, extras)
+            self.hidden = run_block(copied, inputs, extras)
         finally:
             for handle in handles:
                 handle.remove()
@@ -113,7 +115,7 @@ def check_dtype(model: torch.nn.Module, windows: torch.Tensor, device: str | tor
     try:
         with torch.no_grad():
             with source.outside(stack_name, device):
-                hidden, extras = _capture_block_inputs(model, stack_name, blocks, list(windows.split(batch_size)),
+                hidden, extras = capture_block_inputs(model, stack_name, blocks, list(windows.split(batch_size)),
                                                        device, len(blocks))
             for i in range(len(blocks)):
                 with source.block(stack_name, i, device) as block:

@@ -1,4 +1,6 @@
-"""A model too large for memory, read from its Hugging Face folder one part at a time.
+"""Where the block loop's weights come from: a model in memory (`InMemorySource`, each block moved to the compute
+device for its turn), or a model too large for memory, read from its Hugging Face folder one part at a time
+(`StreamingSource` over the `LazySource` below).
 
 `LazySource(folder)` opens a folder holding safetensors weights (`model.safetensors`, or shards listed in
 `model.safetensors.index.json`) and builds:
@@ -36,6 +38,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from .stream import parent_module
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -385,3 +389,37 @@ class StreamingSource:
             yield self.lazy.materialize(prefix, device)
         finally:
             self.lazy.release(prefix)
+
+
+class InMemorySource:
+    """The whole model is in memory: a block moves to the compute device for its turn and back after it;
+    what runs before and after the stack (embeddings, final norm, head) likewise while it is needed."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.home = next(model.parameters()).device
+
+    @contextmanager
+    def outside(self, stack_name: str, device: torch.device):
+        self._move_all_but(stack_name, device)
+        try:
+            yield
+        finally:
+            self._move_all_but(stack_name, self.home)
+
+    def _move_all_but(self, stack_name: str, device: torch.device) -> None:
+        parent, attr = parent_module(self.model, stack_name)
+        blocks = getattr(parent, attr)
+        setattr(parent, attr, nn.ModuleList())
+        try:
+            self.model.to(device)
+        finally:
+            setattr(parent, attr, blocks)
+
+    @contextmanager
+    def block(self, stack_name: str, i: int, device: torch.device):
+        block = self.model.get_submodule(stack_name)[i].to(device)
+        try:
+            yield block
+        finally:
+            block.to(self.home)

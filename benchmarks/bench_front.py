@@ -345,7 +345,7 @@ def main(argv=None) -> dict:
         import transformers
 
         from admm_sparse.builtin import load_builtin
-        from admm_sparse.pipeline import make_plan
+        from admm_sparse.plan import make_plan
         from admm_sparse.config import FloatSparseConfig
 
         torch.set_num_threads(args.threads)

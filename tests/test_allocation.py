@@ -12,7 +12,8 @@ from admm_sparse.allocation import ErrorProbe, lower_hull, allocate, allocated_r
 from admm_sparse.config import ConfigError, FloatSparseConfig, parse_config
 from admm_sparse.layer import pruned_count
 from admm_sparse import pipeline
-from admm_sparse.pipeline import make_plan, prune_blocks
+from admm_sparse.pipeline import prune_blocks
+from admm_sparse.plan import make_plan
 from test_pipeline import tiny_model, token_windows
 
 

@@ -8,7 +8,9 @@ from transformers import (AutoModelForCausalLM, Gemma3TextConfig, GemmaConfig, L
                           Qwen2Config)
 
 from admm_sparse.config import FloatSparseConfig
-from admm_sparse.pipeline import candidate_modules, find_block_stack, format_table, make_plan, prune_model, summarize
+from admm_sparse.pipeline import prune_model
+from admm_sparse.plan import candidate_modules, find_block_stack, make_plan
+from admm_sparse.report import format_table, summarize
 
 VOCAB = 300
 _COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,

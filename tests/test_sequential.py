@@ -7,7 +7,9 @@ import torch
 
 import admm_sparse
 from admm_sparse.config import FloatSparseConfig
-from admm_sparse.pipeline import data_flow_groups, make_plan, prune_model
+from admm_sparse.feed import data_flow_groups
+from admm_sparse.pipeline import prune_model
+from admm_sparse.plan import make_plan
 from archs import build
 from test_pipeline import tiny_model, token_windows
 

@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, GptOssConfig, LlamaConfig, Qwen3MoeConfig
 
 from admm_sparse import source as source_module
-from admm_sparse.pipeline import find_block_stack
+from admm_sparse.plan import find_block_stack
 from admm_sparse.source import INDEX_FILE, SINGLE_FILE, LazySource
 
 VOCAB = 128

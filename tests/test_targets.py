@@ -10,7 +10,8 @@ from transformers.integrations.moe import use_experts_implementation
 
 import admm_sparse
 from admm_sparse.config import FloatSparseConfig
-from admm_sparse.pipeline import find_block_stack, make_plan, prune_model
+from admm_sparse.pipeline import prune_model
+from admm_sparse.plan import find_block_stack, make_plan
 from admm_sparse.targets import feeding, find_targets
 
 VOCAB = 128
