@@ -312,7 +312,8 @@ def cmd_prune(args) -> int:
         print(f"size budget: {result.budget['target_bits_per_weight']:g} bits per weight, predicted by the probe pass "
               f"{result.budget['predicted_bits_per_weight']:.3f}, measured {size['selected']['bits_per_weight']:.3f}")
     for r in result.reconstruction:
-        print(f"reconstructed {r['block']}: relative MSE to the dense block held out {r['heldout_before']:.4g} -> "
+        part = f" ({r['part']})" if r.get("part") else ""
+        print(f"reconstructed {r['block']}{part}: relative MSE to the dense block held out {r['heldout_before']:.4g} -> "
               f"{r['heldout_after']:.4g} "
               f"(epoch {r['best_epoch']} of {r['epochs']} kept, {r['seconds']:.1f} s)")
     if eval_windows is not None:

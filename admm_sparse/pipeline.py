@@ -33,7 +33,7 @@ from .distributed import Group
 from .feed import PrunerFactory, prune_block, prune_targets
 from .layer import AdmmPruner
 from .plan import Plan, make_plan
-from .reconstruct import holdout_split, reconstruct_block
+from .reconstruct import SubBlocks, find_sub_blocks, holdout_split, reconstruct_block
 from .source import InMemorySource
 from .stream import (calib_batches, call_model, calibration_autocast, capture_block_inputs, check_finite_stream,
                      run_block, run_dense_block, stream_perplexity)
@@ -265,10 +265,14 @@ def _prune_blockwise(model, the_plan: Plan, batches, device, make_pruner, config
             if evals:
                 dense_eval = run_block(block, dense_eval, eval_extras)  # before its layers are pruned
             dense_layer_inputs = None  # for dense targets
+            sub_blocks = None  # reconstruct_unit "sub-block": the block's attention / MLP split
             if dense_stream:  # likewise: what the block is fitted to, and the dense inputs dense targets fit
                 fitted = [] if config.dense_targets == 0 else \
                     list({id(t.module): t.module for t in per_block[i] if t.kind != "expert"}.values())
-                dense_out, recorded = run_dense_block(block, dense_hidden, calib_extras, fitted)
+                if reconstructing and config.reconstruct_unit == "sub-block" and per_block[i]:
+                    sub_blocks = find_sub_blocks(block, per_block[i], hidden[0], calib_extras[0])
+                split = [sub_blocks.split] if sub_blocks is not None else []  # its dense input: the attention's target
+                dense_out, recorded = run_dense_block(block, dense_hidden, calib_extras, fitted + split)
                 if config.dense_targets > 0:
                     dense_layer_inputs = recorded
             if per_block[i]:
@@ -278,11 +282,9 @@ def _prune_blockwise(model, the_plan: Plan, batches, device, make_pruner, config
                                             dense_layer_inputs)
                 pruned = [t for t in per_block[i] if t.name in (scalers or {})]
                 if pruned:  # fitted to the dense block's outputs
-                    result.reconstruction.append(reconstruct_block(
-                        block, pruned, hidden, calib_extras, dense_out, epochs=config.reconstruct_epochs,
-                        lr=config.reconstruct_lr, rounding=keep_rounding(config, [t.name for t in pruned],
-                                                                         layer_options or {}), scalers=scalers,
-                        name=f"{stack_name}.{i}", bfloat16=config.reconstruct_dtype == "bfloat16"))
+                    result.reconstruction += _reconstruct(block, pruned, hidden, calib_extras, dense_out, recorded,
+                                                          sub_blocks, config, scalers, layer_options or {},
+                                                          f"{stack_name}.{i}")
             if dense_stream:
                 dense_hidden = dense_out
             if i < last:
@@ -317,6 +319,31 @@ def _prune_blockwise(model, the_plan: Plan, batches, device, make_pruner, config
         dtype_check.merge(group.gather_objects(dtype_check.result))
     result.peak_memory_bytes = peak_memory_bytes()
     return result
+
+
+def _reconstruct(block, pruned, hidden, extras, dense_out, recorded: dict, sub_blocks: SubBlocks | None, config,
+                 scalers: dict, layer_options: dict, name: str) -> list[dict]:
+    """Block reconstruction of a pruned block (admm_sparse.reconstruct): the whole block fitted to the dense block's
+    outputs; or, split into sub-blocks, first its attention side to the dense stream's residual between the two
+    sides (the split module's recorded dense input), then its MLP side to the dense block's outputs, on the
+    inputs the fitted attention side makes. One report per fit."""
+    if sub_blocks is None:
+        parts = [(None, pruned, dense_out, None)]
+    else:
+        parts = [("attention", sub_blocks.attention, recorded[id(sub_blocks.split)], sub_blocks.split),
+                 ("mlp", sub_blocks.mlp, dense_out, None)]
+    names = {t.name for t in pruned}
+    reports = []
+    for part, targets, outputs, until in parts:
+        targets = [t for t in targets if t.name in names]
+        if not targets:
+            continue
+        report = reconstruct_block(block, targets, hidden, extras, outputs, epochs=config.reconstruct_epochs,
+                                   lr=config.reconstruct_lr, scalers=scalers, name=name,
+                                   rounding=keep_rounding(config, [t.name for t in targets], layer_options),
+                                   bfloat16=config.reconstruct_dtype == "bfloat16", until=until)
+        reports.append({**report, "part": part} if part else report)
+    return reports
 
 
 def _libc():

@@ -24,11 +24,17 @@ Per block, with X the pruned stream's inputs and Y = dense block(dense stream), 
   a weight that the rounding flushes to zero stays a weight the fit may move.
 The report per block: the held-out relative MSE before and after, the epochs run and the epoch kept. (No error
 over the fitted batches: two more passes over them, about a tenth of the fit's time, for the report only.)
+
+Sub-blocks (find_sub_blocks; config.reconstruct_unit "sub-block"): the same fit, twice per block. First the
+attention side's layers, the block run only up to the module where the residual stream between attention and MLP
+enters the MLP side (`until`), fitted to the dense stream's value there; then the MLP side's layers, the whole
+block run (the attention side as fitted, its weights fixed), fitted to the dense block's output.
 """
 from __future__ import annotations
 
 import time
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -41,10 +47,93 @@ HOLDOUT_EVERY = 8  # every 8th calibration batch is held out of the fit
 PATIENCE = 2  # epochs without a better held-out error before the fit stops
 
 
-def block_output(block: nn.Module, hidden: torch.Tensor, args, kwargs) -> torch.Tensor:
-    """The hidden states a block returns for `hidden` (blocks return a tensor, or a tuple led by it)."""
-    out = block(hidden, *args, **kwargs)
-    return out[0] if isinstance(out, (tuple, list)) else out
+class _Reached(Exception):
+    """Raised by the split module's hook: the block has computed the attention sub-block's output."""
+
+
+def block_output(block: nn.Module, hidden: torch.Tensor, args, kwargs, until: nn.Module | None = None
+                 ) -> torch.Tensor:
+    """The hidden states a block returns for `hidden` (blocks return a tensor, or a tuple led by it); with `until`,
+    the first input of that submodule instead (the block stops there): the attention sub-block's output."""
+    if until is None:
+        out = block(hidden, *args, **kwargs)
+        return out[0] if isinstance(out, (tuple, list)) else out
+    reached = []
+
+    def stop(module, inputs, kwargs):
+        reached.append(inputs[0] if inputs else next(iter(kwargs.values())))
+        raise _Reached
+
+    handle = until.register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        block(hidden, *args, **kwargs)
+    except _Reached:
+        return reached[0]
+    finally:
+        handle.remove()
+    raise RuntimeError(f"the block did not call {type(until).__name__} on this batch: the sub-block split found on "
+                       "the first batch does not hold here; use reconstruct_unit block")
+
+
+@dataclass
+class SubBlocks:
+    """A block's split into its attention sub-block and the rest (its MLP): `split` is the submodule whose first
+    input is the residual stream between the two (the MLP side's norm), `attention` and `mlp` the pruned targets
+    of each side."""
+
+    split: nn.Module
+    attention: list[Target]
+    mlp: list[Target]
+
+
+def find_sub_blocks(block: nn.Module, targets: Sequence[Target], hidden: torch.Tensor, extras) -> SubBlocks | None:
+    """The attention / MLP split of a block, found from its data flow on one batch: the block's direct children are
+    hooked; the first child holding targets is the attention side; the split is the first child called after it whose
+    input is a tensor made after the attention returned (the residual stream: x + attention's output, or its
+    normalised form's input), before the next child with targets. None where there is no such point (attention
+    and MLP in parallel on one input, as in GPT-J or Falcon; a block whose targets are all on one side)."""
+    children = dict(block.named_children())
+    owner = {}  # target -> the direct child holding it
+    for t in targets:
+        for name, child in children.items():
+            if any(m is t.module for m in child.modules()):
+                owner[t.name] = name
+    calls: list[tuple[str, torch.Tensor | None, Any]] = []  # (child, its first input, its output), in call order
+
+    def record(name):
+        def hook(module, args, kwargs, output):
+            x = args[0] if args else next(iter(kwargs.values()), None)
+            calls.append((name, x if isinstance(x, torch.Tensor) else None, output))
+        return hook
+
+    handles = [child.register_forward_hook(record(name), with_kwargs=True) for name, child in children.items()]
+    try:
+        args, kwargs = extras
+        with torch.no_grad():
+            block(hidden, *args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    holding = set(owner.values())
+    first = next((i for i, (name, _, _) in enumerate(calls) if name in holding), None)
+    if first is None:
+        return None
+    attention_child = calls[first][0]
+    seen = [hidden]  # tensors that existed before the attention side returned
+    for _, x, out in calls[: first + 1]:
+        seen += [x] + (list(out) if isinstance(out, (tuple, list)) else [out])
+    seen = [t for t in seen if isinstance(t, torch.Tensor)]
+    for name, x, _ in calls[first + 1:]:
+        if name == attention_child or x is None:
+            continue
+        if any(x is t or x.data_ptr() == t.data_ptr() and x.shape == t.shape for t in seen):
+            if name in holding:  # the next side reads a tensor made before attention returned: parallel
+                return None
+            continue
+        attention = [t for t in targets if owner.get(t.name) == attention_child]
+        mlp = [t for t in targets if owner.get(t.name) != attention_child]
+        return SubBlocks(children[name], attention, mlp) if attention and mlp else None
+    return None
 
 
 def holdout_split(count: int) -> tuple[list[int], list[int]]:
@@ -57,15 +146,16 @@ def holdout_split(count: int) -> tuple[list[int], list[int]]:
     return [i for i in range(count) if i not in held], held
 
 
-def relative_mse(block: nn.Module, inputs: Sequence[torch.Tensor], extras: Sequence, targets: Sequence[torch.Tensor]
-                 ) -> float:
-    """sum |block(x) - y|^2 / sum |y|^2 over the batches, in float64 sums (nan when not finite)."""
+def relative_mse(block: nn.Module, inputs: Sequence[torch.Tensor], extras: Sequence, targets: Sequence[torch.Tensor],
+                 until: nn.Module | None = None) -> float:
+    """sum |block(x) - y|^2 / sum |y|^2 over the batches, in float64 sums (nan when not finite); block(x) stops at
+    `until` (block_output)."""
     err = torch.zeros((), dtype=torch.float64)
     total = torch.zeros((), dtype=torch.float64)
     with torch.no_grad():
         for h, (args, kwargs), y in zip(inputs, extras, targets):
             y = y.float()
-            err += (block_output(block, h, args, kwargs).float() - y).square().sum(dtype=torch.float64).cpu()
+            err += (block_output(block, h, args, kwargs, until).float() - y).square().sum(dtype=torch.float64).cpu()
             total += y.square().sum(dtype=torch.float64).cpu()
     value = (err / total.clamp_min(torch.finfo(torch.float64).tiny)).item()
     return value if value == value and value != float("inf") else float("nan")
@@ -131,14 +221,17 @@ class _Weights:
 
 def reconstruct_block(block: nn.Module, targets: Sequence[Target], inputs: Sequence[torch.Tensor], extras: Sequence,
                       dense_outputs: Sequence[torch.Tensor], *, epochs: int, lr: float, rounding: dict | None = None,
-                      scalers: dict | None = None, name: str = "", bfloat16: bool = False) -> dict:
+                      scalers: dict | None = None, name: str = "", bfloat16: bool = False,
+                      until: nn.Module | None = None) -> dict:
     """Fit the pruned `targets` of `block` (weights in place, masks fixed) so that block(inputs[b]) approaches
     dense_outputs[b]; see the module's docstring. extras[b] = (args, kwargs) the block takes with inputs[b].
     rounding: {target name: (keep_bits, keep_proportion, salience_bits), or None for no rounding}, the keep-bit
-    rounding re-applied after every step (default none); scalers: {target name: channel scaler} of each target's pruner, needed where
-    a target is rounded.
+    rounding re-applied after every step (default none); scalers: {target name: channel scaler} of each target's
+    pruner, needed where a target is rounded.
     bfloat16: the fit's forwards and backwards in bfloat16 autocast (the masters, Adam and the held-out error that
     picks the kept epoch stay in float32 / the block's dtype).
+    until: fit the block's output at that submodule's input instead (block_output): the attention sub-block, whose
+    dense_outputs are then the dense stream's inputs of that submodule.
     Returns the block's report: the held-out batches' relative MSE before and after, the batch counts, epochs run
     and the epoch kept (0: the block as pruned), seconds."""
     start = time.perf_counter()
@@ -157,7 +250,7 @@ def reconstruct_block(block: nn.Module, targets: Sequence[Target], inputs: Seque
     fit_x, fit_e, fit_y = pick(inputs, fit), pick(extras, fit), pick(dense_outputs, fit)
     held_x, held_e, held_y = pick(inputs, held), pick(extras, held), pick(dense_outputs, held)
     report = {"block": name, "fit_batches": len(fit), "heldout_batches": len(held),
-              "heldout_before": relative_mse(block, held_x, held_e, held_y)}
+              "heldout_before": relative_mse(block, held_x, held_e, held_y, until)}
     weights = _Weights(targets, lr, rounding, scalers or {})
     scale = sum(y.float().square().sum(dtype=torch.float64).item() for y in fit_y) \
         / max(sum(y.numel() for y in fit_y), 1) or 1.0  # mean square of the dense outputs: the loss's unit
@@ -176,13 +269,13 @@ def reconstruct_block(block: nn.Module, targets: Sequence[Target], inputs: Seque
                 for b in order:
                     args, kwargs = fit_e[b]
                     with torch.autocast(fit_x[b].device.type, dtype=torch.bfloat16, enabled=bfloat16):
-                        out = block_output(block, fit_x[b], args, kwargs)
+                        out = block_output(block, fit_x[b], args, kwargs, until)
                     loss = (out.float() - fit_y[b].float()).square().mean() / scale
                     for p in params:
                         p.grad = None
                     loss.backward()
                     weights.step()
-            heldout = relative_mse(block, held_x, held_e, held_y) if weights.write() else float("nan")
+            heldout = relative_mse(block, held_x, held_e, held_y, until) if weights.write() else float("nan")
             if heldout < best:  # a nan (diverged, or beyond float16 for the rounding) is never kept
                 best, best_epoch = heldout, epoch
                 best_weights = [t.weight.detach().clone() for t in targets]

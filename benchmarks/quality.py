@@ -64,6 +64,7 @@ class Run:
     reconstruct_epochs: int = 0  # block reconstruction after each block's pruning (any method); 0 = off
     reconstruct_lr: float | None = None  # its relative learning rate; None = FloatSparseConfig's default
     reconstruct_dtype: str = "model"  # its forwards and backwards: model, or bfloat16 (autocast)
+    reconstruct_unit: str = "block"  # what it fits at once: block, or sub-block (attention, then MLP)
     sequential: bool = False  # a block's layers pruned group by group in data-flow order
     dense_targets: float = 0.0  # layers fitted to the dense model's outputs (1), their own (0), or a blend
     allocation: str = "uniform"  # how the sparsity is spread over layers: uniform, or error (admm_sparse.allocation)
@@ -85,7 +86,8 @@ class Run:
             return ""
         lr = "" if self.reconstruct_lr is None else f"-lr{self.reconstruct_lr:g}"
         dtype = "-bf16" if self.reconstruct_dtype == "bfloat16" else ""
-        return f"-recon{self.reconstruct_epochs}{lr}{dtype}"
+        unit = "-sub" if self.reconstruct_unit == "sub-block" else ""
+        return f"-recon{self.reconstruct_epochs}{lr}{dtype}{unit}"
 
     @property
     def pattern(self) -> str:
@@ -101,6 +103,7 @@ class Run:
         if self.reconstruct_epochs:
             lr = "" if self.reconstruct_lr is None else f", lr {self.reconstruct_lr:g}"
             lr += ", bfloat16" if self.reconstruct_dtype == "bfloat16" else ""
+            lr += ", sub-blocks" if self.reconstruct_unit == "sub-block" else ""
             name += f" + reconstruction ({self.reconstruct_epochs} epochs{lr})"
         name += ", calibration in bfloat16" if self.calibration_dtype == "bfloat16" else ""
         return name
@@ -185,6 +188,12 @@ ABLATION_RUNS = (
     # the best combination with the allocation
     + [Run("admm", 0.7, sequential=True, dense_targets=0.5, reconstruct_epochs=5, reconstruct_dtype="bfloat16",
            calibration_dtype="bfloat16", allocation="error")]
+    # sub-block reconstruction (attention, then MLP), alone and in the best combination (issue 27)
+    + _unstructured("admm", (0.5, 0.7), reconstruct_epochs=5, reconstruct_unit="sub-block")
+    + _nm("admm", ((2, 4),), reconstruct_epochs=5, reconstruct_unit="sub-block")
+    + [Run("admm", r, nm, sequential=True, dense_targets=0.5, reconstruct_epochs=5, reconstruct_dtype="bfloat16",
+           calibration_dtype="bfloat16", reconstruct_unit="sub-block") for r, nm in ((0.5, None), (0.7, None),
+                                                                                      (0.5, (2, 4)))]
 )
 QUICK_RUNS = [Run("magnitude", 0.5), Run("wanda", 0.5, (2, 4)), Run("sparsegpt", 0.5), Run("sparsegpt", 0.5, (2, 4)),
               Run("admm", 0.5), Run("admm", 0.5, None, 2), Run("admm", 0.5, (2, 4), mode="quality"),
@@ -236,7 +245,8 @@ def _prune_model(model, calib, run: Run, args):
     config = FloatSparseConfig(sparse_ratio=run.sparsity, include=include, keep_bits=run.keep_bits,
                                reconstruct_epochs=run.reconstruct_epochs, sequential=run.sequential,
                                dense_targets=run.dense_targets, allocation=run.allocation,
-                               reconstruct_dtype=run.reconstruct_dtype, calibration_dtype=run.calibration_dtype, **lr)
+                               reconstruct_dtype=run.reconstruct_dtype, reconstruct_unit=run.reconstruct_unit,
+                               calibration_dtype=run.calibration_dtype, **lr)
     return prune_blocks(model, calib, config, make_pruner=make_pruner_factory(run), progress=False)
 
 
@@ -382,7 +392,8 @@ def _levers(run: Run) -> str:
         ([f"dense targets {run.dense_targets:g}"] if run.dense_targets else []) + \
         ([f"reconstruction {run.reconstruct_epochs} epochs" + ("" if run.reconstruct_lr is None else
                                                                f" (lr {run.reconstruct_lr:g})")
-          + (" in bfloat16" if run.reconstruct_dtype == "bfloat16" else "")]
+          + (" in bfloat16" if run.reconstruct_dtype == "bfloat16" else "")
+          + (", attention and MLP apart" if run.reconstruct_unit == "sub-block" else "")]
          if run.reconstruct_epochs else []) + \
         (["calibration passes in bfloat16"] if run.calibration_dtype == "bfloat16" else [])
     return ", ".join(parts) or "none"
@@ -393,7 +404,8 @@ def _ablation(results: dict, runs: dict) -> list[str]:
     rows = []
     for key, run in runs.items():
         plain = dataclasses.replace(run, sequential=False, dense_targets=0.0, reconstruct_epochs=0, reconstruct_lr=None,
-                                    reconstruct_dtype="model", allocation="uniform", calibration_dtype="auto")
+                                    reconstruct_dtype="model", reconstruct_unit="block", allocation="uniform",
+                                    calibration_dtype="auto")
         if plain == run:
             continue
         r, base = results["runs"][key], results["runs"].get(plain.key)

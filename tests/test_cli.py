@@ -58,9 +58,11 @@ def test_prune_atlas_end_to_end(model_dir, files, tmp_path, capsys):
     summary = json.loads(stdout.strip().splitlines()[-1])
     assert summary["config"] == {"sparse_ratio": 0.4, "include": ["*"], "exclude": ["*self_attn*"],
                                  "mask_structure": "unstructured", "mode": "seed", "round_in_admm": None,
-                                 "allow_tf32": False, "calibration_dtype": "auto", "keep_bits": 2, "keep_proportion": 0.02, "salience_bits": None,
+                                 "allow_tf32": False, "calibration_dtype": "auto", "keep_bits": 2,
+                                 "keep_proportion": 0.02, "salience_bits": None,
                                  "reconstruct_epochs": 0, "reconstruct_lr": 3e-3, "reconstruct_dtype": "model",
-                             "dense_targets": 0.0, "sequential": False,
+                                 "reconstruct_unit": "block",
+                                 "dense_targets": 0.0, "sequential": False,
                                  "allocation": "uniform", "target_bits_per_weight": None}
     assert summary["summary"]["layers"] == 6
     assert summary["perplexity"]["windows"] == 3 and summary["perplexity"]["before"] > 1
@@ -180,9 +182,11 @@ def test_mask_structure_and_mode_flags_override_the_config(model_dir, files, tmp
     # 2:4 fixes the ratio at 0.5: the config's 0.4 gives way; its exclude stays
     assert summary["config"] == {"sparse_ratio": 0.5, "include": ["*"], "exclude": ["*self_attn*"],
                                  "mask_structure": "2:4", "mode": "quality", "round_in_admm": None,
-                                 "allow_tf32": False, "calibration_dtype": "auto", "keep_bits": 2, "keep_proportion": 0.02, "salience_bits": None,
+                                 "allow_tf32": False, "calibration_dtype": "auto", "keep_bits": 2,
+                                 "keep_proportion": 0.02, "salience_bits": None,
                                  "reconstruct_epochs": 0, "reconstruct_lr": 3e-3, "reconstruct_dtype": "model",
-                             "dense_targets": 0.0, "sequential": False,
+                                 "reconstruct_unit": "block",
+                                 "dense_targets": 0.0, "sequential": False,
                                  "allocation": "uniform", "target_bits_per_weight": None}
     report = json.loads((out / "prune_report.json").read_text())
     assert len(report["layers"]) == 6 and all(r["mode"] == "quality" for r in report["layers"])

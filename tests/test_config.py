@@ -24,8 +24,10 @@ def test_load_good_file(tmp_path):
     assert cfg == FloatSparseConfig(0.5, ["*mlp*"], ["*self_attn*"])
     assert cfg.to_dict() == {"sparse_ratio": 0.5, "include": ["*mlp*"], "exclude": ["*self_attn*"],
                              "mask_structure": "unstructured", "mode": "seed", "round_in_admm": None,
-                             "allow_tf32": False, "calibration_dtype": "auto", "keep_bits": 2, "keep_proportion": 0.02, "salience_bits": None,
+                             "allow_tf32": False, "calibration_dtype": "auto", "keep_bits": 2, "keep_proportion": 0.02,
+                             "salience_bits": None,
                              "reconstruct_epochs": 0, "reconstruct_lr": 3e-3, "reconstruct_dtype": "model",
+                             "reconstruct_unit": "block",
                              "dense_targets": 0.0, "sequential": False,
                              "allocation": "uniform", "target_bits_per_weight": None}
 

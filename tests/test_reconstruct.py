@@ -12,9 +12,10 @@ from admm_sparse.config import ConfigError, FloatSparseConfig, parse_config
 from admm_sparse.distributed import Group
 from admm_sparse.keepbits import apply_keepbits
 from admm_sparse.pipeline import prune_blocks, prune_model
+from admm_sparse.plan import make_plan
 from admm_sparse.resume import ResumeState
 from archs import build
-from test_pipeline import PlainModel, Recorder, tiny_model, token_windows
+from test_pipeline import VOCAB, PlainModel, Recorder, tiny_model, token_windows
 
 
 def spy_on_reconstruction(monkeypatch):
@@ -255,7 +256,8 @@ def test_options_from_yaml_python_and_not_to_the_pruner():
                                        ("reconstruct_lr", 0), ("reconstruct_lr", -1e-3),
                                        ("reconstruct_lr", float("nan")), ("reconstruct_lr", float("inf")),
                                        ("reconstruct_lr", "0.01"),
-                                       ("reconstruct_lr", True), ("reconstruct_dtype", "float16")])
+                                       ("reconstruct_lr", True), ("reconstruct_dtype", "float16"),
+                                       ("reconstruct_unit", "layer")])
 def test_bad_values_are_config_errors_naming_the_key(key, value):
     with pytest.raises(ConfigError, match=f"^{key}: "):
         FloatSparseConfig(**{key: value})
@@ -270,3 +272,94 @@ def test_a_block_whose_layers_got_no_input_is_not_fitted():
         result = prune_blocks(model, token_windows(), FloatSparseConfig(0.5, ["*unused"], keep_bits=None,
                                                                          reconstruct_epochs=2), progress=False)
     assert result.rows == [] and result.reconstruction == []
+
+
+# ---------------------------------------------------------------- sub-blocks (reconstruct_unit "sub-block")
+
+def first_block(model, windows):
+    """Block 0 of a model, its selected targets, and its (hidden, (args, kwargs)) on the windows' first batch."""
+    the_plan = make_plan(model, FloatSparseConfig())
+    stack_name, blocks = the_plan.stack
+    targets = [t for name, t in the_plan.targets.items() if name.startswith(f"{stack_name}.0.")]
+    seen = []
+
+    def record(module, args, kwargs):
+        seen.append((args[0], (args[1:], kwargs)) if args else (kwargs["hidden_states"], (
+            (), {k: v for k, v in kwargs.items() if k != "hidden_states"})))
+
+    handle = blocks[0].register_forward_pre_hook(record, with_kwargs=True)
+    with torch.no_grad():
+        model(input_ids=windows[:2], use_cache=False)
+    handle.remove()
+    return blocks[0], targets, seen[0]
+
+
+def gptj():
+    """A tiny GPT-J: attention and MLP in parallel on one normalised input (no residual point between them)."""
+    from transformers import GPTJConfig, GPTJForCausalLM
+
+    torch.manual_seed(0)
+    return GPTJForCausalLM(GPTJConfig(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, rotary_dim=8,
+                                      n_positions=64, bos_token_id=1, eos_token_id=2)).eval()
+
+
+@pytest.mark.filterwarnings("ignore:only .* calibration tokens")
+@pytest.mark.parametrize("family,split,mlp", [
+    ("llama", "post_attention_layernorm", {"gate_proj", "up_proj", "down_proj"}),
+    ("gpt2", "ln_2", {"c_fc", "c_proj"}),
+    ("opt", "final_layer_norm", {"fc1", "fc2"}),  # the MLP's layers are the block's own children
+    # a norm on attention's output comes first: its input is not the residual point
+    ("gemma3", "pre_feedforward_layernorm", {"gate_proj", "up_proj", "down_proj"}),
+    ("mixtral", "post_attention_layernorm", {"gate_proj", "up_proj", "down_proj"}),  # experts, router untouched
+])
+def test_the_split_is_found_from_the_blocks_data_flow(family, split, mlp):
+    model = build(family)[1]
+    block, targets, (hidden, extras) = first_block(model, token_windows(4, 16) % 120)
+    found = reconstruct.find_sub_blocks(block, targets, hidden, extras)
+    assert found.split is getattr(block, split)
+    assert {t.name.rsplit(".", 1)[-1] for t in found.mlp} == mlp
+    assert all(".attn." in t.name or ".self_attn." in t.name for t in found.attention) and len(found.attention) >= 2
+    assert len(found.attention) + len(found.mlp) == len(targets)
+    # what the attention fit matches: the split's input, as the whole block computes it
+    captured = []
+    handle = found.split.register_forward_pre_hook(lambda m, args: captured.append(args[0]))
+    with torch.no_grad():
+        reconstruct.block_output(block, hidden, *extras)
+        until = reconstruct.block_output(block, hidden, *extras, until=found.split)
+    handle.remove()
+    assert torch.equal(until, captured[0])
+
+
+def test_attention_and_mlp_in_parallel_have_no_split():
+    model = gptj()
+    block, targets, (hidden, extras) = first_block(model, token_windows(4, 16))
+    assert reconstruct.find_sub_blocks(block, targets, hidden, extras) is None
+
+
+def test_sub_blocks_fit_attention_then_mlp_each_moving_only_its_own_weights(monkeypatch):
+    seen = spy_on_reconstruction(monkeypatch)
+    dense = tiny_model(layers=2)
+    by_block, by_sub = copy.deepcopy(dense), copy.deepcopy(dense)
+    config = FloatSparseConfig(0.6, keep_bits=None, reconstruct_epochs=3)
+    whole = prune_blocks(by_block, token_windows(16, 32), config, progress=False)
+    del seen[:]
+    result = prune_blocks(by_sub, token_windows(16, 32), dataclasses.replace(config, reconstruct_unit="sub-block"),
+                          progress=False)
+    assert [(r["block"], r["part"]) for r in result.reconstruction] == [
+        ("model.layers.0", "attention"), ("model.layers.0", "mlp"), ("model.layers.1", "attention"),
+        ("model.layers.1", "mlp")]
+    assert all("part" not in r for r in whole.reconstruction)
+    for (before, after, report, _), part in zip(seen, ["self_attn", "mlp"] * 2):
+        assert all(f".{part}." in name for name in before)  # each fit holds only its side's layers
+        for name in before:
+            assert torch.equal(before[name] == 0, after[name] == 0), name
+        assert report["heldout_after"] <= report["heldout_before"]
+    assert any(not torch.equal(a, b) for a, b in zip(by_block.state_dict().values(), by_sub.state_dict().values()))
+
+
+def test_sub_blocks_fall_back_to_the_whole_block_where_there_is_no_split():
+    model = gptj()
+    result = prune_blocks(model, token_windows(16, 32), FloatSparseConfig(
+        0.5, keep_bits=None, reconstruct_epochs=2, reconstruct_unit="sub-block"), progress=False)
+    assert [r["block"] for r in result.reconstruction] == ["transformer.h.0", "transformer.h.1"]
+    assert all("part" not in r for r in result.reconstruction)
