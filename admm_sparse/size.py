@@ -19,18 +19,22 @@ The Atlas 300I Duo's serving stack compresses W16A16S weights losslessly before 
   codes each weight on its own, with those distributions, does better; a coder that uses context can, on
   weights with structure beyond their histogram (dequantised GGUF weights repeat a few levels per group).
 
-Why this layout, block size and codec: measured by benchmarks/bench_size.py on the export of the README's main
-job (SmolLM2-135M, 30% sparsity, keep-bit rounding; every 5th block's 42 tensors; benchmarks/RESULTS.md,
-"Compressed size"), in bits per weight against an order-0 bound of 4.41:
-- layout, blocks of 16384, zstd: float16 bytes 6.27, bitmap + float16 values in one frame 6.00, the split into
-  bitmap / high bytes / low bytes 4.78. The split is what exposes keep-bit rounding: the high byte holds all a
-  rounded weight has, the low-byte stream is nearly all zeros.
-- block size (split, zstd): 1024 / 4096 / 16384 / 65536 / 262144 weights gave 5.59 / 5.01 / 4.78 / 4.66 / 4.79.
-  16384 (a 32 KiB float16 block) is within 3% of the best, with a quarter of its block buffer.
-- codec (split, 16384): zstd level 3 4.78 in 0.3 s, brotli quality 5 4.68 in 1.1 s, zstd level 19 4.67 in 14 s,
-  lzma 4.76 in 17 s, zlib 5.00, lz4 7.45 in 0.2 s. zstd level 3 is the default, the fastest of the codecs within
-  3% of the smallest (a size budget will measure many tensors many times); brotli is the choice for those 2%
-  (`codec="brotli"`).
+Why this layout, block size and codec: measured by benchmarks/bench_size.py on two exports of the built-in model
+(SmolLM2-135M, 30% sparsity, seed mode; every 5th block's 42 tensors; benchmarks/RESULTS.md, "Compressed size"),
+the default keep-bit rounding (order-0 bound 4.41 bits per weight) and rounding by salience at level 1 (bound 3.64),
+in bits per weight, default first, salience second:
+- layout, blocks of 16384, zstd: float16 bytes 6.01 / 5.16, bitmap + float16 values in one frame 6.26 / 5.18, the
+  split into bitmap / high bytes / low bytes 4.74 / 3.82. The split is what exposes the rounding: the high byte holds
+  all a rounded weight has, the low-byte stream is nearly all zeros.
+- block size (split, zstd): 1024 / 4096 / 16384 / 65536 / 262144 weights gave 5.57 / 4.99 / 4.74 / 4.66 / 4.64 and
+  4.53 / 4.04 / 3.82 / 3.75 / 3.73. 16384 (a 32 KiB float16 block) is within 3% of the best, with a sixteenth of
+  its block buffer.
+- codec (split, 16384): zstd level 3 with min_match 7 4.74 / 3.82 in 0.2 s, zstd level 3 with its own minimum match
+  (4 here) 4.78 / 4.03, brotli quality 5 4.68 / 4.02 in 0.7-0.9 s, zstd level 19 with min_match 7 4.66 / 3.81 in
+  5-10 s, lzma 4.76 / 3.97, zlib 5.00 / 4.24. zstd level 3 with the longest minimum match is the default: within
+  2% of the smallest on both, and the fastest measured. Its own minimum match costs 5% on the salience-rounded
+  export, whose high bytes are near random: short matches there cost more than the literals they replace. brotli
+  (`codec="brotli"`) is 1.4% smaller on the default rounding, 5% larger on the salience one.
 """
 from __future__ import annotations
 
@@ -48,7 +52,7 @@ DEFAULT_CODEC = "zstd"
 ZSTD_LEVEL = 3
 # The longest match zstd allows. Weight bytes hold no repeats worth a match: with level 3's own minimum (4 on a
 # block of this size) it spends bits coding coincidental short matches in the near-random value bytes, which cost
-# more than the literals they replace (module docstring: 4% of the bytes of a salience-rounded export).
+# more than the literals they replace (module docstring: 5% of the bytes of a salience-rounded export).
 ZSTD_MIN_MATCH = 7
 BROTLI_QUALITY = 5
 # What each codec name stands for, as recorded beside every size figure that depends on it.
