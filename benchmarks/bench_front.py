@@ -3,11 +3,12 @@
 Follows benchmarks/BENCHMARKS.md (SmolLM2-135M-Instruct in float32, 64 x 512 calibration windows, perplexity on 100
 held-out windows of 512). Each point prunes the whole model with one setting, then measures every pruned layer's
 weight as the Atlas export stores it (float16) with admm_sparse.size (zstd, blocks of 16384: bitmap, high bytes,
-low bytes), and the perplexity. Each run records the codec setting it was measured with; a run of an earlier setting
-is listed apart (its bits compare only with its own setting's) and measured again by the next run of its point. The settings: the seed mode at sparse_ratio 0.3-0.7 with keep_bits off/3/2/1 and
-keep_proportion around 0.02, the `best` preset, size budgets (target_bits_per_weight) with the uniform settings of
-the same size, rounding by salience (salience_bits) around the size 15% under the default, and the dense model (what
-compression alone gives).
+low bytes), and the perplexity. Each run records the codec setting it was measured with; a run of an earlier
+setting is listed apart (its bits compare only with its own setting's) and measured again by the next run of its
+point. The settings: the seed mode at sparse_ratio 0.3-0.7 with keep_bits off/3/2/1 and keep_proportion around
+0.02, the `best` preset, size budgets (target_bits_per_weight) with the uniform settings of the same size, rounding
+by salience (salience_bits) around the size 15% under the default, and the dense model (what compression alone
+gives).
 
     python benchmarks/bench_front.py --write                # every point, in PRIORITY order; resumes
     python benchmarks/bench_front.py --points seed-0.5-kb2  # some points only
@@ -263,6 +264,21 @@ def reading(runs: dict) -> list[str]:
                          f"{'(outside the seed curve)' if at is None else f'{at:.2f}'}")
         out.append("- The best preset against the seed mode's curve (keep_bits 2, the seed's perplexity interpolated "
                    "at the best point's size, log-linear between its two neighbours): " + "; ".join(cells) + ".")
+    seeds = sorted((r for r in runs.values() if r["point"]["preset"] == "seed" and r["point"]["budget"] is None),
+                   key=lambda r: r["size"]["bits_per_weight"])
+    bests = [r for r in runs.values() if r["point"]["preset"] == "best"]
+    if seeds and bests:  # the best preset's front below the seed mode's: is every seed point beaten at its size?
+        cells = []
+        for s in seeds:
+            beating = [b for b in bests if b["size"]["bits_per_weight"] <= s["size"]["bits_per_weight"]
+                       and b["perplexity"] < s["perplexity"]]
+            b = min(beating, key=lambda b: b["perplexity"]) if beating else None
+            best_cell = "none" if b is None else \
+                f"`{Point(**b['point']).key}` ({b['size']['bits_per_weight']:.3f} bits, {b['perplexity']:.2f})"
+            cells.append(f"`{Point(**s['point']).key}` ({s['size']['bits_per_weight']:.3f} bits, "
+                         f"{s['perplexity']:.2f}): {best_cell}")
+        out.append(f"- Every seed-mode point against the best preset's most accurate point of at most its size "
+                   f"({sum(c.endswith('none') for c in cells)} of {len(cells)} without one): " + "; ".join(cells) + ".")
     for a in runs.values():  # the same setting in seed mode and the best preset
         if a["point"]["preset"] != "seed":
             continue

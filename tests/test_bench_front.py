@@ -37,6 +37,10 @@ def test_the_reading_compares_with_the_default_the_curve_and_the_budget():
     text = render({"runs": runs, "env": dict(torch="x", threads=2, date="d")}, None)
     assert "is `best-0.3-kb1`: 4.370 bits per weight (8.2% fewer bytes), perplexity 22.70" in text
     assert "`seed-0.3-kb1` against the best preset with the same setting" in text
+    # the best preset's front against every seed point: beaten at its size or smaller, or not
+    assert "(3 of 4 without one)" in text
+    assert "`seed-0.3-kb2` (4.760 bits, 22.80): `best-0.3-kb1` (4.370 bits, 22.70)" in text
+    assert "`seed-0.3-kb1` (4.340 bits, 24.30): none" in text
     assert "measured 4.050 (+0.25% of the budget), perplexity 27.90" in text
     assert "at the same size 29.29" in text  # 26.3 and 34.1 interpolated log-linearly at 4.05
     assert "| seed, budget 4.04 bits | per layer | per layer | per layer | 4.050 |" in text
