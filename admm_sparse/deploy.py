@@ -116,7 +116,7 @@ def check_dtype(model: torch.nn.Module, windows: torch.Tensor, device: str | tor
         with torch.no_grad():
             with source.outside(stack_name, device):
                 hidden, extras = capture_block_inputs(model, stack_name, blocks, list(windows.split(batch_size)),
-                                                       device, len(blocks))
+                                                      device, len(blocks))
             for i in range(len(blocks)):
                 with source.block(stack_name, i, device) as block:
                     check.step(f"{stack_name}.{i}", i, block, hidden, extras[i])

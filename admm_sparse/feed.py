@@ -200,7 +200,7 @@ def prune_block(block: nn.Module, targets: list[Target], hidden, extras, config:
                     except _GroupFed:
                         pass
         rows += prune_targets(part, feed, block, make_pruner, ratios, progress, desc, group, scalers,
-                               dense_inputs, config.dense_targets)
+                              dense_inputs, config.dense_targets)
         if dense_layer_inputs is not None:
             for key in fitted:
                 dense_layer_inputs.pop(key)

@@ -278,8 +278,7 @@ def _prune_blockwise(model, the_plan: Plan, batches, device, make_pruner, config
             if per_block[i]:
                 scalers = {} if reconstructing else None  # filled with the pruned layers' channel scalers
                 result.rows += prune_block(block, per_block[i], hidden, calib_extras, config, device, make_pruner,
-                                            ratios, progress, f"block {i}", group, scalers,
-                                            dense_layer_inputs)
+                                           ratios, progress, f"block {i}", group, scalers, dense_layer_inputs)
                 pruned = [t for t in per_block[i] if t.name in (scalers or {})]
                 if pruned:  # fitted to the dense block's outputs
                     result.reconstruction += _reconstruct(block, pruned, hidden, calib_extras, dense_out, recorded,
@@ -385,6 +384,6 @@ def _prune_one_pass(model, selected, batches, device, home, make_pruner, config,
     model.to(device)
     try:
         return prune_targets(list(selected.values()), run, model, make_pruner, ratios, progress,
-                              "layers", Group())
+                             "layers", Group())
     finally:
         model.to(home)
