@@ -15,7 +15,7 @@ from .config import FloatSparseConfig
 from .distributed import Group, layer_cost, split_layers, sum_statistics
 from .layer import all_finite
 from .stream import calibration_autocast
-from .targets import Target, feeding
+from .targets import Target, feeding, same_tensor
 
 # make_pruner(name, target) -> object with add_batch(inp), fasterprune(sparse_ratio) -> report, free(); the
 # target's .weight is the layer's [out, in] weight (a view into the model: write the result into .data).
@@ -29,13 +29,6 @@ def _report_dict(report) -> dict:
     if hasattr(report, "to_dict"):
         return report.to_dict()
     return {k: v for k, v in vars(report).items() if not k.startswith("_")}
-
-
-def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two tensors are the same values in memory: the hooks pass each input .detach()ed, a new tensor
-    object over the same storage. (The batch list keeps `a` alive, so its memory cannot be reused by `b`.)"""
-    return a is b or (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
-                      and a.dtype == b.dtype and a.device == b.device)
 
 
 class _Feed:
@@ -70,7 +63,7 @@ class _Feed:
         first = self.calls[name] == 0
         self.calls[name] += 1
         self.tokens[name] += inp.numel() // max(inp.shape[-1], 1)
-        leader = next((owner for seen, owner in self.batch if _same_tensor(seen, inp)), None) if self.sharing else None
+        leader = next((owner for seen, owner in self.batch if same_tensor(seen, inp)), None) if self.sharing else None
         if first:
             if leader is not None:
                 self.leader[name] = leader
@@ -254,7 +247,7 @@ def data_flow_groups(block: nn.Module, targets: list[Target], hidden: torch.Tens
             return
         called.add(id(module))
         x = args[0] if args else next(iter(kwargs.values()))
-        same = next((g for seen, g in groups if _same_tensor(seen, x)), None)
+        same = next((g for seen, g in groups if same_tensor(seen, x)), None)
         if same is None:
             groups.append((x, list(by_module[id(module)])))
         else:

@@ -41,7 +41,7 @@ from torch import nn
 
 from .keepbits import apply_keepbits
 from .layer import all_finite
-from .targets import Target
+from .targets import Target, same_tensor
 
 HOLDOUT_EVERY = 8  # every 8th calibration batch is held out of the fit
 PATIENCE = 2  # epochs without a better held-out error before the fit stops
@@ -126,7 +126,7 @@ def find_sub_blocks(block: nn.Module, targets: Sequence[Target], hidden: torch.T
     for name, x, _ in calls[first + 1:]:
         if name == attention_child or x is None:
             continue
-        if any(x is t or x.data_ptr() == t.data_ptr() and x.shape == t.shape for t in seen):
+        if any(same_tensor(x, t) for t in seen):
             if name in holding:  # the next side reads a tensor made before attention returned: parallel
                 return None
             continue

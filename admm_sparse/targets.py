@@ -23,6 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+def same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors are the same values in memory: hooks pass inputs .detach()ed, a new tensor object over
+    the same storage. (The caller keeps `a` alive, so its memory cannot be reused by `b`.)"""
+    return a is b or (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+                      and a.dtype == b.dtype and a.device == b.device)
+
+
 def is_conv1d(module: nn.Module) -> bool:
     """GPT-2's transformers.pytorch_utils.Conv1D (matched by name: no transformers import needed)."""
     return type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None \
