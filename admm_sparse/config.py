@@ -22,6 +22,7 @@ spec:
       reconstruct_epochs: 0           # block reconstruction after each block's pruning (0: off); see reconstruct.py
       reconstruct_lr: 0.003           # its Adam step, relative to each layer's kept weights' RMS
       reconstruct_dtype: "model"      # or "bfloat16": its forwards and backwards in bfloat16 autocast
+      reconstruct_schedule: "constant" # or "cosine": its learning rate decayed to 0 over the epochs
       reconstruct_unit: "block"       # or "sub-block": attention, then MLP, each fitted to its dense output
       dense_targets: 0.0              # fit the dense model's outputs (1), the layer's own (0), or a blend
       sequential: false               # prune a block's layers group by group in data-flow order
@@ -142,6 +143,7 @@ CALIBRATION_DTYPES = ("auto", "model", "bfloat16", "float16")
 ALLOCATIONS = ("uniform", "error")
 RECONSTRUCT_DTYPES = ("model", "bfloat16")
 RECONSTRUCT_UNITS = ("block", "sub-block")
+RECONSTRUCT_SCHEDULES = ("constant", "cosine")
 
 OPTIONS = (
     Option("sparse_ratio", None, "fraction of the selected weights to prune, 0 <= r < 1 (default 0.3; 1 - N/M for an "
@@ -176,6 +178,9 @@ OPTIONS = (
     Option("reconstruct_dtype", "model", "block reconstruction's fitting forwards and backwards: model (the model's "
            "dtype) or bfloat16 (autocast: faster where bfloat16 GEMMs are; the kept epoch is still chosen in the "
            "model's dtype)", str, "loop", _check_choice(RECONSTRUCT_DTYPES)),
+    Option("reconstruct_schedule", "constant", "block reconstruction's learning rate over the fit: constant, or cosine "
+           "(decayed from reconstruct_lr to 0 over reconstruct_epochs epochs, a half cosine per step)", str, "loop",
+           _check_choice(RECONSTRUCT_SCHEDULES)),
     Option("reconstruct_unit", "block", "what block reconstruction fits at once: block (the whole block to the dense "
            "block's output) or sub-block (the attention side to the dense residual stream between attention and MLP, "
            "then the MLP side to the dense block's output; the split found from the block's data flow, the whole "
@@ -244,6 +249,7 @@ class FloatSparseConfig:
     reconstruct_epochs: int = 0
     reconstruct_lr: float = 3e-3
     reconstruct_dtype: str = "model"
+    reconstruct_schedule: str = "constant"
     reconstruct_unit: str = "block"
     dense_targets: float = 0.0
     sequential: bool = False

@@ -340,7 +340,8 @@ def _reconstruct(block, pruned, hidden, extras, dense_out, recorded: dict, sub_b
         report = reconstruct_block(block, targets, hidden, extras, outputs, epochs=config.reconstruct_epochs,
                                    lr=config.reconstruct_lr, scalers=scalers, name=name,
                                    rounding=keep_rounding(config, [t.name for t in targets], layer_options),
-                                   bfloat16=config.reconstruct_dtype == "bfloat16", until=until)
+                                   bfloat16=config.reconstruct_dtype == "bfloat16", until=until,
+                                   schedule=config.reconstruct_schedule)
         reports.append({**report, "part": part} if part else report)
     return reports
 

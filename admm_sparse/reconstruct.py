@@ -11,6 +11,8 @@ Per block, with X the pruned stream's inputs and Y = dense block(dense stream), 
   are). The loss is divided by the mean square of Y, and each layer's step size is `lr` times the RMS of its
   kept weights, so that one learning rate suits every layer and model scale (Adam's step is otherwise in the
   weights' own units);
+- the step size is constant, or with the `cosine` schedule decayed from it to 0 over the `epochs` x fitted batches
+  steps, a half cosine (early stopping may end the fit before the decay has);
 - mini-batches are the loop's calibration batches, in a seeded random order each epoch; every 8th batch (at
   least one) is held out of the fit and decides: after each epoch the held-out relative MSE is measured, the
   best weights so far are kept, and the fit stops after PATIENCE epochs without improvement or after
@@ -32,6 +34,7 @@ block run (the attention side as fitted, its weights fixed), fitted to the dense
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -222,7 +225,7 @@ class _Weights:
 def reconstruct_block(block: nn.Module, targets: Sequence[Target], inputs: Sequence[torch.Tensor], extras: Sequence,
                       dense_outputs: Sequence[torch.Tensor], *, epochs: int, lr: float, rounding: dict | None = None,
                       scalers: dict | None = None, name: str = "", bfloat16: bool = False,
-                      until: nn.Module | None = None) -> dict:
+                      until: nn.Module | None = None, schedule: str = "constant") -> dict:
     """Fit the pruned `targets` of `block` (weights in place, masks fixed) so that block(inputs[b]) approaches
     dense_outputs[b]; see the module's docstring. extras[b] = (args, kwargs) the block takes with inputs[b].
     rounding: {target name: (keep_bits, keep_proportion, salience_bits), or None for no rounding}, the keep-bit
@@ -230,6 +233,7 @@ def reconstruct_block(block: nn.Module, targets: Sequence[Target], inputs: Seque
     pruner, needed where a target is rounded.
     bfloat16: the fit's forwards and backwards in bfloat16 autocast (the masters, Adam and the held-out error that
     picks the kept epoch stay in float32 / the block's dtype).
+    schedule: the step size over the fit: "constant", or "cosine" (decayed to 0 over epochs x fitted batches steps).
     until: fit the block's output at that submodule's input instead (block_output): the attention sub-block, whose
     dense_outputs are then the dense stream's inputs of that submodule.
     Returns the block's report: the held-out batches' relative MSE before and after, the batch counts, epochs run
@@ -252,6 +256,9 @@ def reconstruct_block(block: nn.Module, targets: Sequence[Target], inputs: Seque
     report = {"block": name, "fit_batches": len(fit), "heldout_batches": len(held),
               "heldout_before": relative_mse(block, held_x, held_e, held_y, until)}
     weights = _Weights(targets, lr, rounding, scalers or {})
+    steps = max(epochs * len(fit), 1)
+    decay = torch.optim.lr_scheduler.LambdaLR(
+        weights.optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)) if schedule == "cosine" else 1.0)
     scale = sum(y.float().square().sum(dtype=torch.float64).item() for y in fit_y) \
         / max(sum(y.numel() for y in fit_y), 1) or 1.0  # mean square of the dense outputs: the loss's unit
     best, best_epoch = report["heldout_before"], 0
@@ -275,6 +282,7 @@ def reconstruct_block(block: nn.Module, targets: Sequence[Target], inputs: Seque
                         p.grad = None
                     loss.backward()
                     weights.step()
+                    decay.step()
             heldout = relative_mse(block, held_x, held_e, held_y, until) if weights.write() else float("nan")
             if heldout < best:  # a nan (diverged, or beyond float16 for the rounding) is never kept
                 best, best_epoch = heldout, epoch

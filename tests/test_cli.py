@@ -61,7 +61,7 @@ def test_prune_atlas_end_to_end(model_dir, files, tmp_path, capsys):
                                  "allow_tf32": False, "calibration_dtype": "auto", "keep_bits": 2,
                                  "keep_proportion": 0.02, "salience_bits": None,
                                  "reconstruct_epochs": 0, "reconstruct_lr": 3e-3, "reconstruct_dtype": "model",
-                                 "reconstruct_unit": "block",
+                                 "reconstruct_schedule": "constant", "reconstruct_unit": "block",
                                  "dense_targets": 0.0, "sequential": False,
                                  "allocation": "uniform", "target_bits_per_weight": None}
     assert summary["summary"]["layers"] == 6
@@ -185,7 +185,7 @@ def test_mask_structure_and_mode_flags_override_the_config(model_dir, files, tmp
                                  "allow_tf32": False, "calibration_dtype": "auto", "keep_bits": 2,
                                  "keep_proportion": 0.02, "salience_bits": None,
                                  "reconstruct_epochs": 0, "reconstruct_lr": 3e-3, "reconstruct_dtype": "model",
-                                 "reconstruct_unit": "block",
+                                 "reconstruct_schedule": "constant", "reconstruct_unit": "block",
                                  "dense_targets": 0.0, "sequential": False,
                                  "allocation": "uniform", "target_bits_per_weight": None}
     report = json.loads((out / "prune_report.json").read_text())

@@ -27,7 +27,7 @@ def test_load_good_file(tmp_path):
                              "allow_tf32": False, "calibration_dtype": "auto", "keep_bits": 2, "keep_proportion": 0.02,
                              "salience_bits": None,
                              "reconstruct_epochs": 0, "reconstruct_lr": 3e-3, "reconstruct_dtype": "model",
-                             "reconstruct_unit": "block",
+                             "reconstruct_schedule": "constant", "reconstruct_unit": "block",
                              "dense_targets": 0.0, "sequential": False,
                              "allocation": "uniform", "target_bits_per_weight": None}
 

@@ -2,6 +2,7 @@
 dense block lowered, never worse held out, off by default, one process, resumable."""
 import copy
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -81,6 +82,28 @@ def test_lowers_the_blocks_error_and_never_raises_the_held_out_one(dtype):
     # Measured apart from the report: block 0 (same inputs in both streams) on all calibration windows.
     before, after = block0_relative_mse(plain, dense, calib), block0_relative_mse(fitted, dense, calib)
     assert after < 0.95 * before
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_the_learning_rate_schedule(monkeypatch, schedule):
+    """cosine: each step's rate is the first one times (1 + cos(pi s / S)) / 2, S = epochs x fitted batches, s the
+    steps before it; constant: every step's rate is the first one (the layer's lr x RMS of its kept weights)."""
+    rates = []
+    real_step = reconstruct._Weights.step
+
+    def step(self):
+        rates.append(self.optimizer.param_groups[0]["lr"])
+        real_step(self)
+
+    monkeypatch.setattr(reconstruct._Weights, "step", step)
+    monkeypatch.setattr(reconstruct, "PATIENCE", 99)  # every epoch runs: the whole schedule is seen
+    config = FloatSparseConfig(0.5, keep_bits=None, reconstruct_epochs=3, reconstruct_schedule=schedule,
+                               include=["model.layers.0.*"])
+    result = prune_blocks(tiny_model(layers=1), token_windows(16, 32), config, progress=False)
+    total = 3 * result.reconstruction[0]["fit_batches"]
+    assert len(rates) == total and rates[0] > 0
+    factors = [0.5 * (1 + math.cos(math.pi * s / total)) if schedule == "cosine" else 1.0 for s in range(total)]
+    assert rates == pytest.approx([rates[0] * f for f in factors], rel=1e-12)
 
 
 def test_a_fit_that_only_gets_worse_is_dropped_bitwise():
@@ -257,7 +280,7 @@ def test_options_from_yaml_python_and_not_to_the_pruner():
                                        ("reconstruct_lr", float("nan")), ("reconstruct_lr", float("inf")),
                                        ("reconstruct_lr", "0.01"),
                                        ("reconstruct_lr", True), ("reconstruct_dtype", "float16"),
-                                       ("reconstruct_unit", "layer")])
+                                       ("reconstruct_unit", "layer"), ("reconstruct_schedule", "linear")])
 def test_bad_values_are_config_errors_naming_the_key(key, value):
     with pytest.raises(ConfigError, match=f"^{key}: "):
         FloatSparseConfig(**{key: value})
