@@ -61,6 +61,21 @@ def test_markdown_names_everything_and_states_the_verdict():
     assert "Quick mode, not the BENCHMARKS.md protocol" in quick and "Not run" not in quick
 
 
+def test_the_best_presets_targets_are_read_from_its_own_runs():
+    """Issue 27's lines name the `best` preset's run keys (from config.PRESETS), met or missed, and the time ratio."""
+    results = fake_results()
+    preset = {k: v for k, v in quality.best_preset_run(0.5).__dict__.items() if k not in ("method", "sparsity", "nm")}
+    results["runs"][quality.best_preset_run(0.5).key] = dict(results["runs"]["admm-0.5"], perplexity=26.0,
+                                                             prune_seconds=250.0, run=dict(method="admm", sparsity=0.5,
+                                                                                           nm=None, **preset))
+    md = quality.render_markdown(results, None)
+    key = quality.best_preset_run(0.5).key
+    assert key.startswith("admm-0.5-seq-dense0.5-recon5")
+    assert f"- 0.5 at most 26.5: **met** (26.00, `{key}`)." in md
+    assert f"- 0.7 at most 45: not measured (`{quality.best_preset_run(0.7).key}`)." in md
+    assert "at most 3x the seed mode's at 0.5: **met** (250 s vs 100 s: 2.5x" in md
+
+
 def test_write_section_only_touches_its_markers(tmp_path):
     path = tmp_path / "RESULTS.md"
     write_section(path, f"{quality.BEGIN}\nfirst\n{quality.END}", quality.BEGIN, quality.END)
