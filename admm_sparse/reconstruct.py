@@ -257,8 +257,8 @@ def reconstruct_block(block: nn.Module, targets: Sequence[Target], inputs: Seque
               "heldout_before": relative_mse(block, held_x, held_e, held_y, until)}
     weights = _Weights(targets, lr, rounding, scalers or {})
     steps = max(epochs * len(fit), 1)
-    decay = torch.optim.lr_scheduler.LambdaLR(
-        weights.optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)) if schedule == "cosine" else 1.0)
+    decay = torch.optim.lr_scheduler.LambdaLR(weights.optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps))) \
+        if schedule == "cosine" else None
     scale = sum(y.float().square().sum(dtype=torch.float64).item() for y in fit_y) \
         / max(sum(y.numel() for y in fit_y), 1) or 1.0  # mean square of the dense outputs: the loss's unit
     best, best_epoch = report["heldout_before"], 0
@@ -282,7 +282,8 @@ def reconstruct_block(block: nn.Module, targets: Sequence[Target], inputs: Seque
                         p.grad = None
                     loss.backward()
                     weights.step()
-                    decay.step()
+                    if decay is not None:
+                        decay.step()
             heldout = relative_mse(block, held_x, held_e, held_y, until) if weights.write() else float("nan")
             if heldout < best:  # a nan (diverged, or beyond float16 for the rounding) is never kept
                 best, best_epoch = heldout, epoch

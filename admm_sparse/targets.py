@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+
 def same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether two tensors are the same values in memory: hooks pass inputs .detach()ed, a new tensor object over
     the same storage. (The caller keeps `a` alive, so its memory cannot be reused by `b`.)"""

@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import json
 import math
 import os
 import platform
 import shlex
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -375,6 +375,7 @@ def render_markdown(results: dict, figure_link: str | None) -> str:
     lines += ["", _verdict(results, runs)]
 
     lines += _ablation(results, runs)
+    lines += _fits(results)
 
     table = results.get("layers")
     if table:
@@ -415,9 +416,8 @@ def _ablation(results: dict, runs: dict) -> list[str]:
     """Issue 19's table: every run with accuracy levers against the same run without them."""
     rows = []
     for key, run in runs.items():
-        plain = dataclasses.replace(run, sequential=False, dense_targets=0.0, reconstruct_epochs=0, reconstruct_lr=None,
-                                    reconstruct_dtype="model", reconstruct_unit="block", allocation="uniform",
-                                    calibration_dtype="auto", reconstruct_schedule="constant")
+        # the same method, pattern, mode and rounding; every lever at its default
+        plain = Run(run.method, run.sparsity, run.nm, run.keep_bits, run.mode, run.round_in_admm)
         if plain == run:
             continue
         r, base = results["runs"][key], results["runs"].get(plain.key)
@@ -433,6 +433,25 @@ def _ablation(results: dict, runs: dict) -> list[str]:
             "Prune time ratio: only between runs of one session (the machine differs between sessions).", "",
             "| Sparsity | Mode | Rounding | Levers | Perplexity | Without them | Ratio | Prune time ratio | Prune time (s) |",
             "|---|---|---|---|---|---|---|---|---|"] + [row[-1] for row in sorted(rows)]
+
+
+def _fits(results: dict) -> list[str]:
+    """Block reconstruction's own reports, summed per run (and per part for sub-blocks): where its time goes and
+    how much each fit lowers its block's held-out error."""
+    rows = []
+    for key, r in sorted(results["runs"].items()):
+        for part in sorted({f.get("part") or "block" for f in r.get("reconstruction", [])}):
+            fits = [f for f in r["reconstruction"] if (f.get("part") or "block") == part]
+            gains = [1 - f["heldout_after"] / f["heldout_before"] for f in fits if f["heldout_before"] > 0]
+            seconds = sum(f["seconds"] for f in fits)
+            rows.append(f"| `{key}` | {part} | {seconds:.0f} | {seconds / r['prune_seconds']:.0%} "
+                        f"| {statistics.median(gains):.1%} | {gains[0]:.1%} "
+                        f"| {sum(f['best_epoch'] == f['epochs'] for f in fits)} of {len(fits)} |")
+    if not rows:
+        return []
+    return ["", "### Block reconstruction's fits, from their per-block reports", "",
+            "| Run | Part | Fit s | Of prune time | Median held-out gain | First block's gain | Fits that kept their "
+            "last epoch |", "|---|---|---|---|---|---|---|"] + rows
 
 
 def same_session(a: dict, b: dict) -> bool:
