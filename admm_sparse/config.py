@@ -26,6 +26,7 @@ spec:
       reconstruct_unit: "block"       # or "sub-block": attention, then MLP, each fitted to its dense output
       dense_targets: 0.0              # fit the dense model's outputs (1), the layer's own (0), or a blend
       sequential: false               # prune a block's layers group by group in data-flow order
+      stream_memory: "device"         # or "host": the loop's hidden-state streams in host memory (README "Memory")
       allocation: "uniform"           # or "error": per-layer ratios by measured error, same total (unstructured)
       target_bits_per_weight: null    # a size budget: each layer's ratio and keep_bits chosen to meet it (no
                                       # sparse_ratio then; unstructured); see budget.py
@@ -37,7 +38,8 @@ reads, who reads it, its check); the YAML keys, the `admm-sparse prune` flags (-
 and FloatSparseConfig's keyword arguments all come from it, and the checks run in one place
 (FloatSparseConfig.__post_init__: each option's own check, layer.check_options for the pruner's). The pruner's
 options reach each layer's pruner (pruner_options); the loop's (calibration_dtype, reconstruct_*, dense_targets,
-sequential, allocation) the block loop only.
+sequential, stream_memory, allocation) the block loop only. PLACEMENT_OPTIONS say where the work happens, not
+what it computes: a resumed run may change them.
 """
 from __future__ import annotations
 
@@ -144,6 +146,7 @@ ALLOCATIONS = ("uniform", "error")
 RECONSTRUCT_DTYPES = ("model", "bfloat16")
 RECONSTRUCT_UNITS = ("block", "sub-block")
 RECONSTRUCT_SCHEDULES = ("constant", "cosine")
+STREAM_MEMORIES = ("device", "host")
 
 OPTIONS = (
     Option("sparse_ratio", None, "fraction of the selected weights to prune, 0 <= r < 1 (default 0.3; 1 - N/M for an "
@@ -192,6 +195,10 @@ OPTIONS = (
     Option("sequential", False, "prune a block's layers in the order its data flows through them (q/k/v, then o, "
            "then gate/up, then down: groups found by running the block), each group's statistics taken with the "
            "earlier groups already pruned (one more partial block forward per group)", None, "loop", _check_bool),
+    Option("stream_memory", "device", "where the block loop keeps its streams of hidden states between blocks: device "
+           "(the compute device: fastest) or host (host memory, each batch moved to the device as a block reads it: "
+           "for a GPU smaller than the streams, e.g. a 7B model with reconstruction on 24 GB; README \"Memory\"); the "
+           "same results either way", str, "loop", _check_choice(STREAM_MEMORIES)),
     Option("allocation", "uniform", "how sparse_ratio is spread over the layers: uniform (every layer the same), or "
            "error: each layer's error measured at ratios around it in a first pass, then the shares that minimise "
            "the summed error with exactly the same total (unstructured masks only; see allocation.py)", str, "loop",
@@ -202,6 +209,7 @@ OPTIONS = (
            "unstructured masks only; see budget.py); none: no budget", _optional_float, "loop", _check_bits_per_weight),
 )
 _PROCESSOR_KEYS = {"type"} | {o.name for o in OPTIONS}
+PLACEMENT_OPTIONS = ("stream_memory",)
 
 # Named bundles of options (`admm-sparse prune --preset NAME`, FloatSparseConfig.from_preset): applied over the
 # config file, under the command line's own flags. "best": the most accurate combination measured on the
@@ -253,6 +261,7 @@ class FloatSparseConfig:
     reconstruct_unit: str = "block"
     dense_targets: float = 0.0
     sequential: bool = False
+    stream_memory: str = "device"
     allocation: str = "uniform"
     target_bits_per_weight: float | None = None
 

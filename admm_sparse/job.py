@@ -15,7 +15,7 @@ from typing import Iterable
 
 import torch
 
-from .config import FloatSparseConfig
+from .config import PLACEMENT_OPTIONS, FloatSparseConfig
 from .distributed import Group
 from .export import (DEFAULT_SHARD_SIZE, REPORT_FILE, ModelWriter, resumable_output, sparse_tensor_names,
                      write_metadata)
@@ -60,7 +60,7 @@ def prune_to_folder(model, calib: torch.Tensor, out: str | Path, config: FloatSp
     if resume and group.size > 1:
         raise ValueError("--resume continues a run of one process; a run of several processes keeps no state to "
                          "resume from")
-    fingerprint = {"model": source.fingerprint() if source is not None else None, "config": config.to_dict(),
+    fingerprint = {"model": source.fingerprint() if source is not None else None, "config": {k: v for k, v in config.to_dict().items() if k not in PLACEMENT_OPTIONS},
                    "calibration windows": digest(calib),
                    "evaluation windows": None if eval_windows is None else digest(eval_windows),
                    "format": fmt, "shard size": parse_size(shard_size), "blocks": blocks}

@@ -30,6 +30,7 @@ from . import allocation, budget
 from . import device as devices
 from .config import FloatSparseConfig
 from .distributed import Group
+from .host_stream import hold
 from .feed import PrunerFactory, prune_block, prune_targets
 from .layer import AdmmPruner
 from .plan import Plan, make_plan
@@ -242,17 +243,20 @@ def _prune_blockwise(model, the_plan: Plan, batches, device, make_pruner, config
     evals = group.split(calib_batches(eval_windows, batch_size)) if eval_windows is not None else []
     checks = group.split(calib_batches(dtype_check.windows, batch_size)) if dtype_check is not None else []
     cut = [len(batches), len(batches) + len(evals)]
+    host = config.stream_memory == "host"  # the streams in host memory, each batch moved to the device to be read
     with source.outside(stack_name, device):
-        hidden, extras = capture_block_inputs(model, stack_name, blocks, batches + evals + checks, device, last + 1)
+        hidden, extras = capture_block_inputs(model, stack_name, blocks, batches + evals + checks, device, last + 1,
+                                              host=host)
     hidden, dense_eval, check_inputs = hidden[:cut[0]], hidden[cut[0]:cut[1]], hidden[cut[1]:]
     pruned_eval = dense_eval
     # The dense model's hidden states beside the pruned ones, for reconstruction and dense targets; block 0's
     # inputs are the same in both streams.
     dense_stream = reconstructing or config.dense_targets > 0
-    dense_hidden = list(hidden) if dense_stream else []
+    dense_hidden = hidden[:] if dense_stream else []
     result, first = PruneResult([]), 0
     if state is not None and state.exists():
-        first, data, (hidden, dense_eval, pruned_eval, checked, dense_hidden) = state.load(device)
+        first, data, streams = state.load()
+        hidden, dense_eval, pruned_eval, checked, dense_hidden = (hold(stream, device, host) for stream in streams)
         result.rows, result.block_seconds = data["rows"], data["seconds"]
         result.reconstruction = data["reconstruction"]
         if dtype_check is not None:

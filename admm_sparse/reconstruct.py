@@ -42,6 +42,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from .host_stream import subset
 from .keepbits import apply_keepbits
 from .layer import all_finite
 from .targets import Target, same_tensor
@@ -247,12 +248,8 @@ def reconstruct_block(block: nn.Module, targets: Sequence[Target], inputs: Seque
                              f"which the pruner of {missing[0]} does not have (the ADMM pruner's `scaler`); pass "
                              "keep_bits=None (--keep-bits none) or use the ADMM pruner")
     fit, held = holdout_split(len(inputs))
-
-    def pick(items, idx):
-        return [items[i] for i in idx]
-
-    fit_x, fit_e, fit_y = pick(inputs, fit), pick(extras, fit), pick(dense_outputs, fit)
-    held_x, held_e, held_y = pick(inputs, held), pick(extras, held), pick(dense_outputs, held)
+    fit_x, fit_e, fit_y = subset(inputs, fit), subset(extras, fit), subset(dense_outputs, fit)
+    held_x, held_e, held_y = subset(inputs, held), subset(extras, held), subset(dense_outputs, held)
     report = {"block": name, "fit_batches": len(fit), "heldout_batches": len(held),
               "heldout_before": relative_mse(block, held_x, held_e, held_y, until)}
     weights = _Weights(targets, lr, rounding, scalers or {})
@@ -274,9 +271,9 @@ def reconstruct_block(block: nn.Module, targets: Sequence[Target], inputs: Seque
             order = torch.randperm(len(fit), generator=torch.Generator().manual_seed(epoch)).tolist()
             with torch.enable_grad():
                 for b in order:
-                    args, kwargs = fit_e[b]
-                    with torch.autocast(fit_x[b].device.type, dtype=torch.bfloat16, enabled=bfloat16):
-                        out = block_output(block, fit_x[b], args, kwargs, until)
+                    (args, kwargs), x = fit_e[b], fit_x[b]  # read once: a HostStream copies it to the device
+                    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bfloat16):
+                        out = block_output(block, x, args, kwargs, until)
                     loss = (out.float() - fit_y[b].float()).square().mean() / scale
                     for p in params:
                         p.grad = None

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from .host_stream import stored
+
 STATE_DIR = ".resume"
 
 
@@ -63,7 +65,7 @@ class ResumeState:
         and the loop's JSON-able data (report rows, seconds, ...)."""
         self.dir.mkdir(parents=True, exist_ok=True)
         _replace(self.dir / "streams.pt",
-                 lambda p: torch.save([[h.detach().cpu() for h in stream] for stream in streams], p))
+                 lambda p: torch.save([[h.detach().cpu() for h in stored(stream)] for stream in streams], p))
         state = {"next_block": next_block, "data": data, "fingerprint": self.fingerprint}
         _replace(self.dir / "state.json", lambda p: p.write_text(json.dumps(state, default=_jsonable),
                                                                  encoding="utf-8"))

@@ -14,6 +14,7 @@ from . import device as devices
 from .config import FloatSparseConfig
 from .distributed import Group
 from .evaluate import nll_sum
+from .host_stream import HOST, HostStream, hold, like
 from .layer import all_finite
 from .reconstruct import block_output
 
@@ -46,18 +47,24 @@ class _Recorder(nn.Module):
     states unchanged, so that the model goes on to call the next block with that block's own arguments
     (masks and position embeddings differ between sliding-window and global blocks)."""
 
-    def __init__(self, block: nn.Module, records: list, last: bool):
+    def __init__(self, block: nn.Module, records: list, last: bool, keep):
         super().__init__()
         # Kept out of the module tree so that moving the model does not move the block.
         self.__dict__["_block"] = block
         self.__dict__["_records"] = records
         self.__dict__["_last"] = last
+        self.__dict__["_keep"] = keep  # what to keep of the hidden states (None: only block 0's are needed)
 
     def forward(self, *args, **kwargs):
-        self._records.append((args, kwargs))
+        if args:
+            hidden, rest = args[0], args[1:]
+        else:
+            kwargs = dict(kwargs)
+            hidden, rest = kwargs.pop("hidden_states"), ()
+        self._records.append((self._keep(hidden), rest, kwargs))
         if self._last:
             raise _StopForward
-        return args[0] if args else kwargs["hidden_states"]
+        return hidden
 
     def __getattr__(self, name):
         # Models read block attributes while looping (e.g. attention_type for sliding-window masks).
@@ -91,14 +98,18 @@ class _Interner:
         return value
 
 
-def capture_block_inputs(model, stack_name, blocks, batches, device, count) -> tuple[list, list]:
-    """Block 0's hidden states for each batch, and for each of the first `count` blocks the (extra args,
-    kwargs) the model passes it for each batch, on `device` (where the caller put what precedes the stack).
-    The model runs with recorders in place of the blocks: the embeddings and whatever else precedes the
-    stack run, the blocks do not."""
+def capture_block_inputs(model, stack_name, blocks, batches, device, count, host: bool = False) -> tuple[list, list]:
+    """Block 0's hidden states for each batch (a stream: host_stream.hold), and for each of the first `count` blocks
+    the (extra args, kwargs) the model passes it for each batch, on `device` (where the caller put what precedes
+    the stack). The model runs with recorders in place of the blocks: the embeddings and whatever else precedes
+    the stack run, the blocks do not. host: block 0's hidden states kept in host memory as they are recorded."""
     records: list[list] = [[] for _ in range(count)]
     parent, attr = parent_module(model, stack_name)
-    setattr(parent, attr, nn.ModuleList([_Recorder(blocks[i], records[i], i == count - 1) if i < count
+
+    def keep(i):
+        return (lambda h: h.detach().to(HOST) if host else h) if i == 0 else (lambda h: None)
+
+    setattr(parent, attr, nn.ModuleList([_Recorder(blocks[i], records[i], i == count - 1, keep(i)) if i < count
                                          else blocks[i] for i in range(len(blocks))]))
     try:
         for batch in batches:
@@ -112,21 +123,10 @@ def capture_block_inputs(model, stack_name, blocks, batches, device, count) -> t
         raise RuntimeError(f"the model did not call each block of its stack '{stack_name}' once per batch; "
                            "this model is not supported by the block-by-block pipeline")
     intern = _Interner()
-    hidden, extras = [], []
-    for i, block_records in enumerate(records):
-        extras.append([])
-        for args, kwargs in block_records:
-            if args:
-                h, args = args[0], args[1:]
-            else:
-                kwargs = dict(kwargs)
-                h = kwargs.pop("hidden_states")
-            if "use_cache" in kwargs:
-                kwargs = {**kwargs, "use_cache": False}
-            if i == 0:
-                hidden.append(h)
-            extras[i].append((intern(args), {k: intern(v) for k, v in kwargs.items()}))
-    return hidden, extras
+    extras = [[(intern(args), {k: intern(v) for k, v in (kwargs if "use_cache" not in kwargs
+                                                          else {**kwargs, "use_cache": False}).items()})
+               for _, args, kwargs in block_records] for block_records in records]
+    return hold((h for h, _, _ in records[0]), device, host), extras
 
 
 def call_model(model, input_ids):
@@ -137,33 +137,39 @@ def call_model(model, input_ids):
     return model(input_ids=input_ids, **({"use_cache": False} if "use_cache" in params else {}))
 
 
-def run_block(block, hidden, extras) -> list[torch.Tensor]:
-    return [block_output(block, h, args, kwargs) for h, (args, kwargs) in zip(hidden, extras)]
+def run_block(block, hidden, extras) -> list[torch.Tensor] | HostStream:
+    """The block's outputs on each batch of `hidden`, held as `hidden` is (host_stream.like)."""
+    return like(hidden, (block_output(block, h, args, kwargs) for h, (args, kwargs) in zip(hidden, extras)))
 
 
 def run_dense_block(block: nn.Module, hidden, extras, modules: list[nn.Module]) -> tuple[list, dict]:
     """The block's outputs on `hidden` (run before any of its layers is pruned), and {id(module): its input, per
     batch (None where it did not run)} for each of `modules`: the dense inputs dense targets fit, recorded in the
     same pass, in the model's dtype (also where the calibration passes run in bfloat16 autocast). Held until their
-    layers are pruned: about one hidden-state stream per distinct input (q/k/v share one, as do gate/up)."""
+    layers are pruned: about one hidden-state stream per distinct input (q/k/v share one, as do gate/up). All of
+    them held as `hidden` is (in host memory as they are made, for a HostStream)."""
     recorded: dict[int, list] = {id(m): [] for m in modules}
+    to_host = isinstance(hidden, HostStream)
+
+    def store(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().to(HOST) if to_host else t.detach()
 
     def record(module, inputs, kwargs):
         batch = recorded[id(module)]
         if len(batch) == len(outputs):  # its first call in this batch
-            batch.append((inputs[0] if inputs else next(iter(kwargs.values()))).detach())
+            batch.append(store(inputs[0] if inputs else next(iter(kwargs.values()))))
 
     handles = [m.register_forward_pre_hook(record, with_kwargs=True) for m in modules]
     outputs: list[torch.Tensor] = []
     try:
         for h, (args, kwargs) in zip(hidden, extras):
-            outputs.append(block_output(block, h, args, kwargs))
+            outputs.append(store(block_output(block, h, args, kwargs)))
             for batch in recorded.values():
                 batch.extend([None] * (len(outputs) - len(batch)))
     finally:
         for handle in handles:
             handle.remove()
-    return outputs, recorded
+    return like(hidden, outputs), {key: like(hidden, batches) for key, batches in recorded.items()}
 
 
 def calib_batches(calib, batch_size: int) -> list[torch.Tensor]:

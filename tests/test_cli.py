@@ -62,7 +62,7 @@ def test_prune_atlas_end_to_end(model_dir, files, tmp_path, capsys):
                                  "keep_proportion": 0.02, "salience_bits": None,
                                  "reconstruct_epochs": 0, "reconstruct_lr": 3e-3, "reconstruct_dtype": "model",
                                  "reconstruct_schedule": "constant", "reconstruct_unit": "block",
-                                 "dense_targets": 0.0, "sequential": False,
+                                 "dense_targets": 0.0, "sequential": False, "stream_memory": "device",
                                  "allocation": "uniform", "target_bits_per_weight": None}
     assert summary["summary"]["layers"] == 6
     assert summary["perplexity"]["windows"] == 3 and summary["perplexity"]["before"] > 1
@@ -186,7 +186,7 @@ def test_mask_structure_and_mode_flags_override_the_config(model_dir, files, tmp
                                  "keep_proportion": 0.02, "salience_bits": None,
                                  "reconstruct_epochs": 0, "reconstruct_lr": 3e-3, "reconstruct_dtype": "model",
                                  "reconstruct_schedule": "constant", "reconstruct_unit": "block",
-                                 "dense_targets": 0.0, "sequential": False,
+                                 "dense_targets": 0.0, "sequential": False, "stream_memory": "device",
                                  "allocation": "uniform", "target_bits_per_weight": None}
     report = json.loads((out / "prune_report.json").read_text())
     assert len(report["layers"]) == 6 and all(r["mode"] == "quality" for r in report["layers"])
