@@ -243,6 +243,25 @@ def _perplexity(model, heldout, args) -> float:
     return perplexity(model, heldout, seq_len=args.eval_seq_len, num_windows=args.eval_windows, progress=False)
 
 
+def export_check(model, tokenizer, pruned: list[str], args) -> dict:
+    """The pruned model exported as an Atlas folder (float16, as the card takes it) and re-evaluated by the
+    command a user runs on it, `admm-sparse eval` in its own process, on this protocol's held-out windows:
+    {"perplexity", "command"}."""
+    import subprocess
+    import tempfile
+
+    from admm_sparse.export import export_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "pruned"
+        export_model(model, folder, pruned, fmt="atlas", tokenizer=tokenizer)
+        argv = ["admm-sparse", "eval", "--model", "FOLDER", "--seq-len", str(args.eval_seq_len),
+                "--num-windows", str(args.eval_windows), "--device", "cpu", "--no-progress"]
+        done = subprocess.run([sys.executable, "-m", "admm_sparse"] + argv[1:3] + [str(folder)] + argv[4:],
+                              capture_output=True, text=True, check=True)
+    return dict(perplexity=json.loads(done.stdout.strip().splitlines()[-1])["perplexity"], command=shlex.join(argv))
+
+
 def _prune_model(model, calib, run: Run, args):
     """Prune the model's blocks in place with `run`'s method; returns the pipeline's PruneResult (per-layer
     report dicts in .rows, block reconstruction's per-block reports in .reconstruction)."""
@@ -482,13 +501,23 @@ def best_preset_run(sparsity: float, nm: tuple[int, int] | None = None) -> Run:
     return Run("admm", sparsity, nm, **PRESETS["best"])
 
 
+def _exported(run: dict) -> str:
+    """The run's exported folder re-evaluated (quality.py --export-check), or that it was not."""
+    exported = run.get("exported")
+    if exported is None:
+        return " Its export not re-evaluated (`--export-check`)."
+    return (f" Its Atlas folder (float16) re-evaluated with `{exported['command']}`: {exported['perplexity']:.2f} "
+            f"({exported['perplexity'] / run['perplexity'] - 1:+.2%}).")
+
+
 def _best_preset_targets(r: dict) -> str:
     """Issue 27's targets for the `best` preset, met or missed, with the numbers."""
     lines = ["**Targets (issue 27), the `best` preset:**"]
     for run, target in ((best_preset_run(0.7), 45.0), (best_preset_run(0.5), 26.5), (best_preset_run(0.5, (2, 4)), 33.0)):
         got = r.get(run.key)
         lines.append(f"- {run.pattern} at most {target:g}: " + (f"not measured (`{run.key}`)." if got is None else
-                     f"**{'met' if got['perplexity'] <= target else 'missed'}** ({got['perplexity']:.2f}, `{run.key}`)."))
+                     f"**{'met' if got['perplexity'] <= target else 'missed'}** ({got['perplexity']:.2f}, `{run.key}`)."
+                     + _exported(got)))
     best, seed = r.get(best_preset_run(0.5).key), r.get("admm-0.5")
     if best and seed and same_session(best, seed):
         ratio = best["prune_seconds"] / seed["prune_seconds"]
@@ -609,6 +638,9 @@ def parse_args(argv=None):
     p.add_argument("--results-md", type=Path, default=RESULTS_MD)
     p.add_argument("--figure", type=Path, default=FIGURE)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--export-check", action="store_true",
+                   help="after each run: export the pruned model as an Atlas folder and re-evaluate it with "
+                        "`admm-sparse eval` (what a user does with the output), beside the in-memory perplexity")
     p.add_argument("--no-layer-table", dest="layer_table", action="store_false")
     args = p.parse_args(argv)
     quick = args.quick
@@ -698,6 +730,10 @@ def run_benchmark(args, argv) -> dict:
             threads=torch.get_num_threads(),
             **({"reconstruction": pruned.reconstruction} if pruned.reconstruction else {}),
         )
+        if args.export_check:
+            results["runs"][run.key]["exported"] = export_check(model, data.tokenizer, [r["name"] for r in reports],
+                                                                args)
+            print(f"{run.key}: exported and re-evaluated: {results['runs'][run.key]['exported']}", flush=True)
         print(f"{run.key}: perplexity {ppl:.3f}, mean layer error "
               f"{results['runs'][run.key]['mean_relative_error']:.4f}, prune {prune_s:.0f} s, eval {eval_s:.0f} s",
               flush=True)

@@ -74,6 +74,10 @@ def test_the_best_presets_targets_are_read_from_its_own_runs():
     assert f"- 0.5 at most 26.5: **met** (26.00, `{key}`)." in md
     assert f"- 0.7 at most 45: not measured (`{quality.best_preset_run(0.7).key}`)." in md
     assert "at most 3x the seed mode's at 0.5: **met** (250 s vs 100 s: 2.5x" in md
+    assert f"(26.00, `{key}`). Its export not re-evaluated (`--export-check`)." in md
+    results["runs"][key]["exported"] = dict(perplexity=26.13, command="admm-sparse eval --model FOLDER")
+    md = quality.render_markdown(results, None)
+    assert "re-evaluated with `admm-sparse eval --model FOLDER`: 26.13 (+0.50%)." in md
     results["runs"][key]["date"] = "2026-12-07"  # times of two sessions are not compared
     md = quality.render_markdown(results, None)
     assert "at most 3x the seed mode's at 0.5" not in md and "| 26.00 | 24.00 | 1.08 | - |" in md
@@ -133,6 +137,19 @@ def test_quick_run_end_to_end(tmp_path, monkeypatch):
     for row in results["layers"].values():
         assert set(row) == set(quality.QUICK_LAYERS)
         assert all(0 < v["heldout_error"] < 1.5 for v in row.values())
+
+
+@pytest.mark.slow
+def test_the_exported_folder_is_re_evaluated_by_the_cli(tmp_path):
+    """--export-check: the pruned model written as an Atlas folder and measured by `admm-sparse eval` in its own
+    process, on the same windows: the same perplexity up to the folder's float16 weights."""
+    out = tmp_path / "q.json"
+    results = quality.main(["--quick", "--runs", "admm-0.5", "--export-check", "--threads", "1", "--json", str(out),
+                            "--no-layer-table"])
+    run = results["runs"]["admm-0.5"]
+    assert run["exported"]["command"].startswith("admm-sparse eval --model FOLDER --seq-len 128 --num-windows 4")
+    assert run["exported"]["perplexity"] == pytest.approx(run["perplexity"], rel=2e-3)
+    assert run["exported"]["perplexity"] != results["dense"]["perplexity"]
 
 
 def test_rounding_benchmark_runs():
