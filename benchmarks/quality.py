@@ -204,6 +204,10 @@ ABLATION_RUNS = (
     + [Run("admm", r, nm, sequential=True, dense_targets=0.5, reconstruct_epochs=epochs, reconstruct_dtype="bfloat16",
            calibration_dtype="bfloat16", reconstruct_schedule=schedule)
        for epochs, schedule in ((5, "cosine"), (3, "constant")) for r, nm in ((0.5, None), (0.7, None), (0.5, (2, 4)))]
+    # reconstruction alone (no sequential groups, no dense targets) in the preset's cheap form, 5 and 3 epochs: does
+    # the preset need its other two levers once it reconstructs, and what does the time target cost?
+    + [Run("admm", 0.5, reconstruct_epochs=epochs, reconstruct_dtype="bfloat16", calibration_dtype="bfloat16")
+       for epochs in (5, 3)]
 )
 QUICK_RUNS = [Run("magnitude", 0.5), Run("wanda", 0.5, (2, 4)), Run("sparsegpt", 0.5), Run("sparsegpt", 0.5, (2, 4)),
               Run("admm", 0.5), Run("admm", 0.5, None, 2), Run("admm", 0.5, (2, 4), mode="quality"),
