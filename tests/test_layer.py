@@ -10,6 +10,7 @@ from torch import nn
 import admm_sparse
 from admm_sparse import layer as layer_module
 from admm_sparse import reference as ref
+from admm_sparse.layer import quadratic_trace
 
 
 def make_layer(d_out, d_in, dtype=torch.float32, bias=True, seed=0):
@@ -50,18 +51,34 @@ def test_prune_linear_matches_reference(d_out, d_in, tokens, dtype, bias, three_
     assert report.seconds >= 0 and report.damping >= 0 and math.isfinite(report.relative_error)
 
 
+@pytest.mark.parametrize("mode", ["seed", "fast"])  # fast mode's report traces run in its GEMM dtype (bfloat16)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_exactly_k_zeros_and_report_error(dtype):
+def test_exactly_k_zeros_and_report_error(dtype, mode):
     layer = make_layer(96, 160, dtype)
     x = calib((4, 100, 160), dtype)
     w0 = layer.weight.detach().float().clone()
-    report = admm_sparse.prune_linear(layer, x, 0.3)
+    report = admm_sparse.prune_linear(layer, x, 0.3, mode=mode)
     w = layer.weight.detach().float()
     assert int((w == 0).sum()) == int(96 * 160 * 0.3)
     xf = x.float().reshape(-1, 160)
     direct = ((xf @ (w - w0).T).norm() / (xf @ w0.T).norm()).item()
     assert report.relative_error == pytest.approx(direct, rel=1e-3)
     assert 0 < report.relative_error < 0.5
+
+
+@pytest.mark.parametrize("rows,n,block", [(7, 5, 512), (64, 700, 512), (33, 130, 64), (200, 96, 32)])
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_quadratic_trace_from_the_lower_triangle(rows, n, block, dtype):
+    """tr(A H Aᵀ) from H's lower triangle alone (the upper one garbage), in float32 or bfloat16 products."""
+    g = torch.Generator().manual_seed(rows + n)
+    x = torch.randn(3 * n, n, generator=g) * torch.rand(n, generator=g)  # uneven channel scales
+    h = x.T @ x
+    a = torch.randn(rows, n, generator=g)
+    exact = torch.einsum("ij,jk,ik->", a.double(), h.double(), a.double()).item()
+    garbage = h.tril() + torch.randn(n, n, generator=g).triu(1) * 1e3
+    got = quadratic_trace(garbage, a, block=block, dtype=dtype)
+    # bfloat16: a few 2^-9 per term; 7x5 has 35 terms, 200x96 thousands (the errors average out)
+    assert got == pytest.approx(exact, rel=1e-5 if dtype is None else (1e-2 if rows * n < 1000 else 2e-3))
 
 
 def test_iterable_of_batches_equals_pruner_api():
