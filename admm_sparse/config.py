@@ -156,8 +156,9 @@ OPTIONS = (
            _check_patterns),
     Option("mask_structure", "unstructured", "unstructured, per_row, or N:M such as 2:4 (sparsity 1 - N/M)", str),
     Option("mode", "seed", "seed (the original algorithm), quality (ADMM until the mask settles, then an exact "
-           "refit; slower) or fast (the seed's ADMM over-relaxed, stopped once the mask settles, bfloat16 GEMMs "
-           "before the last iteration; about SparseGPT's time)", str),
+           "refit; slower) or fast (the seed's ADMM over-relaxed, stopped once the mask settles, its GEMMs in "
+           "bfloat16 where faster; about a third of seed mode's time, 2-3.5x a SparseGPT's: benchmarks/RESULTS.md)",
+           str),
     Option("round_in_admm", None, "keep-bit rounding with error compensation inside the solver instead of after it "
            "(default: on in quality mode only)", None),
     Option("allow_tf32", False, "on a GPU, float32 GEMMs in TF32: faster, less exact", None),
