@@ -30,8 +30,8 @@ from . import allocation, budget
 from . import device as devices
 from .config import FloatSparseConfig
 from .distributed import Group
-from .host_stream import hold
 from .feed import PrunerFactory, prune_block, prune_targets
+from .host_stream import hold
 from .layer import AdmmPruner
 from .plan import Plan, make_plan
 from .reconstruct import SubBlocks, find_sub_blocks, holdout_split, reconstruct_block

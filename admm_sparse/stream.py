@@ -53,7 +53,7 @@ class _Recorder(nn.Module):
         self.__dict__["_block"] = block
         self.__dict__["_records"] = records
         self.__dict__["_last"] = last
-        self.__dict__["_keep"] = keep  # what to keep of the hidden states (None: only block 0's are needed)
+        self.__dict__["_keep"] = keep  # hidden -> what to record of it (only block 0's are needed)
 
     def forward(self, *args, **kwargs):
         if args:
@@ -123,8 +123,11 @@ def capture_block_inputs(model, stack_name, blocks, batches, device, count, host
         raise RuntimeError(f"the model did not call each block of its stack '{stack_name}' once per batch; "
                            "this model is not supported by the block-by-block pipeline")
     intern = _Interner()
-    extras = [[(intern(args), {k: intern(v) for k, v in (kwargs if "use_cache" not in kwargs
-                                                          else {**kwargs, "use_cache": False}).items()})
+
+    def without_cache(kwargs: dict) -> dict:
+        return {**kwargs, "use_cache": False} if "use_cache" in kwargs else kwargs
+
+    extras = [[(intern(args), {k: intern(v) for k, v in without_cache(kwargs).items()})
                for _, args, kwargs in block_records] for block_records in records]
     return hold((h for h, _, _ in records[0]), device, host), extras
 
