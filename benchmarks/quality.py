@@ -257,14 +257,17 @@ def export_check(model, tokenizer, pruned: list[str], args) -> dict:
 
     from admm_sparse.export import export_model
 
+    options = ["--seq-len", str(args.eval_seq_len), "--num-windows", str(args.eval_windows), "--device", "cpu",
+               "--no-progress"]
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "pruned"
         export_model(model, folder, pruned, fmt="atlas", tokenizer=tokenizer)
-        argv = ["admm-sparse", "eval", "--model", "FOLDER", "--seq-len", str(args.eval_seq_len),
-                "--num-windows", str(args.eval_windows), "--device", "cpu", "--no-progress"]
-        done = subprocess.run([sys.executable, "-m", "admm_sparse"] + argv[1:3] + [str(folder)] + argv[4:],
-                              capture_output=True, text=True, check=True)
-    return dict(perplexity=json.loads(done.stdout.strip().splitlines()[-1])["perplexity"], command=shlex.join(argv))
+        done = subprocess.run([sys.executable, "-m", "admm_sparse", "eval", "--model", str(folder), *options],
+                              capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"admm-sparse eval failed on the exported folder:\n{done.stderr}")
+    return dict(perplexity=json.loads(done.stdout.strip().splitlines()[-1])["perplexity"],
+                command=shlex.join(["admm-sparse", "eval", "--model", "FOLDER", *options]))
 
 
 def _prune_model(model, calib, run: Run, args):
@@ -478,9 +481,18 @@ def _fits(results: dict) -> list[str]:
             "last epoch |", "|---|---|---|---|---|---|---|"] + rows
 
 
+def session_id() -> str:
+    """This machine's session: the date and the kernel's boot id (each session gets a fresh machine, whose CPU may
+    differ; two sessions on one day had CPUs 15% apart)."""
+    boot = Path("/proc/sys/kernel/random/boot_id")
+    return time.strftime("%Y-%m-%d") + (" " + boot.read_text().strip()[:8] if boot.exists() else "")
+
+
 def same_session(a: dict, b: dict) -> bool:
-    """Whether two runs' times compare: measured on the same day (runs from before dates were recorded, 2026-12-07,
-    compare roughly with each other), the machine differing between sessions."""
+    """Whether two runs' times compare: measured in one session (runs before sessions were recorded compare by
+    their date; runs from before dates were recorded, 2026-12-07, roughly with each other)."""
+    if "session" in a or "session" in b:
+        return a.get("session") == b.get("session")
     return a.get("date") == b.get("date")
 
 
@@ -728,7 +740,8 @@ def run_benchmark(args, argv) -> dict:
         eval_s = time.perf_counter() - t
         numel = sum(math.prod(r["shape"]) for r in reports)
         results["runs"][run.key] = dict(
-            run=asdict(run), date=time.strftime("%Y-%m-%d"), perplexity=ppl, prune_seconds=prune_s,
+            run=asdict(run), date=time.strftime("%Y-%m-%d"), session=session_id(), perplexity=ppl,
+            prune_seconds=prune_s,
             eval_seconds=eval_s, layers=len(reports),
             mean_relative_error=sum(r["relative_error"] for r in reports) / len(reports),
             achieved_sparsity=sum(r["sparsity"] * math.prod(r["shape"]) for r in reports) / numel,

@@ -2,6 +2,7 @@
 
 import math
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,15 @@ def test_the_best_presets_targets_are_read_from_its_own_runs():
     results["runs"][key]["date"] = "2026-12-07"  # times of two sessions are not compared
     md = quality.render_markdown(results, None)
     assert "at most 3x the seed mode's at 0.5" not in md and "| 26.00 | 24.00 | 1.08 | - |" in md
+    # one day, two sessions (machines): compared only where both runs name the same session
+    for seed_session, compared in (("2026-12-07 aaaa", False), ("2026-12-07 bbbb", True), (None, False)):
+        results["runs"]["admm-0.5"].update(date="2026-12-07", session=seed_session)
+        if seed_session is None:
+            del results["runs"]["admm-0.5"]["session"]
+        results["runs"][key]["session"] = "2026-12-07 bbbb"
+        md = quality.render_markdown(results, None)
+        assert ("at most 3x the seed mode's at 0.5" in md) == compared, seed_session
+    assert quality.session_id().startswith(time.strftime("%Y-%m-%d"))
 
 
 def test_write_section_only_touches_its_markers(tmp_path):
