@@ -215,10 +215,10 @@ PLACEMENT_OPTIONS = ("stream_memory",)
 # Named bundles of options (`admm-sparse prune --preset NAME`, FloatSparseConfig.from_preset): applied over the
 # config file, under the command line's own flags. "best": the most accurate combination measured at 0.7 on the
 # BENCHMARKS.md protocol (benchmarks/RESULTS.md, "Accuracy levers": sequential groups, dense targets as a half
-# blend, block reconstruction for 5 epochs; at 0.5 and 2:4 reconstruction alone is slightly better, README), with the fit and the calibration passes in bfloat16 autocast (at 0.7
-# 55.55 in 410 s, against 55.37 in 458 s with float32 calibration passes: within 5x the seed mode's time; 3.9-4.3x
-# on another CPU, 2026-12-07); "fast":
-# fast mode.
+# blend, block reconstruction for 5 epochs; at 0.5 and 2:4 reconstruction alone is slightly better, README), with
+# the fit and the calibration passes in bfloat16 autocast (at 0.7 55.55 in 410 s, against 55.37 in 458 s with
+# float32 calibration passes: within 5x the seed mode's time; 3.9-4.3x on another CPU, 2026-12-07); "fast": fast
+# mode.
 PRESETS = {
     "best": dict(sequential=True, dense_targets=0.5, reconstruct_epochs=5, reconstruct_dtype="bfloat16",
                  calibration_dtype="bfloat16"),

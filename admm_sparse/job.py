@@ -60,7 +60,10 @@ def prune_to_folder(model, calib: torch.Tensor, out: str | Path, config: FloatSp
     if resume and group.size > 1:
         raise ValueError("--resume continues a run of one process; a run of several processes keeps no state to "
                          "resume from")
-    fingerprint = {"model": source.fingerprint() if source is not None else None, "config": {k: v for k, v in config.to_dict().items() if k not in PLACEMENT_OPTIONS},
+    # where the work happens (PLACEMENT_OPTIONS) may change on resume: a run out of device memory goes on with
+    # its streams in host memory
+    what = {k: v for k, v in config.to_dict().items() if k not in PLACEMENT_OPTIONS}
+    fingerprint = {"model": source.fingerprint() if source is not None else None, "config": what,
                    "calibration windows": digest(calib),
                    "evaluation windows": None if eval_windows is None else digest(eval_windows),
                    "format": fmt, "shard size": parse_size(shard_size), "blocks": blocks}
