@@ -12,6 +12,7 @@ from admm_sparse.pipeline import prune_blocks
 from admm_sparse.resume import ResumeState
 from test_device import TEST_DEVICE, on_device
 from test_pipeline import tiny_model, token_windows
+from test_reconstruct import interrupt_after_block
 
 META = torch.device("meta")  # a device that is not the host: reading a HostStream must move its tensors there
 
@@ -88,17 +89,9 @@ def test_a_run_resumes_with_the_other_stream_memory(tmp_path, monkeypatch):
     config = CONFIGS["best"]
     whole = copy.deepcopy(dense)
     prune_blocks(whole, token_windows(), config, progress=False)
-    state, save = ResumeState(tmp_path, {"run": 1}), ResumeState.save
-
-    def save_then_stop(self, next_block, *args):
-        save(self, next_block, *args)
-        if next_block == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(ResumeState, "save", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        prune_blocks(copy.deepcopy(dense), token_windows(), config, state=state, progress=False)
-    monkeypatch.setattr(ResumeState, "save", save)
+    state = ResumeState(tmp_path, {"run": 1})
+    interrupt_after_block(monkeypatch, 1, lambda: prune_blocks(copy.deepcopy(dense), token_windows(), config,
+                                                               state=state, progress=False))
     resumed = copy.deepcopy(dense)
     prune_blocks(resumed, token_windows(), FloatSparseConfig(**{**config.to_dict(), "stream_memory": "host"}),
                  state=state, progress=False)

@@ -34,6 +34,22 @@ def spy_on_reconstruction(monkeypatch):
     return seen
 
 
+def interrupt_after_block(monkeypatch, block: int, run) -> None:
+    """run() (a block loop with a ResumeState) stopped by a KeyboardInterrupt once the state after `block` is
+    saved, as a killed run would be; ResumeState.save is itself again afterwards."""
+    save = ResumeState.save
+
+    def save_then_stop(self, next_block, *args):
+        save(self, next_block, *args)
+        if next_block == block + 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ResumeState, "save", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.setattr(ResumeState, "save", save)
+
+
 @pytest.mark.filterwarnings("ignore:only .* calibration tokens")  # the tiny experts see few tokens
 @pytest.mark.parametrize("family", ["llama", "gpt2", "mixtral"])  # Linears, transposed Conv1Ds, 3D expert slices
 def test_zeros_stay_exactly_and_kept_weights_move(monkeypatch, family):
@@ -242,17 +258,8 @@ def test_an_interrupted_run_resumes_to_the_same_blocks(tmp_path, monkeypatch):
     whole = copy.deepcopy(dense)
     expected = prune_blocks(whole, token_windows(), config, progress=False)
     state = ResumeState(tmp_path, {"run": 1})
-    save = ResumeState.save
-
-    def save_then_stop(self, next_block, *args):
-        save(self, next_block, *args)
-        if next_block == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(ResumeState, "save", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        prune_blocks(copy.deepcopy(dense), token_windows(), config, state=state, progress=False)
-    monkeypatch.setattr(ResumeState, "save", save)
+    interrupt_after_block(monkeypatch, 1, lambda: prune_blocks(copy.deepcopy(dense), token_windows(), config,
+                                                               state=state, progress=False))
     resumed = copy.deepcopy(dense)
     result = prune_blocks(resumed, token_windows(), config, state=state, progress=False)
     block = "model.layers.2."
