@@ -220,10 +220,11 @@ def _dry_run(model, config, blocks) -> int:
     return 0
 
 
-def _open_model(args):
+def _open_model(args, config: FloatSparseConfig):
     """(model, tokenizer, LazySource or None): a Hugging Face safetensors folder is streamed block by block
-    (its model is a skeleton), anything else is loaded into memory."""
-    if args.model is not None and streamable(args.model):
+    (its model is a skeleton), anything else is loaded into memory; with distillation, which fits the whole model
+    at once, every model is loaded into memory."""
+    if args.model is not None and streamable(args.model) and not config.distill_epochs:
         from transformers import AutoTokenizer
 
         source = LazySource(args.model, None if args.dtype == "auto" else args.dtype)
@@ -260,7 +261,7 @@ def cmd_prune(args) -> int:
     protect = [args.model or builtin.builtin_model_file()]
     if not args.dry_run:
         check_output(args.out, args.force, protect)  # before the expensive part
-    model, tokenizer, source = _open_model(args)
+    model, tokenizer, source = _open_model(args, config)
     _check_selection(model, config, f"the config {args.config}" if args.config else "the default config", args.blocks)
     if args.dry_run:
         return _dry_run(model, config, args.blocks)
@@ -292,6 +293,7 @@ def cmd_prune(args) -> int:
                 "peak_memory_bytes": result.peak_memory_bytes, "block_seconds": result.block_seconds,
                 "seconds": round(time.perf_counter() - start, 1), "layers": result.rows,
                 **({"reconstruction": result.reconstruction} if result.reconstruction else {}),
+                **({"distillation": result.distillation} if result.distillation else {}),
                 **({"budget": result.budget} if result.budget else {})}
 
     result = prune_to_folder(model, calib, args.out, config, fmt=args.format, tokenizer=tokenizer, source=source,

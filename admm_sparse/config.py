@@ -24,6 +24,9 @@ spec:
       reconstruct_dtype: "model"      # or "bfloat16": its forwards and backwards in bfloat16 autocast
       reconstruct_schedule: "constant" # or "cosine": its learning rate decayed to 0 over the epochs
       reconstruct_unit: "block"       # or "sub-block": attention, then MLP, each fitted to its dense output
+      distill_epochs: 0               # after the loop, the whole pruned model fitted to the dense model's
+                                      # next-token distributions (0: off); see distill.py
+      distill_lr: 0.0003              # its Adam step, relative to each layer's kept weights' RMS
       dense_targets: 0.0              # fit the dense model's outputs (1), the layer's own (0), or a blend
       sequential: false               # prune a block's layers group by group in data-flow order
       stream_memory: "device"         # or "host": the loop's hidden-state streams in host memory (README "Memory")
@@ -91,10 +94,9 @@ def _check_ratio(value, where: str) -> float:
     return float(value)
 
 
-def _check_reconstruct_epochs(value, where: str) -> int:
+def _check_epochs(value, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(f"{where}: expected a whole number of epochs >= 0 (0: no block reconstruction), "
-                          f"got {value!r}")
+        raise ConfigError(f"{where}: expected a whole number of epochs >= 0 (0: off), got {value!r}")
     return value
 
 
@@ -135,7 +137,7 @@ def _optional_float(text: str) -> float | None:
     return None if text.lower() in ("none", "null", "off") else float(text)
 
 
-def _check_reconstruct_lr(value, where: str) -> float:
+def _check_lr(value, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
         raise ConfigError(f"{where}: expected a learning rate > 0 such as 0.003, got {value!r}")
     return float(value)
@@ -176,10 +178,11 @@ OPTIONS = (
            "(see keepbits.py); none: the SPEC's rounding", _optional_float),
     Option("reconstruct_epochs", 0, "block reconstruction: after a block is pruned, at most this many epochs of Adam "
            "over its kept weights (masks fixed) to reproduce the dense model's block outputs, stopped early on "
-           "held-out calibration windows (0: off)", int, "loop", _check_reconstruct_epochs),
+           "held-out calibration windows (0: off)", int, "loop", _check_epochs),
     Option("reconstruct_lr", 3e-3, "block reconstruction's Adam learning rate, relative to each layer's kept weights' "
-           "RMS (default 3e-3)", float, "loop", _check_reconstruct_lr),
-    Option("reconstruct_dtype", "model", "block reconstruction's fitting forwards and backwards: model (the model's "
+           "RMS (default 3e-3)", float, "loop", _check_lr),
+    Option("reconstruct_dtype", "model", "block reconstruction's and distillation's fitting forwards and backwards: "
+           "model (the model's "
            "dtype) or bfloat16 (autocast: faster where bfloat16 GEMMs are; the kept epoch is still chosen in the "
            "model's dtype)", str, "loop", _check_choice(RECONSTRUCT_DTYPES)),
     Option("reconstruct_schedule", "constant", "block reconstruction's learning rate over the fit: constant, or cosine "
@@ -190,6 +193,13 @@ OPTIONS = (
            "then the MLP side to the dense block's output; the split found from the block's data flow, the whole "
            "block where there is none, as with attention and MLP in parallel)", str, "loop",
            _check_choice(RECONSTRUCT_UNITS)),
+    Option("distill_epochs", 0, "distillation: once every block is pruned, at most this many epochs of Adam over "
+           "the kept weights of all pruned layers together (masks fixed) so that the model's next-token distributions "
+           "match the dense model's (KL divergence), stopped early on held-out calibration windows; needs the model "
+           "in memory (a safetensors folder is then loaded whole, not streamed) and one process (0: off)", int, "loop",
+           _check_epochs),
+    Option("distill_lr", 3e-4, "distillation's Adam learning rate, relative to each layer's kept weights' RMS "
+           "(default 3e-4)", float, "loop", _check_lr),
     Option("dense_targets", 0.0, "fit each pruned layer to the dense model's output on the dense model's inputs "
            "instead of its own output on the pruned inputs: 1 fully, 0 not at all (default), between: a blend of both "
            "(0.5 measured best; Linear and Conv1D layers; experts keep their own)", float, "loop", _check_fraction),
@@ -261,6 +271,8 @@ class FloatSparseConfig:
     reconstruct_dtype: str = "model"
     reconstruct_schedule: str = "constant"
     reconstruct_unit: str = "block"
+    distill_epochs: int = 0
+    distill_lr: float = 3e-4
     dense_targets: float = 0.0
     sequential: bool = False
     stream_memory: str = "device"

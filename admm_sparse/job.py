@@ -60,6 +60,10 @@ def prune_to_folder(model, calib: torch.Tensor, out: str | Path, config: FloatSp
     if resume and group.size > 1:
         raise ValueError("--resume continues a run of one process; a run of several processes keeps no state to "
                          "resume from")
+    if resume and config.distill_epochs > 0:
+        raise ValueError("--resume continues a run from its last finished block; with distillation (distill_epochs) "
+                         "no block is finished before the whole model is fitted, so there is no state to resume "
+                         "from: start again with --force instead of --resume")
     # where the work happens (PLACEMENT_OPTIONS) may change on resume: a run out of device memory goes on with
     # its streams in host memory
     what = {k: v for k, v in config.to_dict().items() if k not in PLACEMENT_OPTIONS}
@@ -69,7 +73,7 @@ def prune_to_folder(model, calib: torch.Tensor, out: str | Path, config: FloatSp
                    "format": fmt, "shard size": parse_size(shard_size), "blocks": blocks}
     keep = lambda work: ResumeState(work, fingerprint).exists()  # noqa: E731 - something to resume from
     with resumable_output(out, force, resume, protect, keep) as work:
-        state = ResumeState(work, fingerprint) if group.size == 1 else None
+        state = ResumeState(work, fingerprint) if group.size == 1 and not config.distill_epochs else None
         if state is not None and state.exists():
             state.check()  # before the expensive part
         resuming = (work / STATE_FILE).is_file()

@@ -29,12 +29,14 @@ from tqdm.auto import tqdm
 from . import allocation, budget
 from . import device as devices
 from .config import FloatSparseConfig
+from . import distill as distillation
 from .distributed import Group
 from .feed import PrunerFactory, prune_block, prune_targets
 from .host_stream import hold
 from .layer import AdmmPruner
 from .plan import Plan, make_plan
-from .reconstruct import SubBlocks, find_sub_blocks, holdout_split, reconstruct_block
+from .fit import holdout_split
+from .reconstruct import SubBlocks, find_sub_blocks, reconstruct_block
 from .source import InMemorySource
 from .stream import (calib_batches, call_model, calibration_autocast, capture_block_inputs, check_finite_stream,
                      run_block, run_dense_block, stream_perplexity)
@@ -71,6 +73,7 @@ class PruneResult:
     block_seconds: list[float] = field(default_factory=list)
     peak_memory_bytes: int = 0
     reconstruction: list[dict] = field(default_factory=list)
+    distillation: dict = field(default_factory=dict)  # with config.distill_epochs > 0: distill.distill's report
     ratios: dict[str, float] = field(default_factory=dict)  # each selected layer's sparse_ratio (config.allocation)
     layer_options: dict[str, dict] = field(default_factory=dict)  # each layer's rounding, under a size budget
     budget: dict = field(default_factory=dict)  # a size budget's target and predicted bits per weight
@@ -114,6 +117,9 @@ def prune_blocks(model: nn.Module, calib, config: FloatSparseConfig | None = Non
     report; pass writer and state on rank 0 only (dtype_check on every rank: each checks its share).
     config.reconstruct_epochs > 0: block reconstruction (admm_sparse.reconstruct), one process only; the loop
     then also carries the dense model's hidden states, whose block outputs each pruned block is fitted to.
+    config.distill_epochs > 0: distillation (admm_sparse.distill) once every block is pruned, to the dense model's
+    next-token distributions from the dense stream's final hidden states; one process, the model in memory (an
+    InMemorySource), no resume state; the evaluation, float16 check and writer then see each block after it.
     """
     config = config or FloatSparseConfig()
     if config.target_bits_per_weight is not None and make_pruner is not None:
@@ -135,11 +141,12 @@ def prune_blocks(model: nn.Module, calib, config: FloatSparseConfig | None = Non
             if the_plan.stack is None:
                 if writer is not None or eval_windows is not None or dtype_check is not None or group.size > 1:
                     raise ValueError("this model has no stack of blocks: it can only be pruned in memory, as a whole")
-                if config.reconstruct_epochs:
-                    raise ValueError("block reconstruction (reconstruct_epochs) needs a stack of blocks; this model "
-                                     "has none: set reconstruct_epochs to 0")
+                for option, what in (("reconstruct_epochs", "block reconstruction"), ("distill_epochs", "distillation")):
+                    if getattr(config, option):
+                        raise ValueError(f"{what} ({option}) needs a stack of blocks; this model has none: set "
+                                         f"{option} to 0")
             else:
-                _check_blockwise(config, batches, group)  # before any work, the probe passes included
+                _check_blockwise(model, config, batches, group, source, state)  # before any work, probes included
             settings = (model, the_plan, batches, device, home, config, progress, source, batch_size, group)
             layer_options, budget_report = {}, {}
             if config.target_bits_per_weight is not None:
@@ -213,13 +220,23 @@ def _probe_pass(model, the_plan: Plan, batches, device, home, config, progress, 
                             None, None, None, batch_size, group).rows
 
 
-def _check_blockwise(config: FloatSparseConfig, batches, group: Group) -> None:
+def _check_blockwise(model, config: FloatSparseConfig, batches, group: Group, source, state) -> None:
     """The block loop's refusals, raised before any work."""
-    if config.reconstruct_epochs > 0:
-        if group.size > 1:
-            raise ValueError(f"block reconstruction (reconstruct_epochs) runs in one process; this run has "
-                             f"{group.size}: run it without torchrun, or set reconstruct_epochs to 0")
-        holdout_split(len(batches))  # enough calibration batches to hold some out?
+    for option, what in (("reconstruct_epochs", "block reconstruction"), ("distill_epochs", "distillation")):
+        if getattr(config, option) > 0:
+            if group.size > 1:
+                raise ValueError(f"{what} ({option}) runs in one process; this run has {group.size}: run it without "
+                                 f"torchrun, or set {option} to 0")
+            holdout_split(len(batches), what)  # enough calibration batches to hold some out?
+    if config.distill_epochs > 0:
+        if not isinstance(source, InMemorySource):
+            raise ValueError("distillation (distill_epochs) fits the whole model at once, so the model must be in "
+                             "memory, not streamed block by block: load it whole, or set distill_epochs to 0")
+        distillation.check_model(model)
+        if state is not None:
+            raise ValueError("distillation (distill_epochs) changes every block after the loop, so a run with it "
+                             "keeps no per-block state to resume from: pass no resume state, or set distill_epochs "
+                             "to 0")
     if len(batches) < group.size:
         raise ValueError(f"{len(batches)} calibration batches for {group.size} processes: each needs at least one; "
                          "give more --num-samples or a smaller --batch-size")
@@ -231,11 +248,13 @@ def _prune_blockwise(model, the_plan: Plan, batches, device, make_pruner, config
     """The block loop (see prune_blocks); layer_options: single layers' pruner options (a size budget's)."""
     stack_name, blocks = the_plan.stack
     reconstructing = config.reconstruct_epochs > 0
+    distilling = config.distill_epochs > 0  # then the blocks are finished (evaluated, checked, written) after it
     per_block = [[t for n, t in the_plan.targets.items() if n.startswith(f"{stack_name}.{i}.")]
                  for i in range(len(blocks))]
     # Later blocks need no inputs, unless they are evaluated, checked or written.
     with_targets = [i for i, targets in enumerate(per_block) if targets]
-    every = writer is not None or eval_windows is not None or dtype_check is not None or not with_targets
+    every = writer is not None or eval_windows is not None or dtype_check is not None or not with_targets \
+        or distilling  # distillation's dense distributions: the dense stream through the whole stack
     last = len(blocks) - 1 if every else with_targets[-1]
     # Three streams of windows share one capture: calibration, evaluation, the dtype check; each rank runs its
     # share of the first two.
@@ -249,11 +268,23 @@ def _prune_blockwise(model, the_plan: Plan, batches, device, make_pruner, config
                                               host=host)
     hidden, dense_eval, check_inputs = hidden[:cut[0]], hidden[cut[0]:cut[1]], hidden[cut[1]:]
     pruned_eval = dense_eval
-    # The dense model's hidden states beside the pruned ones, for reconstruction and dense targets; block 0's
-    # inputs are the same in both streams.
-    dense_stream = reconstructing or config.dense_targets > 0
+    # The dense model's hidden states beside the pruned ones, for reconstruction, dense targets and distillation;
+    # block 0's inputs are the same in both streams.
+    dense_stream = reconstructing or config.dense_targets > 0 or distilling
     dense_hidden = hidden[:] if dense_stream else []
     result, first = PruneResult([]), 0
+    distilled, distill_scalers = [], {}  # the pruned layers and their channel scalers, for distillation
+
+    def finish(block, i) -> None:
+        """A block whose weights are final: the pruned evaluation stream through it, the float16 check, the writer."""
+        nonlocal pruned_eval
+        if evals:
+            pruned_eval = run_block(block, pruned_eval, extras[i][cut[0]:cut[1]])
+        if checks:
+            dtype_check.step(f"{stack_name}.{i}", i, block, check_inputs, extras[i][cut[1]:])
+        if writer is not None:
+            writer.add({f"{stack_name}.{i}.{name}": t for name, t in block.state_dict().items()})
+
     if state is not None and state.exists():
         first, data, streams = state.load()
         hidden, dense_eval, pruned_eval, checked, dense_hidden = (hold(stream, device, host) for stream in streams)
@@ -264,7 +295,7 @@ def _prune_blockwise(model, the_plan: Plan, batches, device, make_pruner, config
     for i in tqdm(range(first, last + 1), initial=first, total=last + 1, desc="blocks", unit="block",
                   disable=not progress):
         start = time.perf_counter()
-        calib_extras, eval_extras, check_extras = extras[i][:cut[0]], extras[i][cut[0]:cut[1]], extras[i][cut[1]:]
+        calib_extras, eval_extras = extras[i][:cut[0]], extras[i][cut[0]:cut[1]]
         with source.block(stack_name, i, device) as block:
             if evals:
                 dense_eval = run_block(block, dense_eval, eval_extras)  # before its layers are pruned
@@ -280,11 +311,15 @@ def _prune_blockwise(model, the_plan: Plan, batches, device, make_pruner, config
                 if config.dense_targets > 0:
                     dense_layer_inputs = recorded
             if per_block[i]:
-                scalers = {} if reconstructing else None  # filled with the pruned layers' channel scalers
+                # filled with the pruned layers' channel scalers (a layer no token reached stays dense, without one)
+                scalers = {} if reconstructing or distilling else None
                 result.rows += prune_block(block, per_block[i], hidden, calib_extras, config, device, make_pruner,
                                            ratios, progress, f"block {i}", group, scalers, dense_layer_inputs)
                 pruned = [t for t in per_block[i] if t.name in (scalers or {})]
-                if pruned:  # fitted to the dense block's outputs
+                if distilling:
+                    distilled += pruned
+                    distill_scalers.update(scalers)
+                if reconstructing and pruned:  # fitted to the dense block's outputs
                     result.reconstruction += _reconstruct(block, pruned, hidden, calib_extras, dense_out, recorded,
                                                           sub_blocks, config, scalers, layer_options or {},
                                                           f"{stack_name}.{i}")
@@ -294,12 +329,8 @@ def _prune_blockwise(model, the_plan: Plan, batches, device, make_pruner, config
                 with calibration_autocast(config, device):
                     hidden = run_block(block, hidden, calib_extras)  # with the pruned weights
                 check_finite_stream(hidden, f"block {i} ({stack_name}.{i})")
-            if evals:
-                pruned_eval = run_block(block, pruned_eval, eval_extras)
-            if checks:
-                dtype_check.step(f"{stack_name}.{i}", i, block, check_inputs, check_extras)
-            if writer is not None:
-                writer.add({f"{stack_name}.{i}.{name}": t for name, t in block.state_dict().items()})
+            if not distilling:
+                finish(block, i)
         devices.empty_cache(device)
         _return_free_memory()
         result.block_seconds.append(time.perf_counter() - start)
@@ -308,6 +339,16 @@ def _prune_blockwise(model, the_plan: Plan, batches, device, make_pruner, config
             state.save(i + 1, (hidden, dense_eval, pruned_eval, checked, dense_hidden),
                        {"rows": result.rows, "seconds": result.block_seconds, "reconstruction": result.reconstruction,
                         "dtype_check": dtype_check.result if dtype_check is not None else None})
+    if distilling:
+        if distilled:
+            rounding = keep_rounding(config, [t.name for t in distilled], layer_options or {})
+            result.distillation = distillation.distill(
+                model, stack_name, blocks, distilled, batches, dense_hidden, device, epochs=config.distill_epochs,
+                lr=config.distill_lr, rounding=rounding, scalers=distill_scalers,
+                bfloat16=config.reconstruct_dtype == "bfloat16")
+        for i in range(last + 1):
+            with source.block(stack_name, i, device) as block:
+                finish(block, i)
     if writer is not None or eval_windows is not None:
         with source.outside(stack_name, device):
             if writer is not None:  # a tensor at a time: the embeddings and head are the largest tensors

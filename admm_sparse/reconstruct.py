@@ -3,27 +3,18 @@ the pruned block run on the pruned model's hidden states reproduces the dense bl
 model's hidden states (the block loop carries both streams when this is on; see pipeline._prune_blockwise).
 
 Per block, with X the pruned stream's inputs and Y = dense block(dense stream), over the calibration batches:
-- minimise the relative MSE  sum |block(X) - Y|^2 / sum |Y|^2  with Adam over the pruned layers' [out, in]
-  weights only (biases, norms, routers and unpruned layers stay as they are); every zero of a pruned weight
-  stays exactly zero (its gradient is masked, so Adam's moments and steps there are zero). The optimiser keeps
-  float32 master weights (a float32 layer's own weight) and float32 moments; the block itself runs in its own
-  dtype, or with `bfloat16` its fitting forwards and backwards in bfloat16 autocast (faster where bfloat16 GEMMs
-  are). The loss is divided by the mean square of Y, and each layer's step size is `lr` times the RMS of its
-  kept weights, so that one learning rate suits every layer and model scale (Adam's step is otherwise in the
-  weights' own units);
-- the step size is constant, or with the `cosine` schedule decayed from it to 0 over the `epochs` x fitted batches
-  steps, a half cosine (early stopping may end the fit before the decay has);
-- mini-batches are the loop's calibration batches, in a seeded random order each epoch; every 8th batch (at
-  least one) is held out of the fit and decides: after each epoch the held-out relative MSE is measured, the
-  best weights so far are kept, and the fit stops after PATIENCE epochs without improvement or after
-  `epochs`. Epoch 0 is the block as pruned, so the result is never worse on the held-out batches than no
-  reconstruction (the held-out batches did take part in the pruning's statistics, like every calibration batch);
-- keep-bit rounding (a layer's keep_bits not None): the fit works on the float16 keep-bit grid, straight-through: after
-  every step the masters are rounded with keepbits.apply_keepbits and the layer's own channel scaler (kept from
-  its pruner) into the block, so its forwards (the loss, the held-out error, the kept result) see the weights as
-  delivered, while the gradients move the unrounded masters. The result is on the grid, chosen by its held-out
-  error as rounded. The rounding is the post-hoc one, also where the pruner rounded inside ADMM (round_in_admm);
-  a weight that the rounding flushes to zero stays a weight the fit may move.
+minimise the relative MSE  sum |block(X) - Y|^2 / sum |Y|^2  over the pruned layers' [out, in] kept weights only
+(biases, norms, routers and unpruned layers stay as they are), with the fit admm_sparse.fit shares with
+distillation: Adam on float32 masters, masks fixed, each layer's step size relative to its kept weights' RMS (the
+loss is divided by the mean square of Y, so one learning rate suits every layer and model scale), the step size
+constant or cosine-decayed, every 8th calibration batch held out to keep the best epoch and stop the fit (epoch 0
+is the block as pruned: never worse on the held-out batches than no reconstruction). The block itself runs in its
+own dtype, or with `bfloat16` its fitting forwards and backwards in bfloat16 autocast (faster where bfloat16 GEMMs
+are). With keep-bit rounding (a layer's keep_bits not None) the fit works on the float16 keep-bit grid,
+straight-through (fit.Weights): the forwards (the loss, the held-out error, the kept result) see the weights as
+delivered, rounded with keepbits.apply_keepbits and the layer's own channel scaler (kept from its pruner), while
+the gradients move the unrounded masters. The rounding is the post-hoc one, also where the pruner rounded inside
+ADMM (round_in_admm); a weight that the rounding flushes to zero stays a weight the fit may move.
 The report per block: the held-out relative MSE before and after, the epochs run and the epoch kept. (No error
 over the fitted batches: two more passes over them, about a tenth of the fit's time, for the report only.)
 
@@ -34,7 +25,6 @@ block run (the attention side as fitted, its weights fixed), fitted to the dense
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -42,13 +32,9 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from .fit import Weights, fit, holdout_split
 from .host_stream import subset
-from .keepbits import apply_keepbits
-from .layer import all_finite
 from .targets import Target, same_tensor
-
-HOLDOUT_EVERY = 8  # every 8th calibration batch is held out of the fit
-PATIENCE = 2  # epochs without a better held-out error before the fit stops
 
 
 class _Reached(Exception):
@@ -140,16 +126,6 @@ def find_sub_blocks(block: nn.Module, targets: Sequence[Target], hidden: torch.T
     return None
 
 
-def holdout_split(count: int) -> tuple[list[int], list[int]]:
-    """(fitted, held-out) batch indices: every HOLDOUT_EVERY-th batch is held out, the last one if none is."""
-    if count < 2:
-        raise ValueError(f"block reconstruction holds calibration batches out of the fit to stop it early: it needs "
-                         f"at least 2 calibration batches, got {count}; give more --num-samples or a smaller "
-                         "--batch-size")
-    held = [i for i in range(count) if i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1] or [count - 1]
-    return [i for i in range(count) if i not in held], held
-
-
 def relative_mse(block: nn.Module, inputs: Sequence[torch.Tensor], extras: Sequence, targets: Sequence[torch.Tensor],
                  until: nn.Module | None = None) -> float:
     """sum |block(x) - y|^2 / sum |y|^2 over the batches, in float64 sums (nan when not finite); block(x) stops at
@@ -163,64 +139,6 @@ def relative_mse(block: nn.Module, inputs: Sequence[torch.Tensor], extras: Seque
             total += y.square().sum(dtype=torch.float64).cpu()
     value = (err / total.clamp_min(torch.finfo(torch.float64).tiny)).item()
     return value if value == value and value != float("inf") else float("nan")
-
-
-class _Weights:
-    """The pruned layers' weights being fitted: float32 masters, their masks of kept entries, the step sizes.
-    A float32 layer without rounding is its own master (Adam updates the model's weight in place, no copy)."""
-
-    def __init__(self, targets: Sequence[Target], lr: float, rounding: dict, scalers: dict):
-        self.targets = list(targets)
-        self.shared = [t.weight.dtype == torch.float32 and t.weight.is_contiguous() and rounding[t.name] is None
-                       for t in self.targets]
-        self.masters = [t.weight.detach() if shared else t.weight.detach().float().clone()
-                        for t, shared in zip(self.targets, self.shared)]
-        # float masks: multiplying by a bool mask promotes it to float on every step
-        self.masks = [(m != 0).float() for m in self.masters]
-        for master in self.masters:
-            master.grad = torch.empty_like(master)  # filled by step(), kept across steps
-        self.rounding, self.scalers = rounding, scalers
-        groups = []
-        for master, mask in zip(self.masters, self.masks):
-            kept = master[mask.bool()]
-            rms = kept.square().mean().sqrt().item() if kept.numel() else 0.0
-            groups.append({"params": [master], "lr": lr * rms})
-        # fused: one kernel per step over all tensors; the per-tensor loop's elementwise passes (sqrt, divide)
-        # took about a quarter of the fit's time on CPU
-        self.optimizer = torch.optim.Adam(groups, lr=lr, fused=True)
-
-    def parameters(self) -> list[nn.Parameter]:
-        """The model's parameters holding the weights (an expert's weight is a slice of a shared one), once each."""
-        return list({id(t.parameter): t.parameter for t in self.targets}.values())
-
-    def step(self) -> None:
-        """One Adam step from the gradients of the model's parameters, masked; writes the result into the model.
-        A pruned entry stays exactly zero: its gradient is always zero, so Adam's moments and step there are too."""
-        with torch.no_grad():
-            for t, master, mask in zip(self.targets, self.masters, self.masks):
-                if t.parameter.grad is None:
-                    master.grad.zero_()
-                else:
-                    torch.mul(t.view_of(t.parameter.grad), mask, out=master.grad)
-        self.optimizer.step()
-        self.write()
-
-    def write(self) -> bool:
-        """Write the masters into the model as they would be delivered: keep-bit rounded when rounding is on, so
-        that the fit's forwards see the rounded weights and their gradients move the masters (straight-through).
-        Returns False, writing the unrounded masters, when a weight has left float16's range (not deliverable)."""
-        deliverable = True
-        for t, master, shared in zip(self.targets, self.masters, self.shared):
-            if shared:
-                continue
-            w = master.to(t.weight.dtype)
-            if self.rounding[t.name] is not None:
-                if all_finite(w.to(torch.float16)):
-                    w = apply_keepbits(w, self.scalers[t.name], *self.rounding[t.name])
-                else:
-                    deliverable = False
-            t.weight.copy_(w)
-        return deliverable
 
 
 def reconstruct_block(block: nn.Module, targets: Sequence[Target], inputs: Sequence[torch.Tensor], extras: Sequence,
@@ -247,51 +165,19 @@ def reconstruct_block(block: nn.Module, targets: Sequence[Target], inputs: Seque
             raise ValueError(f"block reconstruction re-applies the keep-bit rounding with each layer's channel scaler, "
                              f"which the pruner of {missing[0]} does not have (the ADMM pruner's `scaler`); pass "
                              "keep_bits=None (--keep-bits none) or use the ADMM pruner")
-    fit, held = holdout_split(len(inputs))
-    fit_x, fit_e, fit_y = subset(inputs, fit), subset(extras, fit), subset(dense_outputs, fit)
+    fitted, held = holdout_split(len(inputs))
+    fit_x, fit_e, fit_y = subset(inputs, fitted), subset(extras, fitted), subset(dense_outputs, fitted)
     held_x, held_e, held_y = subset(inputs, held), subset(extras, held), subset(dense_outputs, held)
-    report = {"block": name, "fit_batches": len(fit), "heldout_batches": len(held),
-              "heldout_before": relative_mse(block, held_x, held_e, held_y, until)}
-    weights = _Weights(targets, lr, rounding, scalers or {})
-    steps = max(epochs * len(fit), 1)
-    decay = torch.optim.lr_scheduler.LambdaLR(weights.optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps))) \
-        if schedule == "cosine" else None
     scale = sum(y.float().square().sum(dtype=torch.float64).item() for y in fit_y) \
         / max(sum(y.numel() for y in fit_y), 1) or 1.0  # mean square of the dense outputs: the loss's unit
-    best, best_epoch = report["heldout_before"], 0
-    best_weights = [t.weight.detach().clone() for t in targets]
-    params = weights.parameters()
-    wanted = {id(p) for p in params}
-    requires = {p: p.requires_grad for p in block.parameters()}
-    epoch = 0
-    try:
-        for p in block.parameters():
-            p.requires_grad_(id(p) in wanted)
-        for epoch in range(1, epochs + 1):
-            order = torch.randperm(len(fit), generator=torch.Generator().manual_seed(epoch)).tolist()
-            with torch.enable_grad():
-                for b in order:
-                    (args, kwargs), x = fit_e[b], fit_x[b]  # read once: a HostStream copies it to the device
-                    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bfloat16):
-                        out = block_output(block, x, args, kwargs, until)
-                    loss = (out.float() - fit_y[b].float()).square().mean() / scale
-                    for p in params:
-                        p.grad = None
-                    loss.backward()
-                    weights.step()
-                    if decay is not None:
-                        decay.step()
-            heldout = relative_mse(block, held_x, held_e, held_y, until) if weights.write() else float("nan")
-            if heldout < best:  # a nan (diverged, or beyond float16 for the rounding) is never kept
-                best, best_epoch = heldout, epoch
-                best_weights = [t.weight.detach().clone() for t in targets]
-            elif epoch - best_epoch >= PATIENCE:
-                break
-    finally:
-        for p, flag in requires.items():
-            p.grad = None
-            p.requires_grad_(flag)
-        for t, w in zip(targets, best_weights):
-            t.weight.copy_(w)
-    report.update(epochs=epoch, best_epoch=best_epoch, heldout_after=best, seconds=time.perf_counter() - start)
-    return report
+
+    def loss(b: int) -> torch.Tensor:
+        (args, kwargs), x = fit_e[b], fit_x[b]  # read once: a HostStream copies it to the device
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bfloat16):
+            out = block_output(block, x, args, kwargs, until)
+        return (out.float() - fit_y[b].float()).square().mean() / scale
+
+    report = fit(block, Weights(targets, lr, rounding, scalers or {}), len(fitted), loss,
+                 lambda: relative_mse(block, held_x, held_e, held_y, until), epochs=epochs, schedule=schedule)
+    return {"block": name, "fit_batches": len(fitted), "heldout_batches": len(held), **report,
+            "seconds": time.perf_counter() - start}

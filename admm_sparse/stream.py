@@ -194,20 +194,25 @@ class _Injector(nn.Module):
         return self.outputs if self.outputs is not None else (args[0] if args else kwargs["hidden_states"])
 
 
+def head_logits(model, stack_name, blocks, batch: torch.Tensor, final: torch.Tensor) -> torch.Tensor:
+    """The model's logits for token windows `batch` whose final hidden states (the stack's output) are `final`:
+    what follows the stack (final norm, head) runs as the model runs it, the blocks do not."""
+    parent, attr = parent_module(model, stack_name)
+    setattr(parent, attr, nn.ModuleList([_Injector(final)] + [_Injector() for _ in range(len(blocks) - 1)]))
+    try:
+        return model(input_ids=batch, use_cache=False).logits
+    finally:
+        setattr(parent, attr, blocks)
+
+
 def stream_perplexity(model, stack_name, blocks, windows: list[torch.Tensor], finals: list[torch.Tensor], device,
                 group: Group) -> float:
     """exp(mean next-token NLL) of windows whose final hidden states (the stack's outputs) are `finals`, over
     every rank's windows. The batches' sums are added exactly rounded (math.fsum), so in any order: the
     same figure from any number of processes."""
-    parent, attr = parent_module(model, stack_name)
     sums = []
-    try:
-        for batch, final in zip(windows, finals):
-            setattr(parent, attr, nn.ModuleList([_Injector(final)] + [_Injector() for _ in range(len(blocks) - 1)]))
-            batch = batch.to(device)
-            logits = model(input_ids=batch, use_cache=False).logits
-            sums.append(nll_sum(logits, batch))
-    finally:
-        setattr(parent, attr, blocks)
+    for batch, final in zip(windows, finals):
+        batch = batch.to(device)
+        sums.append(nll_sum(head_logits(model, stack_name, blocks, batch, final), batch))
     sums = [pair for part in group.gather_objects(sums) for pair in part]
     return math.exp(math.fsum(nll for nll, _ in sums) / sum(count for _, count in sums))

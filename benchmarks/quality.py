@@ -66,6 +66,8 @@ class Run:
     reconstruct_dtype: str = "model"  # its forwards and backwards: model, or bfloat16 (autocast)
     reconstruct_unit: str = "block"  # what it fits at once: block, or sub-block (attention, then MLP)
     reconstruct_schedule: str = "constant"  # its learning rate: constant, or cosine (decayed to 0 over the epochs)
+    distill_epochs: int = 0  # distillation of the whole pruned model after the loop (admm_sparse.distill); 0 = off
+    distill_lr: float | None = None  # its relative learning rate; None = FloatSparseConfig's default
     sequential: bool = False  # a block's layers pruned group by group in data-flow order
     dense_targets: float = 0.0  # layers fitted to the dense model's outputs (1), their own (0), or a blend
     allocation: str = "uniform"  # how the sparsity is spread over layers: uniform, or error (admm_sparse.allocation)
@@ -79,7 +81,7 @@ class Run:
         alloc = "" if self.allocation == "uniform" else f"-alloc{'' if self.allocation == 'error' else self.allocation}"
         calib = "-calbf16" if self.calibration_dtype == "bfloat16" else ""
         return (f"{self.method}{mode}-{self.pattern}{rounding}{alloc}{'-seq' if self.sequential else ''}{dense}"
-                f"{self.reconstruction_key}{calib}")
+                f"{self.reconstruction_key}{self.distillation_key}{calib}")
 
     @property
     def reconstruction_key(self) -> str:
@@ -90,6 +92,24 @@ class Run:
         unit = "-sub" if self.reconstruct_unit == "sub-block" else ""
         schedule = "-cos" if self.reconstruct_schedule == "cosine" else ""
         return f"-recon{self.reconstruct_epochs}{lr}{schedule}{dtype}{unit}"
+
+    @property
+    def distillation_key(self) -> str:
+        if not self.distill_epochs:
+            return ""
+        lr = "" if self.distill_lr is None else f"-lr{self.distill_lr:g}"
+        # reconstruct_dtype is both fits' dtype: named once, in reconstruction's key when there is one
+        dtype = "-bf16" if self.reconstruct_dtype == "bfloat16" and not self.reconstruct_epochs else ""
+        return f"-distill{self.distill_epochs}{lr}{dtype}"
+
+    @property
+    def distillation_text(self) -> str:
+        """How distillation is named in the tables ('' when off)."""
+        if not self.distill_epochs:
+            return ""
+        lr = "" if self.distill_lr is None else f", lr {self.distill_lr:g}"
+        return f"distillation {self.distill_epochs} epochs{lr}" + (" in bfloat16" if self.reconstruct_dtype ==
+                                                                    "bfloat16" else "")
 
     @property
     def pattern(self) -> str:
@@ -108,6 +128,7 @@ class Run:
             lr += ", sub-blocks" if self.reconstruct_unit == "sub-block" else ""
             lr += ", cosine schedule" if self.reconstruct_schedule == "cosine" else ""
             name += f" + reconstruction ({self.reconstruct_epochs} epochs{lr})"
+        name += f" + {self.distillation_text}" if self.distill_epochs else ""
         name += ", calibration in bfloat16" if self.calibration_dtype == "bfloat16" else ""
         return name
 
@@ -209,6 +230,11 @@ ABLATION_RUNS = (
     # the preset need its other two levers once it reconstructs, and what does the time target cost?
     + [Run("admm", 0.5, reconstruct_epochs=epochs, reconstruct_dtype="bfloat16", calibration_dtype="bfloat16")
        for epochs in (5, 3)]
+    # distillation of the whole pruned model to the dense one's next-token distributions (admm_sparse.distill),
+    # alone and after reconstruction alone or the best combination, at the three targets (issue 27)
+    + [Run("admm", r, nm, reconstruct_epochs=epochs, reconstruct_dtype="bfloat16", calibration_dtype="bfloat16",
+           distill_epochs=2) for r, nm in ALL_THREE for epochs in (0, 3, 5)]
+    + _combined(ALL_THREE, calibration_dtype="bfloat16", distill_epochs=2)
 )
 QUICK_RUNS = [Run("magnitude", 0.5), Run("wanda", 0.5, (2, 4)), Run("sparsegpt", 0.5), Run("sparsegpt", 0.5, (2, 4)),
               Run("admm", 0.5), Run("admm", 0.5, None, 2), Run("admm", 0.5, (2, 4), mode="quality"),
@@ -279,12 +305,13 @@ def _prune_model(model, calib, run: Run, args):
     include = ["*"] if args.blocks is None else [f"model.layers.{i}.*" for i in range(args.blocks)]
     # keep_bits: the pruner applies the run's own; the loop re-applies it after block reconstruction
     lr = {} if run.reconstruct_lr is None else {"reconstruct_lr": run.reconstruct_lr}
+    lr |= {} if run.distill_lr is None else {"distill_lr": run.distill_lr}
     config = FloatSparseConfig(sparse_ratio=run.sparsity, include=include, keep_bits=run.keep_bits,
                                reconstruct_epochs=run.reconstruct_epochs, sequential=run.sequential,
                                dense_targets=run.dense_targets, allocation=run.allocation,
                                reconstruct_dtype=run.reconstruct_dtype, reconstruct_unit=run.reconstruct_unit,
                                reconstruct_schedule=run.reconstruct_schedule,
-                               calibration_dtype=run.calibration_dtype, **lr)
+                               distill_epochs=run.distill_epochs, calibration_dtype=run.calibration_dtype, **lr)
     return prune_blocks(model, calib, config, make_pruner=make_pruner_factory(run), progress=False)
 
 
@@ -435,6 +462,7 @@ def _levers(run: Run) -> str:
           + (", attention and MLP apart" if run.reconstruct_unit == "sub-block" else "")
           + (", cosine schedule" if run.reconstruct_schedule == "cosine" else "")]
          if run.reconstruct_epochs else []) + \
+        ([run.distillation_text] if run.distill_epochs else []) + \
         (["calibration passes in bfloat16"] if run.calibration_dtype == "bfloat16" else [])
     return ", ".join(parts) or "none"
 
@@ -747,6 +775,7 @@ def run_benchmark(args, argv) -> dict:
             achieved_sparsity=sum(r["sparsity"] * math.prod(r["shape"]) for r in reports) / numel,
             threads=torch.get_num_threads(),
             **({"reconstruction": pruned.reconstruction} if pruned.reconstruction else {}),
+            **({"distillation": pruned.distillation} if pruned.distillation else {}),
         )
         if args.export_check:
             results["runs"][run.key]["exported"] = export_check(model, data.tokenizer, [r["name"] for r in reports],

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import admm_sparse.pipeline as pipeline
-from admm_sparse import allocation, reconstruct
+from admm_sparse import allocation, fit, reconstruct
 from admm_sparse.config import ConfigError, FloatSparseConfig, parse_config
 from admm_sparse.distributed import Group
 from admm_sparse.keepbits import apply_keepbits
@@ -105,14 +105,14 @@ def test_the_learning_rate_schedule(monkeypatch, schedule):
     """cosine: each step's rate is the first one times (1 + cos(pi s / S)) / 2, S = epochs x fitted batches, s the
     steps before it; constant: every step's rate is the first one (the layer's lr x RMS of its kept weights)."""
     rates = []
-    real_step = reconstruct._Weights.step
+    real_step = fit.Weights.step
 
     def step(self):
         rates.append(self.optimizer.param_groups[0]["lr"])
         real_step(self)
 
-    monkeypatch.setattr(reconstruct._Weights, "step", step)
-    monkeypatch.setattr(reconstruct, "PATIENCE", 99)  # every epoch runs: the whole schedule is seen
+    monkeypatch.setattr(fit.Weights, "step", step)
+    monkeypatch.setattr(fit, "PATIENCE", 99)  # every epoch runs: the whole schedule is seen
     config = FloatSparseConfig(0.5, keep_bits=None, reconstruct_epochs=3, reconstruct_schedule=schedule,
                                include=["model.layers.0.*"])
     result = prune_blocks(tiny_model(layers=1), token_windows(16, 32), config, progress=False)
@@ -131,7 +131,7 @@ def test_a_fit_that_only_gets_worse_is_dropped_bitwise():
     result = prune_blocks(fitted, token_windows(), FloatSparseConfig(0.5, reconstruct_epochs=5, reconstruct_lr=10.0),
                           progress=False)
     for r in result.reconstruction:
-        assert r["best_epoch"] == 0 and r["epochs"] == reconstruct.PATIENCE
+        assert r["best_epoch"] == 0 and r["epochs"] == fit.PATIENCE
         assert r["heldout_after"] == r["heldout_before"]
     assert all(torch.equal(v, plain.state_dict()[k]) for k, v in fitted.state_dict().items())
 
@@ -245,10 +245,10 @@ def test_refusals_come_before_the_allocations_probe_pass(monkeypatch):
 
 
 def test_holdout_split():
-    assert reconstruct.holdout_split(2) == ([0], [1])
-    assert reconstruct.holdout_split(7) == ([0, 1, 2, 3, 4, 5], [6])
-    fit, held = reconstruct.holdout_split(17)
-    assert held == [7, 15] and len(fit) == 15
+    assert fit.holdout_split(2) == ([0], [1])
+    assert fit.holdout_split(7) == ([0, 1, 2, 3, 4, 5], [6])
+    fitted, held = fit.holdout_split(17)
+    assert held == [7, 15] and len(fitted) == 15
 
 
 def test_an_interrupted_run_resumes_to_the_same_blocks(tmp_path, monkeypatch):

@@ -1,0 +1,182 @@
+"""Distillation (admm_sparse.distill): the whole pruned model fitted to the dense model's next-token distributions
+after the block loop."""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from admm_sparse import fit
+from admm_sparse.config import ConfigError, FloatSparseConfig, parse_config
+from admm_sparse.distill import kl_to_dense
+from admm_sparse.distributed import Group
+from admm_sparse.evaluate import nll_sum
+from admm_sparse.keepbits import round_float16
+from admm_sparse.pipeline import prune_blocks, prune_model
+from admm_sparse.plan import make_plan
+from admm_sparse.resume import ResumeState
+from admm_sparse.stream import head_logits
+from test_pipeline import PlainModel, tiny_model, token_windows
+
+
+@settings(max_examples=30, deadline=None)
+@given(tokens=st.integers(1, 9), vocab=st.integers(2, 40), scale=st.floats(0.1, 30.0), seed=st.integers(0, 2**16))
+def test_kl_against_torch_kl_div(tokens, vocab, scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    dense = torch.randn(2, tokens, vocab, generator=g) * scale
+    pruned = torch.randn(2, tokens, vocab, generator=g) * scale
+    want = F.kl_div(F.log_softmax(pruned, -1), F.log_softmax(dense, -1), log_target=True, reduction="sum") \
+        / (2 * tokens)
+    assert kl_to_dense(pruned, dense).item() == pytest.approx(want.item(), rel=1e-4, abs=1e-6)
+    assert kl_to_dense(dense, dense).item() == pytest.approx(0.0, abs=1e-5)
+    # bfloat16 logits are compared in float32
+    assert kl_to_dense(pruned.bfloat16(), dense).dtype == torch.float32
+
+
+def test_head_logits_of_the_stacks_output_are_the_models_logits():
+    """The dense distributions come from the dense stream's final hidden states through the model's own head."""
+    model = tiny_model(layers=2)
+    batch = token_windows(2, 16)
+    stack_out = []
+    hook = model.model.layers[-1].register_forward_hook(
+        lambda module, args, out: stack_out.append(out[0] if isinstance(out, tuple) else out))
+    with torch.no_grad():
+        want = model(input_ids=batch).logits
+        hook.remove()
+        got = head_logits(model, "model.layers", model.model.layers, batch, stack_out[0])
+    assert torch.allclose(got, want, atol=1e-5)
+    assert all(type(b).__name__ == "LlamaDecoderLayer" for b in model.model.layers)  # the stack is back
+
+
+def pruned_pair(layers=2, **options):
+    """(dense, the model pruned without distillation, the model pruned with it, its result) on 16 windows."""
+    dense = tiny_model(layers=layers)
+    calib = token_windows(16, 32)
+    plain, distilled = copy.deepcopy(dense), copy.deepcopy(dense)
+    config = dict(sparse_ratio=0.6, keep_bits=None, **options)
+    prune_model(plain, calib, FloatSparseConfig(**config), progress=False)
+    result = prune_blocks(distilled, calib, FloatSparseConfig(**config, distill_epochs=4, distill_lr=3e-3),
+                          progress=False)
+    return dense, plain, distilled, result, calib
+
+
+def heldout_kl(model, dense, calib):
+    """The mean KL of the held-out calibration windows (every 8th), measured apart from the report."""
+    _, held = fit.holdout_split(len(calib))
+    with torch.no_grad():
+        return sum(kl_to_dense(model(input_ids=calib[b:b + 1]).logits, dense(input_ids=calib[b:b + 1]).logits).item()
+                   for b in held) / len(held)
+
+
+def test_zeros_stay_the_fit_lowers_the_held_out_kl_and_the_report_says_so():
+    dense, plain, distilled, result, calib = pruned_pair()
+    r = result.distillation
+    assert set(r) == {"fit_batches", "heldout_batches", "heldout_before", "heldout_after", "epochs", "best_epoch",
+                      "seconds"}
+    assert (r["fit_batches"], r["heldout_batches"]) == (14, 2) and 1 <= r["best_epoch"] <= r["epochs"] <= 4
+    assert r["heldout_after"] < r["heldout_before"]
+    # the report's figures are the models' own: before = the loop's result (the model pruned without it)
+    assert r["heldout_before"] == pytest.approx(heldout_kl(plain, dense, calib), rel=1e-4)
+    assert r["heldout_after"] == pytest.approx(heldout_kl(distilled, dense, calib), rel=1e-4)
+    targets = make_plan(distilled, FloatSparseConfig(0.6), None).targets
+    moved = 0
+    for name, t in targets.items():
+        before = plain.get_submodule(name).weight
+        assert torch.equal(before == 0, t.weight == 0), name
+        moved += not torch.equal(before, t.weight)
+    assert moved == len(targets)  # every pruned layer is fitted, in every block
+    # what is not a pruned weight is unchanged: norms, embeddings, head
+    plain_state = plain.state_dict()
+    for key, value in distilled.state_dict().items():
+        if not any(key == f"{name}.weight" for name in targets):
+            assert torch.equal(value, plain_state[key]), key
+
+
+def test_a_fit_that_only_gets_worse_is_dropped_bitwise():
+    dense = tiny_model(layers=2)
+    plain, distilled = copy.deepcopy(dense), copy.deepcopy(dense)
+    calib = token_windows(16, 32)
+    prune_model(plain, calib, FloatSparseConfig(0.5), progress=False)
+    result = prune_blocks(distilled, calib, FloatSparseConfig(0.5, distill_epochs=5, distill_lr=10.0), progress=False)
+    assert result.distillation["best_epoch"] == 0 and result.distillation["epochs"] == fit.PATIENCE
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in distilled.state_dict().items())
+
+
+def test_keep_bit_rounding_holds_after_the_fit():
+    """With keep_bits the fit works on the rounding's grid (straight-through): every distilled weight has keep_bits
+    mantissa bits in float16 but the keep_proportion whose mantissa stays whole; the unrounded masters would not."""
+    model = tiny_model(layers=2)
+    result = prune_blocks(model, token_windows(16, 32), FloatSparseConfig(0.5, keep_bits=2, distill_epochs=3,
+                                                                          distill_lr=3e-3), progress=False)
+    assert result.distillation["best_epoch"] >= 1
+    for name, t in make_plan(model, FloatSparseConfig(0.5), None).targets.items():
+        w = t.weight.detach()
+        assert torch.equal(w.half().float(), w), name  # float16 values, as delivered
+        off_grid = (round_float16(w, None, 2).float() != w).float().mean().item()
+        assert off_grid <= 0.03, name  # keep_proportion 0.02 of whole mantissas, ties at its threshold aside
+
+
+def test_evaluation_and_writer_see_the_distilled_model():
+    """The loop's perplexity after pruning and the written tensors are those of the model after distillation."""
+    dense = tiny_model(layers=2)
+    model = copy.deepcopy(dense)
+    written = {}
+
+    class Writer:
+        def add(self, tensors):
+            written.update({k: v.detach().clone() for k, v in tensors.items()})
+
+    windows = token_windows(4, 32, seed=5)
+    result = prune_blocks(model, token_windows(16, 32), FloatSparseConfig(0.6, keep_bits=None, distill_epochs=2,
+                                                                          distill_lr=3e-3),
+                          progress=False, writer=Writer(), eval_windows=windows)
+    assert result.distillation["best_epoch"] >= 1
+    with torch.no_grad():
+        nll, count = nll_sum(model(input_ids=windows).logits, windows)
+    assert result.perplexity_after == pytest.approx(math.exp(nll / count), rel=1e-5)
+    assert set(written) == set(model.state_dict())
+    assert all(torch.equal(written[k], v) for k, v in model.state_dict().items())
+
+
+def test_off_by_default():
+    assert FloatSparseConfig().distill_epochs == 0
+    result = prune_blocks(tiny_model(layers=1), token_windows(), FloatSparseConfig(0.5), progress=False)
+    assert result.distillation == {}
+
+
+def test_refusals(tmp_path):
+    config = FloatSparseConfig(0.5, distill_epochs=1)
+    flat = torch.nn.Sequential(torch.nn.Embedding(300, 16), torch.nn.Linear(16, 16))
+    with pytest.raises(ValueError, match="needs a stack of blocks"):
+        prune_model(flat, token_windows(), config, progress=False)
+    with pytest.raises(ValueError, match="not a causal language model"):  # a stack, but no input_ids
+        prune_blocks(PlainModel(), token_windows(), config, progress=False)
+    with pytest.raises(ValueError, match="one process"):
+
+        class TwoProcesses(Group):
+            size = 2
+
+        prune_blocks(tiny_model(layers=1), token_windows(), config, progress=False, group=TwoProcesses())
+    with pytest.raises(ValueError, match="at least 2 calibration batches"):
+        prune_blocks(tiny_model(layers=1), token_windows(1), config, progress=False)
+    with pytest.raises(ValueError, match="no per-block state"):
+        prune_blocks(tiny_model(layers=1), token_windows(), config, progress=False,
+                     state=ResumeState(tmp_path, {}))
+
+    class Streamed:  # any source that is not the model in memory
+        pass
+
+    with pytest.raises(ValueError, match="must be in memory"):
+        prune_blocks(tiny_model(layers=1), token_windows(), config, progress=False, source=Streamed())
+
+
+def test_config_options():
+    config = parse_config({"spec": {"process": [{"type": "float_sparse", "distill_epochs": 2, "distill_lr": 1e-4}]}})
+    assert (config.distill_epochs, config.distill_lr) == (2, 1e-4)
+    with pytest.raises(ConfigError, match="distill_epochs"):
+        FloatSparseConfig(distill_epochs=-1)
+    with pytest.raises(ConfigError, match="distill_lr"):
+        FloatSparseConfig(distill_lr=0)
