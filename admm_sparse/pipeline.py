@@ -9,7 +9,9 @@ Mixtral, Qwen3-MoE, DeepSeek-V3, ...):
    layers (admm_sparse.plan chose them; admm_sparse.targets reads Linears, Conv1Ds, experts of fused MoE
    parameters), run the batches, prune those layers (admm_sparse.feed), (optionally) fit their kept weights to
    the dense block's outputs (admm_sparse.reconstruct), run the block again with the pruned weights to make the
-   next block's inputs, move it back. Only one block is on the compute device at a time.
+   next block's inputs, move it back. Only one block is on the compute device at a time;
+3. (optionally) distillation: the whole pruned model fitted to the dense model's next-token distributions
+   (admm_sparse.distill; the model on the device at once), then each block evaluated, checked and written.
 Models without a block stack fall back to collecting every selected layer in one pass of the whole model.
 """
 from __future__ import annotations
@@ -206,7 +208,7 @@ def _probe_pass(model, the_plan: Plan, batches, device, home, config, progress, 
     no rounding, no reconstruction): the probes' report rows."""
     # sparse_ratio: any valid one (a budget's config has none); the probes choose their own ratios
     probe_config = dataclasses.replace(config, sparse_ratio=0.5, mode="fast", keep_bits=None, round_in_admm=None,
-                                       reconstruct_epochs=0, dense_targets=0.0, sequential=False,
+                                       reconstruct_epochs=0, distill_epochs=0, dense_targets=0.0, sequential=False,
                                        allocation="uniform", target_bits_per_weight=None)
     options = probe_config.pruner_options()
     uniform = {name: probe_config.sparse_ratio for name in the_plan.targets}

@@ -62,6 +62,7 @@ def test_prune_atlas_end_to_end(model_dir, files, tmp_path, capsys):
                                  "keep_proportion": 0.02, "salience_bits": None,
                                  "reconstruct_epochs": 0, "reconstruct_lr": 3e-3, "reconstruct_dtype": "model",
                                  "reconstruct_schedule": "constant", "reconstruct_unit": "block",
+                                 "distill_epochs": 0, "distill_lr": 3e-4,
                                  "dense_targets": 0.0, "sequential": False, "stream_memory": "device",
                                  "allocation": "uniform", "target_bits_per_weight": None}
     assert summary["summary"]["layers"] == 6
@@ -186,6 +187,7 @@ def test_mask_structure_and_mode_flags_override_the_config(model_dir, files, tmp
                                  "keep_proportion": 0.02, "salience_bits": None,
                                  "reconstruct_epochs": 0, "reconstruct_lr": 3e-3, "reconstruct_dtype": "model",
                                  "reconstruct_schedule": "constant", "reconstruct_unit": "block",
+                                 "distill_epochs": 0, "distill_lr": 3e-4,
                                  "dense_targets": 0.0, "sequential": False, "stream_memory": "device",
                                  "allocation": "uniform", "target_bits_per_weight": None}
     report = json.loads((out / "prune_report.json").read_text())
@@ -215,6 +217,22 @@ def test_block_reconstruction_flags_reach_the_loop_and_the_report(model_dir, fil
     assert sum(line.startswith("reconstructed model.layers.") for line in stdout.splitlines()) == 2
 
 
+def test_distillation_loads_a_safetensors_folder_whole_and_reports_the_fit(model_dir, files, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert prune(model_dir, files, out, "--distill-epochs", "2", "--distill-lr", "0.003", "--eval-text",
+                 str(files[1]), "--eval-windows", "2") == 0
+    stdout = capsys.readouterr().out
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    assert (summary["config"]["distill_epochs"], summary["config"]["distill_lr"]) == (2, 0.003)
+    report = json.loads((out / "prune_report.json").read_text())
+    assert report["streamed"] is False  # distillation fits the whole model: the folder is loaded, not streamed
+    fit = report["distillation"]
+    assert fit["heldout_after"] <= fit["heldout_before"] and fit["epochs"] <= 2
+    assert sum(line.startswith("distilled: KL") for line in stdout.splitlines()) == 1
+    assert prune(model_dir, files, tmp_path / "again", "--distill-epochs", "2", "--resume") == 2
+    assert "no state to resume from" in capsys.readouterr().err
+
+
 def test_n_m_that_does_not_divide_a_layer_leaves_it_dense_with_a_warning(model_dir, files, tmp_path, capsys):
     # gate/up have 32 inputs, down 64: 32:64 fits only down_proj
     with pytest.warns(UserWarning, match=r"in_features divisible by 64; left dense: .*gate_proj"):
@@ -227,7 +245,8 @@ def test_n_m_that_does_not_divide_a_layer_leaves_it_dense_with_a_warning(model_d
                                            (["--mask-structure", "2:4", "--sparse-ratio", "0.3"], "contradicts"),
                                            (["--sparse-ratio", "1.0"], "sparse_ratio"),
                                            (["--reconstruct-epochs", "-1"], "reconstruct_epochs"),
-                                           (["--reconstruct-lr", "0"], "reconstruct_lr")])
+                                           (["--reconstruct-lr", "0"], "reconstruct_lr"),
+                                           (["--distill-epochs", "-1"], "distill_epochs")])
 def test_bad_structure_flags_exit_2(model_dir, files, tmp_path, capsys, flags, message):
     out = tmp_path / "out"
     assert prune(model_dir, files, out, *flags) == 2

@@ -28,6 +28,7 @@ def test_load_good_file(tmp_path):
                              "salience_bits": None,
                              "reconstruct_epochs": 0, "reconstruct_lr": 3e-3, "reconstruct_dtype": "model",
                              "reconstruct_schedule": "constant", "reconstruct_unit": "block",
+                             "distill_epochs": 0, "distill_lr": 3e-4,
                              "dense_targets": 0.0, "sequential": False, "stream_memory": "device",
                              "allocation": "uniform", "target_bits_per_weight": None}
 
@@ -111,8 +112,7 @@ EXACT = {
     "{mask_structure: '2:4', sparse_ratio: 0.3}": "sparse_ratio: mask_structure '2:4' prunes 2 of every 4 weights "
                                                   "(sparse_ratio 0.5); sparse_ratio=0.3 contradicts it: pass "
                                                   "sparse_ratio=None or 0.5",
-    "reconstruct_epochs: 2.5": "reconstruct_epochs: expected a whole number of epochs >= 0 (0: no block "
-                               "reconstruction), got 2.5",
+    "reconstruct_epochs: 2.5": "reconstruct_epochs: expected a whole number of epochs >= 0 (0: off), got 2.5",
     "reconstruct_lr: -0.1": "reconstruct_lr: expected a learning rate > 0 such as 0.003, got -0.1",
 }
 

@@ -141,6 +141,31 @@ def test_evaluation_and_writer_see_the_distilled_model():
     assert all(torch.equal(written[k], v) for k, v in model.state_dict().items())
 
 
+def test_host_streams_give_the_same_model():
+    """The dense finals as a host stream (stream_memory host) give the model device streams give, bit for bit."""
+    dense = tiny_model(layers=2)
+    models = [copy.deepcopy(dense) for _ in range(2)]
+    for model, memory in zip(models, ("device", "host")):
+        prune_blocks(model, token_windows(16, 32), FloatSparseConfig(0.5, keep_bits=None, distill_epochs=2,
+                                                                     distill_lr=3e-3, stream_memory=memory),
+                     progress=False)
+    a, b = (m.state_dict() for m in models)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], dense.state_dict()[k]) for k in a)
+
+
+def test_the_allocations_probe_pass_does_not_distill(monkeypatch):
+    """allocation error runs the loop twice (a probe pass, then the pruning): distillation runs once, at the end."""
+    from admm_sparse import distill
+
+    calls = []
+    real = distill.distill
+    monkeypatch.setattr(distill, "distill", lambda *a, **k: calls.append(1) or real(*a, **k))
+    prune_blocks(tiny_model(layers=1), token_windows(16, 32), FloatSparseConfig(0.5, allocation="error",
+                                                                                distill_epochs=1), progress=False)
+    assert calls == [1]
+
+
 def test_off_by_default():
     assert FloatSparseConfig().distill_epochs == 0
     result = prune_blocks(tiny_model(layers=1), token_windows(), FloatSparseConfig(0.5), progress=False)

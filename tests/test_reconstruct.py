@@ -176,7 +176,7 @@ def test_rounding_by_salience_is_the_grid_the_fit_works_on(monkeypatch):
         outputs.append(out.clone())
         return out
 
-    monkeypatch.setattr(reconstruct, "apply_keepbits", recording)
+    monkeypatch.setattr(fit, "apply_keepbits", recording)
     model = tiny_model(layers=2)
     result = prune_blocks(model, token_windows(16, 32), FloatSparseConfig(0.6, reconstruct_epochs=4, salience_bits=1.0,
                                                                           reconstruct_lr=1e-2), progress=False)
