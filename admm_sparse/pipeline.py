@@ -30,18 +30,22 @@ from tqdm.auto import tqdm
 
 from . import allocation, budget
 from . import device as devices
-from .config import FloatSparseConfig
 from . import distill as distillation
+from .config import FloatSparseConfig
 from .distributed import Group
 from .feed import PrunerFactory, prune_block, prune_targets
+from .fit import holdout_split
 from .host_stream import hold
 from .layer import AdmmPruner
 from .plan import Plan, make_plan
-from .fit import holdout_split
 from .reconstruct import SubBlocks, find_sub_blocks, reconstruct_block
 from .source import InMemorySource
 from .stream import (calib_batches, call_model, calibration_autocast, capture_block_inputs, check_finite_stream,
                      run_block, run_dense_block, stream_perplexity)
+
+# The fits after pruning (their epochs option, and what they are called in messages): refused alike where they
+# cannot run (no stack of blocks, several processes, too few batches to hold some out).
+FITS = (("reconstruct_epochs", "block reconstruction"), ("distill_epochs", "distillation"))
 
 
 def admm_pruner_factory(config: FloatSparseConfig, layer_options: dict[str, dict] | None = None) -> PrunerFactory:
@@ -143,7 +147,7 @@ def prune_blocks(model: nn.Module, calib, config: FloatSparseConfig | None = Non
             if the_plan.stack is None:
                 if writer is not None or eval_windows is not None or dtype_check is not None or group.size > 1:
                     raise ValueError("this model has no stack of blocks: it can only be pruned in memory, as a whole")
-                for option, what in (("reconstruct_epochs", "block reconstruction"), ("distill_epochs", "distillation")):
+                for option, what in FITS:
                     if getattr(config, option):
                         raise ValueError(f"{what} ({option}) needs a stack of blocks; this model has none: set "
                                          f"{option} to 0")
@@ -224,7 +228,7 @@ def _probe_pass(model, the_plan: Plan, batches, device, home, config, progress, 
 
 def _check_blockwise(model, config: FloatSparseConfig, batches, group: Group, source, state) -> None:
     """The block loop's refusals, raised before any work."""
-    for option, what in (("reconstruct_epochs", "block reconstruction"), ("distill_epochs", "distillation")):
+    for option, what in FITS:
         if getattr(config, option) > 0:
             if group.size > 1:
                 raise ValueError(f"{what} ({option}) runs in one process; this run has {group.size}: run it without "
