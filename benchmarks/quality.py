@@ -491,8 +491,8 @@ def _ablation(results: dict, runs: dict) -> list[str]:
 
 
 def _fits(results: dict) -> list[str]:
-    """Block reconstruction's own reports, summed per run (and per part for sub-blocks): where its time goes and
-    how much each fit lowers its block's held-out error."""
+    """Block reconstruction's own reports, summed per run (and per part for sub-blocks), and distillation's: where
+    their time goes and how much each fit lowers its held-out error."""
     rows = []
     for key, r in sorted(results["runs"].items()):
         for part in sorted({f.get("part") or "block" for f in r.get("reconstruction", [])}):
@@ -502,9 +502,15 @@ def _fits(results: dict) -> list[str]:
             rows.append(f"| `{key}` | {part} | {seconds:.0f} | {seconds / r['prune_seconds']:.0%} "
                         f"| {statistics.median(gains):.1%} | {gains[0]:.1%} "
                         f"| {sum(f['best_epoch'] == f['epochs'] for f in fits)} of {len(fits)} |")
+        if "distillation" in r:  # one fit of the whole model: its held-out KL's gain
+            f = r["distillation"]
+            gain = 1 - f["heldout_after"] / f["heldout_before"] if f["heldout_before"] > 0 else 0.0
+            rows.append(f"| `{key}` | distillation | {f['seconds']:.0f} | {f['seconds'] / r['prune_seconds']:.0%} "
+                        f"| {gain:.1%} (KL) | - | {int(f['best_epoch'] == f['epochs'])} of 1 |")
     if not rows:
         return []
-    return ["", "### Block reconstruction's fits, from their per-block reports", "",
+    return ["", "### Block reconstruction's and distillation's fits, from their reports", "",
+            "Distillation's gain is that of its held-out KL to the dense model's next-token distributions.", "",
             "| Run | Part | Fit s | Of prune time | Median held-out gain | First block's gain | Fits that kept their "
             "last epoch |", "|---|---|---|---|---|---|---|"] + rows
 

@@ -93,6 +93,22 @@ def test_the_best_presets_targets_are_read_from_its_own_runs():
     assert quality.session_id().startswith(time.strftime("%Y-%m-%d"))
 
 
+def test_distillation_runs_are_named_and_their_fit_reported():
+    both = quality.Run("admm", 0.5, reconstruct_epochs=5, reconstruct_dtype="bfloat16", distill_epochs=2,
+                       calibration_dtype="bfloat16")
+    assert both.key == "admm-0.5-recon5-bf16-distill2-calbf16"  # bfloat16 named once: both fits' dtype
+    alone = quality.Run("admm", 0.5, reconstruct_dtype="bfloat16", distill_epochs=2, distill_lr=1e-3)
+    assert alone.key == "admm-0.5-distill2-lr0.001-bf16"
+    assert alone.method_name == "ADMM + distillation 2 epochs, lr 0.001 in bfloat16"
+    results = fake_results()
+    results["runs"][alone.key] = dict(results["runs"]["admm-0.5"], run=alone.__dict__, perplexity=21.0,
+                                      prune_seconds=200.0, distillation=dict(heldout_before=0.5, heldout_after=0.4,
+                                                                             epochs=2, best_epoch=2, seconds=50.0))
+    md = quality.render_markdown(results, None)
+    assert f"| `{alone.key}` | distillation | 50 | 25% | 20.0% (KL) | - | 1 of 1 |" in md
+    assert "| 0.5 | seed | off | distillation 2 epochs, lr 0.001 in bfloat16 | 21.00 | 24.00 | 0.88 |" in md
+
+
 def test_write_section_only_touches_its_markers(tmp_path):
     path = tmp_path / "RESULTS.md"
     write_section(path, f"{quality.BEGIN}\nfirst\n{quality.END}", quality.BEGIN, quality.END)
