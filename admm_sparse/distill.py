@@ -12,9 +12,10 @@ one can: how the later blocks and the head read a block's error.
   RMS, every 8th calibration batch held out (its mean KL picks the kept epoch and stops the fit; epoch 0 is the
   model as the loop left it, so the result is never worse on the held-out batches), keep-bit rounding re-applied
   straight-through after every step. Biases, norms, embeddings, the head and unpruned layers stay as they are;
-- the whole model is on the compute device for the fit, with the masters and Adam's two moments (12 bytes per
-  pruned weight beside the model) and one batch's activations for the backward pass: the model must be in memory
-  (not streamed), and the fit runs in one process.
+- the whole model is on the compute device for the fit, with, for every weight of a pruned layer (its zeros
+  included: the tensors are dense), Adam's two float32 moments, the gradients and a float32 master where the layer
+  is not float32 (about 16 bytes beside the model), and one batch's activations for the backward pass: the model
+  must be in memory (not streamed), and the fit runs in one process.
 """
 from __future__ import annotations
 
