@@ -59,8 +59,7 @@ def _logits(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
 
 def distill(model: nn.Module, stack_name: str, blocks: nn.ModuleList, targets: Sequence[Target],
             batches: Sequence[torch.Tensor], dense_finals: Sequence[torch.Tensor], device: torch.device, *,
-            epochs: int, lr: float, rounding: dict, scalers: dict, bfloat16: bool = False,
-            schedule: str = "constant") -> dict:
+            epochs: int, lr: float, rounding: dict, scalers: dict, bfloat16: bool = False) -> dict:
     """Fit the pruned `targets` of `model` (weights in place, masks fixed) so that its next-token distributions on
     the calibration token `batches` approach the dense model's, whose final hidden states (the stack's output) on
     each batch are `dense_finals`; see the module's docstring. The model runs on `device` and goes back where it
@@ -90,8 +89,7 @@ def distill(model: nn.Module, stack_name: str, blocks: nn.ModuleList, targets: S
             value = sum(values) / len(values)
             return value if value == value and value != float("inf") else float("nan")
 
-        report = fit(model, Weights(targets, lr, rounding, scalers), len(fitted), loss, heldout_error,
-                     epochs=epochs, schedule=schedule)
+        report = fit(model, Weights(targets, lr, rounding, scalers), len(fitted), loss, heldout_error, epochs=epochs)
     finally:
         model.to(home)
     return {"fit_batches": len(fitted), "heldout_batches": len(held), **report,
