@@ -516,8 +516,9 @@ def _fits(results: dict) -> list[str]:
 
 
 def session_id() -> str:
-    """This machine's session: the date and the kernel's boot id (each session gets a fresh machine, whose CPU may
-    differ: the seed mode at 0.5 took 195 s and 230 s in two sessions of 2026-12-07)."""
+    """This machine's session: the date and the kernel's boot id (a machine started afresh may have another CPU:
+    2026-12-02's had AMX, 2026-12-07's AVX512-BF16 only; on one boot the seed mode at 0.5 still took 196 to 230 s
+    in two sessions, so a time ratio holds to about 15%)."""
     boot = Path("/proc/sys/kernel/random/boot_id")
     return time.strftime("%Y-%m-%d") + (" " + boot.read_text().strip()[:8] if boot.exists() else "")
 
