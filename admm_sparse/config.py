@@ -40,8 +40,8 @@ OPTIONS declares every processor option once (name, default, one-line doc, how a
 reads, who reads it, its check); the YAML keys, the `admm-sparse prune` flags (--sparse-ratio, --keep-bits, ...)
 and FloatSparseConfig's keyword arguments all come from it, and the checks run in one place
 (FloatSparseConfig.__post_init__: each option's own check, layer.check_options for the pruner's). The pruner's
-options reach each layer's pruner (pruner_options); the loop's (calibration_dtype, reconstruct_*, dense_targets,
-sequential, stream_memory, allocation) the block loop only. PLACEMENT_OPTIONS say where the work happens, not
+options reach each layer's pruner (pruner_options); the loop's (calibration_dtype, reconstruct_*, distill_*,
+dense_targets, sequential, stream_memory, allocation) the block loop only. PLACEMENT_OPTIONS say where the work happens, not
 what it computes: a resumed run may change them.
 """
 from __future__ import annotations
