@@ -103,10 +103,12 @@ def fit(module: nn.Module, weights: Weights, batches: int, loss: Callable[[int],
     """Fit `weights` (of `module`'s layers) for at most `epochs` epochs over fitted batches 0 .. batches - 1, where
     loss(b) is batch b's loss (a scalar to minimise, computed with gradients) and heldout_error() the error that
     picks the kept epoch (nan: never kept). Only the weights' parameters take gradients meanwhile. The model ends
-    with the best epoch's weights. Returns {"heldout_before", "heldout_after", "epochs", "best_epoch"}."""
+    with the best epoch's weights. Returns {"heldout_before", "heldout_after", "epochs", "best_epoch",
+    "heldout_by_epoch"} (the held-out error after each epoch run, nan where it was not deliverable)."""
     before = heldout_error()
     best, best_epoch = before, 0
     best_weights = [t.weight.detach().clone() for t in weights.targets]
+    history = []
     steps = max(epochs * batches, 1)
     decay = torch.optim.lr_scheduler.LambdaLR(weights.optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps))) \
         if schedule == "cosine" else None
@@ -129,6 +131,7 @@ def fit(module: nn.Module, weights: Weights, batches: int, loss: Callable[[int],
                     if decay is not None:
                         decay.step()
             heldout = heldout_error() if weights.write() else float("nan")
+            history.append(heldout)
             if heldout < best:  # a nan (diverged, or beyond float16 for the rounding) is never kept
                 best, best_epoch = heldout, epoch
                 best_weights = [t.weight.detach().clone() for t in weights.targets]
@@ -140,4 +143,5 @@ def fit(module: nn.Module, weights: Weights, batches: int, loss: Callable[[int],
             p.requires_grad_(flag)
         for t, w in zip(weights.targets, best_weights):
             t.weight.copy_(w)
-    return {"heldout_before": before, "heldout_after": best, "epochs": epoch, "best_epoch": best_epoch}
+    return {"heldout_before": before, "heldout_after": best, "epochs": epoch, "best_epoch": best_epoch,
+            "heldout_by_epoch": history}

@@ -235,6 +235,9 @@ ABLATION_RUNS = (
     + [Run("admm", r, nm, reconstruct_epochs=epochs, reconstruct_dtype="bfloat16", calibration_dtype="bfloat16",
            distill_epochs=2) for r, nm in ALL_THREE for epochs in (0, 3, 5)]
     + _combined(ALL_THREE, calibration_dtype="bfloat16", distill_epochs=2)
+    # longer distillation after the best combination: every 2-epoch fit kept its last epoch (the fit stops itself
+    # after 2 epochs without a better held-out KL)
+    + _combined(ALL_THREE, calibration_dtype="bfloat16", distill_epochs=6)
 )
 QUICK_RUNS = [Run("magnitude", 0.5), Run("wanda", 0.5, (2, 4)), Run("sparsegpt", 0.5), Run("sparsegpt", 0.5, (2, 4)),
               Run("admm", 0.5), Run("admm", 0.5, None, 2), Run("admm", 0.5, (2, 4), mode="quality"),
@@ -505,8 +508,10 @@ def _fits(results: dict) -> list[str]:
         if "distillation" in r:  # one fit of the whole model: its held-out KL's gain
             f = r["distillation"]
             gain = 1 - f["heldout_after"] / f["heldout_before"] if f["heldout_before"] > 0 else 0.0
+            history = f.get("heldout_by_epoch")  # per epoch, in the reports since issue 27's fourth session
+            path = " " + " -> ".join(f"{kl:.3f}" for kl in [f["heldout_before"], *history]) if history else ""
             rows.append(f"| `{key}` | distillation | {f['seconds']:.0f} | {f['seconds'] / r['prune_seconds']:.0%} "
-                        f"| {gain:.1%} (KL) | - | {int(f['best_epoch'] == f['epochs'])} of 1 |")
+                        f"| {gain:.1%} (KL{path}) | - | {int(f['best_epoch'] == f['epochs'])} of 1 |")
     if not rows:
         return []
     return ["", "### Block reconstruction's and distillation's fits, from their reports", "",

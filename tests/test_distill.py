@@ -75,8 +75,10 @@ def test_zeros_stay_the_fit_lowers_the_held_out_kl_and_the_report_says_so():
     dense, plain, distilled, result, calib = pruned_pair()
     r = result.distillation
     assert set(r) == {"fit_batches", "heldout_batches", "heldout_before", "heldout_after", "epochs", "best_epoch",
-                      "seconds"}
+                      "heldout_by_epoch", "seconds"}
     assert (r["fit_batches"], r["heldout_batches"]) == (14, 2) and 1 <= r["best_epoch"] <= r["epochs"] <= 4
+    assert len(r["heldout_by_epoch"]) == r["epochs"] and r["heldout_by_epoch"][r["best_epoch"] - 1] == \
+        r["heldout_after"] == min(r["heldout_by_epoch"])
     assert r["heldout_after"] < r["heldout_before"]
     # the report's figures are the models' own: before = the loop's result (the model pruned without it)
     assert r["heldout_before"] == pytest.approx(heldout_kl(plain, dense, calib), rel=1e-4)

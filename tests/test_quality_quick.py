@@ -105,7 +105,10 @@ def test_distillation_runs_are_named_and_their_fit_reported():
                                       prune_seconds=200.0, distillation=dict(heldout_before=0.5, heldout_after=0.4,
                                                                              epochs=2, best_epoch=2, seconds=50.0))
     md = quality.render_markdown(results, None)
-    assert f"| `{alone.key}` | distillation | 50 | 25% | 20.0% (KL) | - | 1 of 1 |" in md
+    assert f"| `{alone.key}` | distillation | 50 | 25% | 20.0% (KL) | - | 1 of 1 |" in md  # a report before histories
+    results["runs"][alone.key]["distillation"]["heldout_by_epoch"] = [0.45, 0.4]
+    md = quality.render_markdown(results, None)
+    assert f"| `{alone.key}` | distillation | 50 | 25% | 20.0% (KL 0.500 -> 0.450 -> 0.400) | - | 1 of 1 |" in md
     assert "| 0.5 | seed | off | distillation 2 epochs, lr 0.001 in bfloat16 | 21.00 | 24.00 | 0.88 |" in md
 
 

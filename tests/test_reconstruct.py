@@ -93,8 +93,10 @@ def test_lowers_the_blocks_error_and_never_raises_the_held_out_one(dtype):
     for r in result.reconstruction:
         assert r["heldout_after"] <= r["heldout_before"] and set(r) == {
             "block", "fit_batches", "heldout_batches", "heldout_before", "heldout_after", "epochs", "best_epoch",
-            "seconds"}
+            "heldout_by_epoch", "seconds"}
         assert (r["fit_batches"], r["heldout_batches"]) == (14, 2) and 1 <= r["best_epoch"] <= r["epochs"] <= 4
+        assert len(r["heldout_by_epoch"]) == r["epochs"] and r["heldout_by_epoch"][r["best_epoch"] - 1] == \
+            r["heldout_after"] == min(r["heldout_by_epoch"])
     # Measured apart from the report: block 0 (same inputs in both streams) on all calibration windows.
     before, after = block0_relative_mse(plain, dense, calib), block0_relative_mse(fitted, dense, calib)
     assert after < 0.95 * before
