@@ -51,6 +51,11 @@ JSON_OUT = ROOT / "benchmarks" / "results" / "quality.json"
 DENSE_REFERENCE_PPL = 20.41  # BENCHMARKS.md's check of the set-up
 
 
+def _fit_key(name: str, epochs: int, lr: float | None, suffixes: str) -> str:
+    """A fit's part of a run key: '' when off, else e.g. '-recon5-lr0.001-bf16'."""
+    return f"-{name}{epochs}{'' if lr is None else f'-lr{lr:g}'}{suffixes}" if epochs else ""
+
+
 @dataclass(frozen=True)
 class Run:
     """One whole-model pruning run."""
@@ -85,22 +90,27 @@ class Run:
 
     @property
     def reconstruction_key(self) -> str:
-        if not self.reconstruct_epochs:
-            return ""
-        lr = "" if self.reconstruct_lr is None else f"-lr{self.reconstruct_lr:g}"
-        dtype = "-bf16" if self.reconstruct_dtype == "bfloat16" else ""
         unit = "-sub" if self.reconstruct_unit == "sub-block" else ""
         schedule = "-cos" if self.reconstruct_schedule == "cosine" else ""
-        return f"-recon{self.reconstruct_epochs}{lr}{schedule}{dtype}{unit}"
+        dtype = "-bf16" if self.reconstruct_dtype == "bfloat16" else ""
+        return _fit_key("recon", self.reconstruct_epochs, self.reconstruct_lr, schedule + dtype + unit)
 
     @property
     def distillation_key(self) -> str:
-        if not self.distill_epochs:
-            return ""
-        lr = "" if self.distill_lr is None else f"-lr{self.distill_lr:g}"
         # reconstruct_dtype is both fits' dtype: named once, in reconstruction's key when there is one
         dtype = "-bf16" if self.reconstruct_dtype == "bfloat16" and not self.reconstruct_epochs else ""
-        return f"-distill{self.distill_epochs}{lr}{dtype}"
+        return _fit_key("distill", self.distill_epochs, self.distill_lr, dtype)
+
+    @property
+    def reconstruction_text(self) -> str:
+        """How block reconstruction is named in the tables ('' when off)."""
+        if not self.reconstruct_epochs:
+            return ""
+        details = ("" if self.reconstruct_lr is None else f", lr {self.reconstruct_lr:g}") + \
+            (", bfloat16" if self.reconstruct_dtype == "bfloat16" else "") + \
+            (", sub-blocks" if self.reconstruct_unit == "sub-block" else "") + \
+            (", cosine schedule" if self.reconstruct_schedule == "cosine" else "")
+        return f"reconstruction ({self.reconstruct_epochs} epochs{details})"
 
     @property
     def distillation_text(self) -> str:
@@ -122,12 +132,7 @@ class Run:
         name += " + error allocation" if self.allocation == "error" else ""
         name += " + sequential" if self.sequential else ""
         name += f" + dense targets {self.dense_targets:g}" if self.dense_targets else ""
-        if self.reconstruct_epochs:
-            lr = "" if self.reconstruct_lr is None else f", lr {self.reconstruct_lr:g}"
-            lr += ", bfloat16" if self.reconstruct_dtype == "bfloat16" else ""
-            lr += ", sub-blocks" if self.reconstruct_unit == "sub-block" else ""
-            lr += ", cosine schedule" if self.reconstruct_schedule == "cosine" else ""
-            name += f" + reconstruction ({self.reconstruct_epochs} epochs{lr})"
+        name += f" + {self.reconstruction_text}" if self.reconstruct_epochs else ""
         name += f" + {self.distillation_text}" if self.distill_epochs else ""
         name += ", calibration in bfloat16" if self.calibration_dtype == "bfloat16" else ""
         return name
@@ -459,12 +464,7 @@ def _levers(run: Run) -> str:
     parts = (["error allocation"] if run.allocation == "error" else []) + \
         (["sequential"] if run.sequential else []) + \
         ([f"dense targets {run.dense_targets:g}"] if run.dense_targets else []) + \
-        ([f"reconstruction {run.reconstruct_epochs} epochs" + ("" if run.reconstruct_lr is None else
-                                                               f" (lr {run.reconstruct_lr:g})")
-          + (" in bfloat16" if run.reconstruct_dtype == "bfloat16" else "")
-          + (", attention and MLP apart" if run.reconstruct_unit == "sub-block" else "")
-          + (", cosine schedule" if run.reconstruct_schedule == "cosine" else "")]
-         if run.reconstruct_epochs else []) + \
+        ([run.reconstruction_text] if run.reconstruct_epochs else []) + \
         ([run.distillation_text] if run.distill_epochs else []) + \
         (["calibration passes in bfloat16"] if run.calibration_dtype == "bfloat16" else [])
     return ", ".join(parts) or "none"
