@@ -128,8 +128,8 @@ def find_sub_blocks(block: nn.Module, targets: Sequence[Target], hidden: torch.T
 
 def relative_mse(block: nn.Module, inputs: Sequence[torch.Tensor], extras: Sequence, targets: Sequence[torch.Tensor],
                  until: nn.Module | None = None) -> float:
-    """sum |block(x) - y|^2 / sum |y|^2 over the batches, in float64 sums (nan when not finite); block(x) stops at
-    `until` (block_output)."""
+    """sum |block(x) - y|^2 / sum |y|^2 over the batches, in float64 sums; block(x) stops at `until`
+    (block_output)."""
     err = torch.zeros((), dtype=torch.float64)
     total = torch.zeros((), dtype=torch.float64)
     with torch.no_grad():
@@ -137,8 +137,7 @@ def relative_mse(block: nn.Module, inputs: Sequence[torch.Tensor], extras: Seque
             y = y.float()
             err += (block_output(block, h, args, kwargs, until).float() - y).square().sum(dtype=torch.float64).cpu()
             total += y.square().sum(dtype=torch.float64).cpu()
-    value = (err / total.clamp_min(torch.finfo(torch.float64).tiny)).item()
-    return value if value == value and value != float("inf") else float("nan")
+    return (err / total.clamp_min(torch.finfo(torch.float64).tiny)).item()
 
 
 def reconstruct_block(block: nn.Module, targets: Sequence[Target], inputs: Sequence[torch.Tensor], extras: Sequence,
