@@ -346,6 +346,7 @@ def _prune_blockwise(model, the_plan: Plan, batches, device, make_pruner, config
                        {"rows": result.rows, "seconds": result.block_seconds, "reconstruction": result.reconstruction,
                         "dtype_check": dtype_check.result if dtype_check is not None else None})
     if distilling:
+        hidden = None  # the pruned stream: the fit runs the model from the token ids, so its memory is freed first
         if distilled:
             rounding = keep_rounding(config, [t.name for t in distilled], layer_options or {})
             result.distillation = distillation.distill(
