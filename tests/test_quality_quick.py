@@ -74,6 +74,14 @@ def test_the_best_presets_targets_are_read_from_its_own_runs():
     assert key.startswith("admm-0.5-seq-dense0.5-recon5")
     assert f"- 0.5 at most 26.5: **met** (26.00, `{key}`)." in md
     assert f"- 0.7 at most 45: not measured (`{quality.best_preset_run(0.7).key}`)." in md
+    distilled = quality.best_preset_run(0.5, distill_epochs=2).key  # the preset with distillation: its own lines
+    assert f"- 0.5 at most 26.5, with distillation: not measured (`{distilled}`)." in md
+    assert "at 0.5, with distillation" not in md  # no time line for a run not measured
+    results["runs"][distilled] = dict(results["runs"][key], perplexity=25.0, prune_seconds=400.0)
+    md = quality.render_markdown(results, None)
+    assert f"- 0.5 at most 26.5, with distillation: **met** (25.00, `{distilled}`)." in md
+    assert "at most 3x the seed mode's at 0.5, with distillation: **missed** (400 s vs 100 s: 4.0x" in md
+    del results["runs"][distilled]
     assert "at most 3x the seed mode's at 0.5: **met** (250 s vs 100 s: 2.5x" in md
     assert f"(26.00, `{key}`). Its export not re-evaluated (`--export-check`)." in md
     results["runs"][key]["exported"] = dict(perplexity=26.13, command="admm-sparse eval --model FOLDER")
