@@ -106,9 +106,10 @@ def fit(module: nn.Module, weights: Weights, batches: int, loss: Callable[[int],
         heldout_error: Callable[[], float], *, epochs: int, schedule: str = "constant") -> dict:
     """Fit `weights` (of `module`'s layers) for at most `epochs` epochs over fitted batches 0 .. batches - 1, where
     loss(b) is batch b's loss (a scalar to minimise, computed with gradients) and heldout_error() the error that
-    picks the kept epoch (one that is not finite is reported as nan and never kept). Only the weights' parameters take gradients meanwhile. The model ends
-    with the best epoch's weights. Returns {"heldout_before", "heldout_after", "epochs", "best_epoch",
-    "heldout_by_epoch"} (the held-out error after each epoch run, nan where it was not deliverable)."""
+    picks the kept epoch (one that is not finite is reported as nan and never kept). Only the weights' parameters
+    take gradients meanwhile. The model ends with the best epoch's weights. Returns {"heldout_before",
+    "heldout_after", "epochs", "best_epoch", "heldout_by_epoch"} (the held-out error after each epoch run, nan where
+    it was not finite or the weights not deliverable)."""
     before = _finite_or_nan(heldout_error())
     best, best_epoch = before, 0
     best_weights = [t.weight.detach().clone() for t in weights.targets]
