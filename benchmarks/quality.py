@@ -510,7 +510,7 @@ def _fits(results: dict) -> list[str]:
         if "distillation" in r:  # one fit of the whole model: its held-out KL's gain
             f = r["distillation"]
             gain = 1 - f["heldout_after"] / f["heldout_before"] if f["heldout_before"] > 0 else 0.0
-            history = f.get("heldout_by_epoch")  # per epoch, in the reports since issue 27's fourth session
+            history = f.get("heldout_by_epoch")  # per epoch; absent from reports older than the field
             path = " " + " -> ".join(f"{kl:.3f}" for kl in [f["heldout_before"], *history]) if history else ""
             rows.append(f"| `{key}` | distillation | {f['seconds']:.0f} | {f['seconds'] / r['prune_seconds']:.0%} "
                         f"| {gain:.1%} (KL{path}) | - | {int(f['best_epoch'] == f['epochs'])} of 1 |")
