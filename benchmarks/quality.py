@@ -160,6 +160,9 @@ def _nm(method, patterns=((2, 4), (4, 8)), **kw):
 # config.PRESETS, so that these keys keep their meaning when the preset changes.
 COMBINATION = dict(sequential=True, dense_targets=0.5, reconstruct_epochs=5, reconstruct_dtype="bfloat16")
 ALL_THREE = ((0.5, None), (0.7, None), (0.5, (2, 4)))  # sparsity and N:M pattern of the three targets
+# The most accurate setting measured: the best combination, then distillation (not in the preset: it needs the whole
+# model and 16 bytes per pruned weight on the device, one process, and no resume; README "Presets").
+DISTILLED = dict(distill_epochs=2)
 
 
 def _combined(patterns, **changes) -> list[Run]:
@@ -238,13 +241,13 @@ ABLATION_RUNS = (
     # distillation of the whole pruned model to the dense one's next-token distributions (admm_sparse.distill),
     # alone and after reconstruction alone or the best combination, at the three targets (issue 27)
     + [Run("admm", r, nm, reconstruct_epochs=epochs, reconstruct_dtype="bfloat16", calibration_dtype="bfloat16",
-           distill_epochs=2) for r, nm in ALL_THREE for epochs in (0, 3, 5)]
-    + _combined(ALL_THREE, calibration_dtype="bfloat16", distill_epochs=2)
-    # longer distillation after the best combination: every 2-epoch fit kept its last epoch (the fit stops itself
-    # after 2 epochs without a better held-out KL)
-    + _combined(ALL_THREE, calibration_dtype="bfloat16", distill_epochs=6)
+           **DISTILLED) for r, nm in ALL_THREE for epochs in (0, 3, 5)]
+    + _combined(ALL_THREE, calibration_dtype="bfloat16", **DISTILLED)
+    # longer distillation after the best combination at 0.7, where it helps most: every 2-epoch fit kept its last
+    # epoch (the fit stops itself after 2 epochs without a better held-out KL)
+    + _combined([(0.7, None)], calibration_dtype="bfloat16", distill_epochs=6)
     # a larger distillation step at 0.7, where the block-local fits leave the most error (3e-4 was chosen at 0.5)
-    + _combined([(0.7, None)], calibration_dtype="bfloat16", distill_epochs=2, distill_lr=1e-3)
+    + _combined([(0.7, None)], calibration_dtype="bfloat16", **DISTILLED, distill_lr=1e-3)
 )
 QUICK_RUNS = [Run("magnitude", 0.5), Run("wanda", 0.5, (2, 4)), Run("sparsegpt", 0.5), Run("sparsegpt", 0.5, (2, 4)),
               Run("admm", 0.5), Run("admm", 0.5, None, 2), Run("admm", 0.5, (2, 4), mode="quality"),
@@ -559,10 +562,6 @@ def best_preset_run(sparsity: float, nm: tuple[int, int] | None = None, **change
 
     return Run("admm", sparsity, nm, **{**PRESETS["best"], **changes})
 
-
-# The most accurate setting measured: the preset, then distillation (not in the preset: it needs the whole model
-# and 16 bytes per pruned weight on the device, one process, and no resume; README "Presets").
-DISTILLED = dict(distill_epochs=2)
 
 
 def _exported(run: dict) -> str:
