@@ -321,7 +321,9 @@ def cmd_prune(args) -> int:
     if result.distillation:
         r = result.distillation
         print(f"distilled: KL to the dense model's next-token distributions held out {r['heldout_before']:.4g} -> "
-              f"{r['heldout_after']:.4g} (epoch {r['best_epoch']} of {r['epochs']} kept, {r['seconds']:.1f} s)")
+              f"{r['heldout_after']:.4g} (epoch {r['best_epoch']} of {r['epochs']} kept, {r['seconds']:.1f} s)"
+              + (f"; {r['sampled_batches']} batches sampled from the dense model in {r['sampling_seconds']:.1f} s"
+                 if r.get("sampled_batches") else ""))
     if eval_windows is not None:
         print(f"perplexity before {result.perplexity_before:.4f}, after {result.perplexity_after:.4f} "
               f"({eval_windows.shape[0]} windows x {args.seq_len} tokens of {eval_name})")

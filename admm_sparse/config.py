@@ -27,6 +27,7 @@ spec:
       distill_epochs: 0               # after the loop, the whole pruned model fitted to the dense model's
                                       # next-token distributions (0: off); see distill.py
       distill_lr: 0.0003              # its Adam step, relative to each layer's kept weights' RMS
+      distill_samples: 0              # windows sampled from the dense model, fitted beside the calibration ones
       dense_targets: 0.0              # fit the dense model's outputs (1), the layer's own (0), or a blend
       sequential: false               # prune a block's layers group by group in data-flow order
       stream_memory: "device"         # or "host": the loop's hidden-state streams in host memory (README "Memory")
@@ -97,6 +98,12 @@ def _check_ratio(value, where: str) -> float:
 def _check_epochs(value, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ConfigError(f"{where}: expected a whole number of epochs >= 0 (0: off), got {value!r}")
+    return value
+
+
+def _check_count(value, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{where}: expected a whole number >= 0 (0: off), got {value!r}")
     return value
 
 
@@ -200,6 +207,10 @@ OPTIONS = (
            _check_epochs),
     Option("distill_lr", 3e-4, "distillation's Adam learning rate, relative to each layer's kept weights' RMS "
            "(default 3e-4)", float, "loop", _check_lr),
+    Option("distill_samples", 0, "distillation: this many token windows sampled from the dense model before pruning "
+           "(each continuing the first 16 tokens of a fitted calibration window, as long as a calibration window) and "
+           "fitted beside the calibration windows, more text to match the dense distributions on (0: off)", int,
+           "loop", _check_count),
     Option("dense_targets", 0.0, "fit each pruned layer to the dense model's output on the dense model's inputs "
            "instead of its own output on the pruned inputs: 1 fully, 0 not at all (default), between: a blend of both "
            "(0.5 measured best; Linear and Conv1D layers; experts keep their own)", float, "loop", _check_fraction),
@@ -275,6 +286,7 @@ class FloatSparseConfig:
     reconstruct_unit: str = "block"
     distill_epochs: int = 0
     distill_lr: float = 3e-4
+    distill_samples: int = 0
     dense_targets: float = 0.0
     sequential: bool = False
     stream_memory: str = "device"
@@ -295,6 +307,9 @@ class FloatSparseConfig:
                 self.sparse_ratio = resolve_sparse_ratio(self.sparse_ratio, self.mask_structure)
             except ValueError as exc:
                 raise ConfigError(f"sparse_ratio: {exc}") from None
+        if self.distill_samples and not self.distill_epochs:
+            raise ConfigError(f"distill_samples: {self.distill_samples} windows sampled for distillation, which is off "
+                              "(distill_epochs 0): set distill_epochs, or distill_samples to 0")
         if self.allocation != "uniform" and self.mask_structure != "unstructured":
             raise ConfigError(f"allocation: {self.allocation!r} gives layers different ratios, which needs "
                               f"mask_structure unstructured ({self.mask_structure!r} fixes every row's count); "

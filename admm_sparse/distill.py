@@ -7,6 +7,10 @@ one can: how the later blocks and the head read a block's error.
   model's next-token distribution, q the pruned model's. The dense distributions come from the dense model's final
   hidden states, which the loop's dense stream carries to the end of the stack (the model's own head run on them:
   stream.head_logits), so no dense copy of the model is kept;
+- more text (distill_samples): windows sampled from the dense model before the loop prunes it, each continuing the
+  start of a fitted calibration window, and the dense model's final hidden states on them (sample_windows), fitted
+  beside the calibration windows: 56 windows of 512 tokens are few for a fit of every kept weight, and the dense
+  model's own text carries its distributions without more data than the calibration windows;
 - the fit is admm_sparse.fit's (shared with block reconstruction): Adam on float32 masters of the pruned layers'
   kept weights, masks fixed (every zero stays exactly zero), each layer's step size `lr` times its kept weights'
   RMS, every 8th calibration batch held out (its mean KL picks the kept epoch and stops the fit; epoch 0 is the
@@ -30,6 +34,10 @@ from torch import nn
 from .fit import Weights, fit, holdout_split
 from .stream import head_logits
 from .targets import Target
+
+PROMPT_TOKENS = 16  # a sampled window continues this many tokens of a calibration window
+SAMPLE_CHUNK = 16  # windows sampled at once (their key-value cache is the memory it takes)
+SAMPLING_SEED = 0
 
 
 def kl_to_dense(logits: torch.Tensor, dense_logits: torch.Tensor) -> torch.Tensor:
@@ -57,39 +65,107 @@ def _logits(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     return out.logits
 
 
+def _stack_output(model: nn.Module, blocks: nn.ModuleList, batch: torch.Tensor) -> torch.Tensor:
+    """The stack's output (the last block's hidden states) of the model run on token windows `batch`."""
+    outputs = []
+    hook = blocks[-1].register_forward_hook(lambda module, args, out: outputs.append(
+        (out[0] if isinstance(out, tuple) else out).detach()))
+    try:
+        _logits(model, batch)
+    finally:
+        hook.remove()
+    return outputs[0]
+
+
+@torch.no_grad()
+def sample_windows(model: nn.Module, blocks: nn.ModuleList, batches: Sequence[torch.Tensor], count: int,
+                   device: torch.device, sampling_context) -> tuple[list[torch.Tensor], list[torch.Tensor], float]:
+    """`count` token windows sampled from the dense `model` for distillation, and its final hidden states on them.
+
+    Each window continues the first PROMPT_TOKENS tokens of a fitted calibration window (cycled; never a held-out
+    one, which judges the fit), token by token from the model's full next-token distribution (temperature 1; a
+    CPU generator seeded SAMPLING_SEED, so the same windows on any device), to the calibration windows' length;
+    SAMPLE_CHUNK windows at a time (their key-value cache), inside `sampling_context()` (the calibration passes'
+    autocast). The final hidden states, the dense distributions' source, come from one forward in the model's
+    dtype, as the dense stream's do. Returns (windows, final hidden states) in batches of the calibration
+    batches' size, and the seconds taken. Run before the model is pruned; the model goes back where it was."""
+    start = time.perf_counter()
+    fitted, _ = holdout_split(len(batches), "distillation")
+    windows = torch.cat([batches[b] for b in fitted])
+    length, batch_size = windows.shape[1], batches[0].shape[0]
+    if length <= PROMPT_TOKENS:
+        raise ValueError(f"sampling windows for distillation continues {PROMPT_TOKENS} tokens of a calibration "
+                         f"window: the windows must be longer, got {length} tokens; set distill_samples to 0")
+    prompts = windows[torch.arange(count) % len(windows), :PROMPT_TOKENS]
+    # the key-value cache's keyword: `cache` in recent transformers, `past_key_values` before; none: no cache
+    parameters = inspect.signature(model.forward).parameters
+    cache_keyword = next((k for k in ("cache", "past_key_values") if k in parameters), None)
+    generator = torch.Generator().manual_seed(SAMPLING_SEED)
+    home = next(model.parameters()).device
+    model.to(device)
+    try:
+        sampled = []
+        for chunk in prompts.split(SAMPLE_CHUNK):
+            tokens, feed, cache = chunk, chunk.to(device), None
+            with sampling_context():
+                while tokens.shape[1] < length:
+                    if cache_keyword is None:
+                        out = model(input_ids=feed, use_cache=False)
+                    else:
+                        out = model(input_ids=feed, use_cache=True, **{cache_keyword: cache})
+                        cache = getattr(out, cache_keyword, None)
+                    probs = torch.softmax(out.logits[:, -1].float(), dim=-1).cpu()
+                    nxt = torch.multinomial(probs, 1, generator=generator)
+                    tokens = torch.cat([tokens, nxt], dim=1)
+                    feed = nxt.to(device) if cache is not None else tokens.to(device)  # no cache: the whole prefix
+            sampled.append(tokens)
+        sampled_batches = list(torch.cat(sampled).split(batch_size))
+        finals = [_stack_output(model, blocks, b.to(device)) for b in sampled_batches]
+    finally:
+        model.to(home)
+    return sampled_batches, finals, time.perf_counter() - start
+
+
 def distill(model: nn.Module, stack_name: str, blocks: nn.ModuleList, targets: Sequence[Target],
             batches: Sequence[torch.Tensor], dense_finals: Sequence[torch.Tensor], device: torch.device, *,
-            epochs: int, lr: float, rounding: dict, scalers: dict, bfloat16: bool = False) -> dict:
+            epochs: int, lr: float, rounding: dict, scalers: dict, bfloat16: bool = False,
+            sampled: Sequence[torch.Tensor] = (), sampled_finals: Sequence[torch.Tensor] = ()) -> dict:
     """Fit the pruned `targets` of `model` (weights in place, masks fixed) so that its next-token distributions on
     the calibration token `batches` approach the dense model's, whose final hidden states (the stack's output) on
-    each batch are `dense_finals`; see the module's docstring. The model runs on `device` and goes back where it
-    was. rounding, scalers: as for reconstruct.reconstruct_block. bfloat16: the fit's forwards and backwards in
-    bfloat16 autocast (the held-out error that picks the kept epoch in the model's dtype).
+    each batch are `dense_finals`; see the module's docstring. `sampled`, `sampled_finals`: windows sampled from the
+    dense model (sample_windows) and its final hidden states on them, fitted beside the calibration batches (never
+    held out). The model runs on `device` and goes back where it was. rounding, scalers: as for
+    reconstruct.reconstruct_block. bfloat16: the fit's forwards and backwards in bfloat16 autocast (the held-out
+    error that picks the kept epoch in the model's dtype).
     Returns the report: the held-out mean KL before and after, the batch counts, epochs run, the epoch kept (0: the
     model as the loop left it), seconds."""
     start = time.perf_counter()
     fitted, held = holdout_split(len(batches), "distillation")
+    fitted_pairs = [(batches[b], dense_finals[b]) for b in fitted] + list(zip(sampled, sampled_finals))
     home = next(model.parameters()).device
     model.to(device)
     try:
-        def dense(b: int) -> torch.Tensor:
+        def dense(batch: torch.Tensor, final: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
-                return head_logits(model, stack_name, blocks, batches[b].to(device), dense_finals[b])
+                return head_logits(model, stack_name, blocks, batch, final)
 
-        def loss(b: int) -> torch.Tensor:
-            b = fitted[b]
-            teacher = dense(b)
+        def loss(i: int) -> torch.Tensor:
+            batch, final = fitted_pairs[i]
+            batch = batch.to(device)
+            teacher = dense(batch, final)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bfloat16):
-                student = _logits(model, batches[b].to(device))
+                student = _logits(model, batch)
             return kl_to_dense(student, teacher)
 
         def heldout_error() -> float:
             with torch.no_grad():
-                values = [kl_to_dense(_logits(model, batches[b].to(device)), dense(b)).item() for b in held]
+                values = [kl_to_dense(_logits(model, batches[b].to(device)),
+                                      dense(batches[b].to(device), dense_finals[b])).item() for b in held]
             return sum(values) / len(values)
 
-        report = fit(model, Weights(targets, lr, rounding, scalers), len(fitted), loss, heldout_error, epochs=epochs)
+        report = fit(model, Weights(targets, lr, rounding, scalers), len(fitted_pairs), loss, heldout_error,
+                     epochs=epochs)
     finally:
         model.to(home)
-    return {"fit_batches": len(fitted), "heldout_batches": len(held), **report,
+    return {"fit_batches": len(fitted), "sampled_batches": len(sampled), "heldout_batches": len(held), **report,
             "seconds": time.perf_counter() - start}

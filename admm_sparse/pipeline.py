@@ -269,6 +269,10 @@ def _prune_blockwise(model, the_plan: Plan, batches, device, make_pruner, config
     checks = group.split(calib_batches(dtype_check.windows, batch_size)) if dtype_check is not None else []
     cut = [len(batches), len(batches) + len(evals)]
     host = config.stream_memory == "host"  # the streams in host memory, each batch moved to the device to be read
+    sampled = sampled_finals = ()  # distillation's windows sampled from the dense model, and its final states on them
+    if distilling and config.distill_samples:
+        sampled, sampled_finals, sampling_seconds = distillation.sample_windows(
+            model, blocks, batches, config.distill_samples, device, lambda: calibration_autocast(config, device))
     with source.outside(stack_name, device):
         hidden, extras = capture_block_inputs(model, stack_name, blocks, batches + evals + checks, device, last + 1,
                                               host=host)
@@ -352,7 +356,9 @@ def _prune_blockwise(model, the_plan: Plan, batches, device, make_pruner, config
             result.distillation = distillation.distill(
                 model, stack_name, blocks, distilled, batches, dense_hidden, device, epochs=config.distill_epochs,
                 lr=config.distill_lr, rounding=rounding, scalers=distill_scalers,
-                bfloat16=config.reconstruct_dtype == "bfloat16")
+                bfloat16=config.reconstruct_dtype == "bfloat16", sampled=sampled, sampled_finals=sampled_finals)
+            if sampled:
+                result.distillation["sampling_seconds"] = sampling_seconds
         for i in range(last + 1):
             with source.block(stack_name, i, device) as block:
                 finish(block, i)

@@ -73,6 +73,7 @@ class Run:
     reconstruct_schedule: str = "constant"  # its learning rate: constant, or cosine (decayed to 0 over the epochs)
     distill_epochs: int = 0  # distillation of the whole pruned model after the loop (admm_sparse.distill); 0 = off
     distill_lr: float | None = None  # its relative learning rate; None = FloatSparseConfig's default
+    distill_samples: int = 0  # windows sampled from the dense model, fitted beside the calibration windows
     sequential: bool = False  # a block's layers pruned group by group in data-flow order
     dense_targets: float = 0.0  # layers fitted to the dense model's outputs (1), their own (0), or a blend
     allocation: str = "uniform"  # how the sparsity is spread over layers: uniform, or error (admm_sparse.allocation)
@@ -99,7 +100,8 @@ class Run:
     def distillation_key(self) -> str:
         # reconstruct_dtype is both fits' dtype: named once, in reconstruction's key when there is one
         dtype = "-bf16" if self.reconstruct_dtype == "bfloat16" and not self.reconstruct_epochs else ""
-        return _fit_key("distill", self.distill_epochs, self.distill_lr, dtype)
+        samples = f"-gen{self.distill_samples}" if self.distill_samples else ""
+        return _fit_key("distill", self.distill_epochs, self.distill_lr, dtype + samples)
 
     @property
     def reconstruction_text(self) -> str:
@@ -118,8 +120,9 @@ class Run:
         if not self.distill_epochs:
             return ""
         lr = "" if self.distill_lr is None else f", lr {self.distill_lr:g}"
-        return f"distillation {self.distill_epochs} epochs{lr}" + (" in bfloat16" if self.reconstruct_dtype ==
-                                                                    "bfloat16" else "")
+        samples = f", with {self.distill_samples} sampled windows" if self.distill_samples else ""
+        dtype = " in bfloat16" if self.reconstruct_dtype == "bfloat16" else ""
+        return f"distillation {self.distill_epochs} epochs{lr}{dtype}{samples}"
 
     @property
     def pattern(self) -> str:
@@ -248,6 +251,10 @@ ABLATION_RUNS = (
     + _combined([(0.7, None)], calibration_dtype="bfloat16", distill_epochs=6)
     # a larger distillation step at 0.7, where the block-local fits leave the most error (3e-4 was chosen at 0.5)
     + _combined([(0.7, None)], calibration_dtype="bfloat16", **DISTILLED, distill_lr=1e-3)
+    # distillation on more text than the 56 fitted calibration windows: 64 windows sampled from the dense model,
+    # alone and after reconstruction alone (issue 27)
+    + [Run("admm", r, nm, reconstruct_epochs=epochs, reconstruct_dtype="bfloat16", calibration_dtype="bfloat16",
+           **DISTILLED, distill_samples=64) for r, nm in ALL_THREE for epochs in (0, 5)]
 )
 QUICK_RUNS = [Run("magnitude", 0.5), Run("wanda", 0.5, (2, 4)), Run("sparsegpt", 0.5), Run("sparsegpt", 0.5, (2, 4)),
               Run("admm", 0.5), Run("admm", 0.5, None, 2), Run("admm", 0.5, (2, 4), mode="quality"),
@@ -324,7 +331,8 @@ def _prune_model(model, calib, run: Run, args):
                                dense_targets=run.dense_targets, allocation=run.allocation,
                                reconstruct_dtype=run.reconstruct_dtype, reconstruct_unit=run.reconstruct_unit,
                                reconstruct_schedule=run.reconstruct_schedule,
-                               distill_epochs=run.distill_epochs, calibration_dtype=run.calibration_dtype, **lr)
+                               distill_epochs=run.distill_epochs, distill_samples=run.distill_samples,
+                               calibration_dtype=run.calibration_dtype, **lr)
     return prune_blocks(model, calib, config, make_pruner=make_pruner_factory(run), progress=False)
 
 

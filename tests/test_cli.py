@@ -62,7 +62,7 @@ def test_prune_atlas_end_to_end(model_dir, files, tmp_path, capsys):
                                  "keep_proportion": 0.02, "salience_bits": None,
                                  "reconstruct_epochs": 0, "reconstruct_lr": 3e-3, "reconstruct_dtype": "model",
                                  "reconstruct_schedule": "constant", "reconstruct_unit": "block",
-                                 "distill_epochs": 0, "distill_lr": 3e-4,
+                                 "distill_epochs": 0, "distill_lr": 3e-4, "distill_samples": 0,
                                  "dense_targets": 0.0, "sequential": False, "stream_memory": "device",
                                  "allocation": "uniform", "target_bits_per_weight": None}
     assert summary["summary"]["layers"] == 6
@@ -187,7 +187,7 @@ def test_mask_structure_and_mode_flags_override_the_config(model_dir, files, tmp
                                  "keep_proportion": 0.02, "salience_bits": None,
                                  "reconstruct_epochs": 0, "reconstruct_lr": 3e-3, "reconstruct_dtype": "model",
                                  "reconstruct_schedule": "constant", "reconstruct_unit": "block",
-                                 "distill_epochs": 0, "distill_lr": 3e-4,
+                                 "distill_epochs": 0, "distill_lr": 3e-4, "distill_samples": 0,
                                  "dense_targets": 0.0, "sequential": False, "stream_memory": "device",
                                  "allocation": "uniform", "target_bits_per_weight": None}
     report = json.loads((out / "prune_report.json").read_text())
@@ -219,16 +219,19 @@ def test_block_reconstruction_flags_reach_the_loop_and_the_report(model_dir, fil
 
 def test_distillation_loads_a_safetensors_folder_whole_and_reports_the_fit(model_dir, files, tmp_path, capsys):
     out = tmp_path / "out"
-    assert prune(model_dir, files, out, "--distill-epochs", "2", "--distill-lr", "0.003", "--eval-text",
-                 str(files[1]), "--eval-windows", "2") == 0
+    assert prune(model_dir, files, out, "--distill-epochs", "2", "--distill-lr", "0.003", "--distill-samples", "3",
+                 "--eval-text", str(files[1]), "--eval-windows", "2") == 0
     stdout = capsys.readouterr().out
     summary = json.loads(stdout.strip().splitlines()[-1])
     assert (summary["config"]["distill_epochs"], summary["config"]["distill_lr"]) == (2, 0.003)
+    assert summary["config"]["distill_samples"] == 3
     report = json.loads((out / "prune_report.json").read_text())
     assert report["streamed"] is False  # distillation fits the whole model: the folder is loaded, not streamed
     fit = report["distillation"]
     assert fit["heldout_after"] <= fit["heldout_before"] and fit["epochs"] <= 2
-    assert sum(line.startswith("distilled: KL") for line in stdout.splitlines()) == 1
+    assert fit["sampled_batches"] >= 1 and fit["sampling_seconds"] > 0
+    assert sum(line.startswith("distilled: KL") and "sampled from the dense model" in line
+               for line in stdout.splitlines()) == 1
     assert prune(model_dir, files, tmp_path / "again", "--distill-epochs", "2", "--resume") == 2
     assert "no state to resume from" in capsys.readouterr().err
 

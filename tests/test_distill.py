@@ -1,5 +1,6 @@
 """Distillation (admm_sparse.distill): the whole pruned model fitted to the dense model's next-token distributions
 after the block loop."""
+import contextlib
 import copy
 import math
 
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from admm_sparse import fit
+from admm_sparse import distill, fit
 from admm_sparse.config import ConfigError, FloatSparseConfig, parse_config
 from admm_sparse.distill import kl_to_dense
 from admm_sparse.distributed import Group
@@ -74,9 +75,9 @@ def heldout_kl(model, dense, calib):
 def test_zeros_stay_the_fit_lowers_the_held_out_kl_and_the_report_says_so():
     dense, plain, distilled, result, calib = pruned_pair()
     r = result.distillation
-    assert set(r) == {"fit_batches", "heldout_batches", "heldout_before", "heldout_after", "epochs", "best_epoch",
-                      "heldout_by_epoch", "seconds"}
-    assert (r["fit_batches"], r["heldout_batches"]) == (14, 2) and 1 <= r["best_epoch"] <= r["epochs"] <= 4
+    assert set(r) == {"fit_batches", "sampled_batches", "heldout_batches", "heldout_before", "heldout_after", "epochs",
+                      "best_epoch", "heldout_by_epoch", "seconds"}
+    assert (r["fit_batches"], r["sampled_batches"], r["heldout_batches"]) == (14, 0, 2) and 1 <= r["best_epoch"] <= r["epochs"] <= 4
     assert len(r["heldout_by_epoch"]) == r["epochs"] and r["heldout_by_epoch"][r["best_epoch"] - 1] == \
         r["heldout_after"] == min(r["heldout_by_epoch"])
     assert r["heldout_after"] < r["heldout_before"]
@@ -156,10 +157,67 @@ def test_host_streams_give_the_same_model():
     assert not all(torch.equal(a[k], dense.state_dict()[k]) for k in a)
 
 
+def sample_by_whole_prefix(model, prompts, length, generator):
+    """Sampling as sample_windows does, but the whole prefix through the model at every step (no cache)."""
+    tokens = prompts
+    while tokens.shape[1] < length:
+        with torch.no_grad():
+            logits = model(input_ids=tokens, use_cache=False).logits
+        tokens = torch.cat([tokens, torch.multinomial(torch.softmax(logits[:, -1].float(), -1), 1,
+                                                      generator=generator)], 1)
+    return tokens
+
+
+def test_sampled_windows_continue_fitted_prompts_from_the_models_distribution():
+    model = tiny_model(layers=2)
+    calib = token_windows(16, 32)
+    batches = list(calib.split(2))  # batches of 2 windows: 8 batches, the last held out
+    count = distill.SAMPLE_CHUNK + 3  # two chunks, the second one short
+    windows, finals, seconds = distill.sample_windows(model, model.model.layers, batches, count,
+                                                      torch.device("cpu"), contextlib.nullcontext)
+    assert [tuple(w.shape) for w in windows] == [(2, 32)] * (count // 2) + [(1, 32)] and seconds > 0
+    got = torch.cat(windows)
+    fitted = calib[:14]  # batches 0-6: every prompt from a fitted window, none from the held-out batch
+    prompts = fitted[torch.arange(count) % 14, :distill.PROMPT_TOKENS]
+    assert torch.equal(got[:, :distill.PROMPT_TOKENS], prompts)
+    # the key-value cache changes nothing: the same tokens as the whole prefix run at every step, same generator
+    generator = torch.Generator().manual_seed(distill.SAMPLING_SEED)
+    want = torch.cat([sample_by_whole_prefix(model, chunk, 32, generator)
+                      for chunk in prompts.split(distill.SAMPLE_CHUNK)])
+    assert torch.equal(got, want)
+    assert (got[:, distill.PROMPT_TOKENS:] != got[:1, distill.PROMPT_TOKENS:]).float().mean() > 0.5  # sampled
+    # the dense final states: the stack's output, through the head the model's own logits
+    with torch.no_grad():
+        for batch, final in zip(windows, finals):
+            assert torch.allclose(head_logits(model, "model.layers", model.model.layers, batch, final),
+                                  model(input_ids=batch).logits, atol=1e-5)
+    with pytest.raises(ValueError, match="must be longer"):
+        distill.sample_windows(model, model.model.layers, list(token_windows(8, distill.PROMPT_TOKENS).split(1)),
+                               1, torch.device("cpu"), contextlib.nullcontext)
+
+
+def test_sampled_windows_are_fitted_and_reported():
+    """distill_samples: the sampled windows join the fitted batches (the result moves), the held-out ones stay the
+    calibration's, and the report counts them and the sampling's time."""
+    dense = tiny_model(layers=2)
+    calib = token_windows(16, 32)
+    models = [copy.deepcopy(dense) for _ in range(2)]
+    results = [prune_blocks(model, calib, FloatSparseConfig(0.6, keep_bits=None, distill_epochs=2, distill_lr=3e-3,
+                                                            distill_samples=samples), progress=False)
+               for model, samples in zip(models, (0, 12))]
+    plain, sampled = (r.distillation for r in results)
+    assert (sampled["fit_batches"], sampled["sampled_batches"], sampled["heldout_batches"]) == (14, 12, 2)
+    assert sampled["sampling_seconds"] > 0 and "sampling_seconds" not in plain
+    assert sampled["heldout_before"] == plain["heldout_before"]  # the same loop, the same held-out windows
+    assert sampled["heldout_after"] < sampled["heldout_before"]
+    assert sampled["heldout_after"] == pytest.approx(heldout_kl(models[1], dense, calib), rel=1e-4)
+    a, b = (m.state_dict() for m in models)
+    assert not all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(a[k] == 0, b[k] == 0) for k in a if k.endswith("proj.weight"))  # the same masks
+
+
 def test_the_allocations_probe_pass_does_not_distill(monkeypatch):
     """allocation error runs the loop twice (a probe pass, then the pruning): distillation runs once, at the end."""
-    from admm_sparse import distill
-
     calls = []
     real = distill.distill
     monkeypatch.setattr(distill, "distill", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -207,3 +265,9 @@ def test_config_options():
         FloatSparseConfig(distill_epochs=-1)
     with pytest.raises(ConfigError, match="distill_lr"):
         FloatSparseConfig(distill_lr=0)
+    assert parse_config({"spec": {"process": [{"type": "float_sparse", "distill_epochs": 2,
+                                               "distill_samples": 64}]}}).distill_samples == 64
+    with pytest.raises(ConfigError, match="distill_samples.*whole number"):
+        FloatSparseConfig(distill_epochs=1, distill_samples=-1)
+    with pytest.raises(ConfigError, match="distill_samples.*set distill_epochs"):
+        FloatSparseConfig(distill_samples=8)
