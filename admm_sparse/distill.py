@@ -36,7 +36,7 @@ from .stream import head_logits
 from .targets import Target
 
 PROMPT_TOKENS = 16  # a sampled window continues this many tokens of a calibration window
-SAMPLE_CHUNK = 16  # windows sampled at once (their key-value cache is the memory it takes)
+SAMPLE_TOKENS = 32768  # tokens sampled at once (windows of 512: 64): one step's weights read for many windows
 SAMPLING_SEED = 0
 
 
@@ -85,8 +85,8 @@ def sample_windows(model: nn.Module, blocks: nn.ModuleList, batches: Sequence[to
     Each window continues the first PROMPT_TOKENS tokens of a fitted calibration window (cycled; never a held-out
     one, which judges the fit), token by token from the model's full next-token distribution (temperature 1; a
     CPU generator seeded SAMPLING_SEED, so the same windows on any device), to the calibration windows' length;
-    SAMPLE_CHUNK windows at a time (their key-value cache), inside `sampling_context()` (the calibration passes'
-    autocast). The final hidden states, the dense distributions' source, come from one forward in the model's
+    SAMPLE_TOKENS tokens' worth of windows at a time (their key-value cache is the memory it takes), inside
+    `sampling_context()` (the calibration passes' autocast). The final hidden states, the dense distributions' source, come from one forward in the model's
     dtype, as the dense stream's do. Returns (windows, final hidden states) in batches of the calibration
     batches' size, and the seconds taken. Run before the model is pruned; the model goes back where it was."""
     start = time.perf_counter()
@@ -105,7 +105,7 @@ def sample_windows(model: nn.Module, blocks: nn.ModuleList, batches: Sequence[to
     model.to(device)
     try:
         sampled = []
-        for chunk in prompts.split(SAMPLE_CHUNK):
+        for chunk in prompts.split(max(1, SAMPLE_TOKENS // length)):
             tokens, feed, cache = chunk, chunk.to(device), None
             with sampling_context():
                 while tokens.shape[1] < length:

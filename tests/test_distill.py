@@ -168,11 +168,12 @@ def sample_by_whole_prefix(model, prompts, length, generator):
     return tokens
 
 
-def test_sampled_windows_continue_fitted_prompts_from_the_models_distribution():
+def test_sampled_windows_continue_fitted_prompts_from_the_models_distribution(monkeypatch):
+    monkeypatch.setattr(distill, "SAMPLE_TOKENS", 16 * 32)  # 16 windows of 32 tokens at a time
     model = tiny_model(layers=2)
     calib = token_windows(16, 32)
     batches = list(calib.split(2))  # batches of 2 windows: 8 batches, the last held out
-    count = distill.SAMPLE_CHUNK + 3  # two chunks, the second one short
+    count = 16 + 3  # two chunks, the second one short
     windows, finals, seconds = distill.sample_windows(model, model.model.layers, batches, count,
                                                       torch.device("cpu"), contextlib.nullcontext)
     assert [tuple(w.shape) for w in windows] == [(2, 32)] * (count // 2) + [(1, 32)] and seconds > 0
@@ -183,7 +184,7 @@ def test_sampled_windows_continue_fitted_prompts_from_the_models_distribution():
     # the key-value cache changes nothing: the same tokens as the whole prefix run at every step, same generator
     generator = torch.Generator().manual_seed(distill.SAMPLING_SEED)
     want = torch.cat([sample_by_whole_prefix(model, chunk, 32, generator)
-                      for chunk in prompts.split(distill.SAMPLE_CHUNK)])
+                      for chunk in prompts.split(16)])
     assert torch.equal(got, want)
     assert (got[:, distill.PROMPT_TOKENS:] != got[:1, distill.PROMPT_TOKENS:]).float().mean() > 0.5  # sampled
     # the dense final states: the stack's output, through the head the model's own logits
