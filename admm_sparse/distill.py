@@ -86,9 +86,10 @@ def sample_windows(model: nn.Module, blocks: nn.ModuleList, batches: Sequence[to
     one, which judges the fit), token by token from the model's full next-token distribution (temperature 1; a
     CPU generator seeded SAMPLING_SEED, so the same windows on any device), to the calibration windows' length;
     SAMPLE_TOKENS tokens' worth of windows at a time (their key-value cache is the memory it takes), inside
-    `sampling_context()` (the calibration passes' autocast). The final hidden states, the dense distributions' source, come from one forward in the model's
-    dtype, as the dense stream's do. Returns (windows, final hidden states) in batches of the calibration
-    batches' size, and the seconds taken. Run before the model is pruned; the model goes back where it was."""
+    `sampling_context()` (the calibration passes' autocast). The final hidden states, the dense distributions'
+    source, come from one forward in the model's dtype, as the dense stream's do. Returns (windows, final hidden
+    states) in batches of the calibration batches' size, and the seconds taken. Run before the model is pruned;
+    the model goes back where it was."""
     start = time.perf_counter()
     fitted, _ = holdout_split(len(batches), "distillation")
     windows = torch.cat([batches[b] for b in fitted])

@@ -271,8 +271,9 @@ def _prune_blockwise(model, the_plan: Plan, batches, device, make_pruner, config
     host = config.stream_memory == "host"  # the streams in host memory, each batch moved to the device to be read
     sampled = sampled_finals = ()  # distillation's windows sampled from the dense model, and its final states on them
     if distilling and config.distill_samples:
-        sampled, sampled_finals, sampling_seconds = distillation.sample_windows(
+        sampled, finals, sampling_seconds = distillation.sample_windows(
             model, blocks, batches, config.distill_samples, device, lambda: calibration_autocast(config, device))
+        sampled_finals = hold(finals, device, host)  # a stream like the others: in host memory if they are
     with source.outside(stack_name, device):
         hidden, extras = capture_block_inputs(model, stack_name, blocks, batches + evals + checks, device, last + 1,
                                               host=host)

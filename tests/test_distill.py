@@ -145,12 +145,14 @@ def test_evaluation_and_writer_see_the_distilled_model():
 
 
 def test_host_streams_give_the_same_model():
-    """The dense finals as a host stream (stream_memory host) give the model device streams give, bit for bit."""
+    """The dense finals as a host stream (stream_memory host), the sampled windows' too, give the model device
+    streams give, bit for bit."""
     dense = tiny_model(layers=2)
     models = [copy.deepcopy(dense) for _ in range(2)]
     for model, memory in zip(models, ("device", "host")):
         prune_blocks(model, token_windows(16, 32), FloatSparseConfig(0.5, keep_bits=None, distill_epochs=2,
-                                                                     distill_lr=3e-3, stream_memory=memory),
+                                                                     distill_lr=3e-3, distill_samples=4,
+                                                                     stream_memory=memory),
                      progress=False)
     a, b = (m.state_dict() for m in models)
     assert all(torch.equal(a[k], b[k]) for k in a)
