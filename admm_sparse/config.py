@@ -239,9 +239,10 @@ PLACEMENT_OPTIONS = ("stream_memory",)
 # blend, block reconstruction for 5 epochs; at 0.5 and 2:4 reconstruction alone is slightly better, README), with
 # the fit and the calibration passes in bfloat16 autocast (at 0.7 55.55 in 410 s, against 55.37 in 458 s with
 # float32 calibration passes: within 5x the seed mode's time; 3.9-4.3x on another CPU, 2026-12-07). Distillation
-# on top (distill_epochs 2) is more accurate still but stays out of the preset: it needs the whole model and 16
-# bytes per pruned weight on the device and cannot resume, where the preset takes the model a block at a time (a
-# 7B model through a 24 GB GPU with stream_memory host) and resumes (README "Presets"). "fast": fast mode.
+# on top (distill_epochs 2, distill_samples 64) is more accurate still but stays out of the preset: it needs the
+# whole model and 16 bytes per pruned weight on the device and cannot resume, where the preset takes the model a
+# block at a time (a 7B model through a 24 GB GPU with stream_memory host) and resumes (README "Presets"). "fast":
+# fast mode.
 PRESETS = {
     "best": dict(sequential=True, dense_targets=0.5, reconstruct_epochs=5, reconstruct_dtype="bfloat16",
                  calibration_dtype="bfloat16"),

@@ -77,6 +77,9 @@ def test_the_best_presets_targets_are_read_from_its_own_runs():
     distilled = quality.best_preset_run(0.5, distill_epochs=2).key  # the preset with distillation: its own lines
     assert f"- 0.5 at most 26.5, with distillation: not measured (`{distilled}`)." in md
     assert "at 0.5, with distillation" not in md  # no time line for a run not measured
+    sampled = quality.best_preset_run(0.5, distill_epochs=2, distill_samples=64).key  # and on sampled windows
+    assert sampled.endswith("-distill2-gen64-calbf16")
+    assert f"- 0.5 at most 26.5, with distillation on 64 sampled windows: not measured (`{sampled}`)." in md
     results["runs"][distilled] = dict(results["runs"][key], perplexity=25.0, prune_seconds=400.0)
     md = quality.render_markdown(results, None)
     assert f"- 0.5 at most 26.5, with distillation: **met** (25.00, `{distilled}`)." in md
