@@ -257,9 +257,9 @@ ABLATION_RUNS = (
     # a larger distillation step at 0.7, where the block-local fits leave the most error (3e-4 was chosen at 0.5)
     + _combined([(0.7, None)], calibration_dtype="bfloat16", **DISTILLED, distill_lr=1e-3)
     # distillation on more text than the 56 fitted calibration windows: 64 windows sampled from the dense model,
-    # alone at 0.5, and after the best combination at 0.7 (where distillation helps most) and 0.5 (issue 27)
+    # alone at 0.5, and after the best combination at each target (issue 27)
     + [Run("admm", 0.5, reconstruct_dtype="bfloat16", calibration_dtype="bfloat16", **SAMPLED)]
-    + _combined([(0.7, None), (0.5, None)], calibration_dtype="bfloat16", **SAMPLED)
+    + _combined(ALL_THREE, calibration_dtype="bfloat16", **SAMPLED)
 )
 QUICK_RUNS = [Run("magnitude", 0.5), Run("wanda", 0.5, (2, 4)), Run("sparsegpt", 0.5), Run("sparsegpt", 0.5, (2, 4)),
               Run("admm", 0.5), Run("admm", 0.5, None, 2), Run("admm", 0.5, (2, 4), mode="quality"),
