@@ -95,16 +95,12 @@ def _check_ratio(value, where: str) -> float:
     return float(value)
 
 
-def _check_epochs(value, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(f"{where}: expected a whole number of epochs >= 0 (0: off), got {value!r}")
-    return value
-
-
-def _check_count(value, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(f"{where}: expected a whole number >= 0 (0: off), got {value!r}")
-    return value
+def _check_whole(what: str):
+    def check(value, where: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(f"{where}: expected a whole number of {what} >= 0 (0: off), got {value!r}")
+        return value
+    return check
 
 
 def _check_choice(choices):
@@ -185,7 +181,7 @@ OPTIONS = (
            "(see keepbits.py); none: the SPEC's rounding", _optional_float),
     Option("reconstruct_epochs", 0, "block reconstruction: after a block is pruned, at most this many epochs of Adam "
            "over its kept weights (masks fixed) to reproduce the dense model's block outputs, stopped early on "
-           "held-out calibration windows (0: off)", int, "loop", _check_epochs),
+           "held-out calibration windows (0: off)", int, "loop", _check_whole("epochs")),
     Option("reconstruct_lr", 3e-3, "block reconstruction's Adam learning rate, relative to each layer's kept weights' "
            "RMS (default 3e-3)", float, "loop", _check_lr),
     Option("reconstruct_dtype", "model", "block reconstruction's and distillation's fitting forwards and backwards: "
@@ -204,13 +200,13 @@ OPTIONS = (
            "the kept weights of all pruned layers together (masks fixed) so that the model's next-token distributions "
            "match the dense model's (KL divergence), stopped early on held-out calibration windows; needs the model "
            "in memory (a safetensors folder is then loaded whole, not streamed) and one process (0: off)", int, "loop",
-           _check_epochs),
+           _check_whole("epochs")),
     Option("distill_lr", 3e-4, "distillation's Adam learning rate, relative to each layer's kept weights' RMS "
            "(default 3e-4)", float, "loop", _check_lr),
     Option("distill_samples", 0, "distillation: this many token windows sampled from the dense model before pruning "
            "(each continuing the first 16 tokens of a fitted calibration window, as long as a calibration window) and "
            "fitted beside the calibration windows, more text to match the dense distributions on (0: off)", int,
-           "loop", _check_count),
+           "loop", _check_whole("windows")),
     Option("dense_targets", 0.0, "fit each pruned layer to the dense model's output on the dense model's inputs "
            "instead of its own output on the pruned inputs: 1 fully, 0 not at all (default), between: a blend of both "
            "(0.5 measured best; Linear and Conv1D layers; experts keep their own)", float, "loop", _check_fraction),

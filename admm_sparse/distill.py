@@ -8,9 +8,10 @@ one can: how the later blocks and the head read a block's error.
   hidden states, which the loop's dense stream carries to the end of the stack (the model's own head run on them:
   stream.head_logits), so no dense copy of the model is kept;
 - more text (distill_samples): windows sampled from the dense model before the loop prunes it, each continuing the
-  start of a fitted calibration window, and the dense model's final hidden states on them (sample_windows), fitted
-  beside the calibration windows: 56 windows of 512 tokens are few for a fit of every kept weight, and the dense
-  model's own text carries its distributions without more data than the calibration windows;
+  start of a fitted calibration window (sample_windows), fitted beside the calibration windows on the dense final
+  hidden states a stream of the loop's carries through the dense blocks: 56 windows of 512 tokens are few for a fit
+  of every kept weight, and the dense model's own text carries its distributions without more data than the
+  calibration windows;
 - the fit is admm_sparse.fit's (shared with block reconstruction): Adam on float32 masters of the pruned layers'
   kept weights, masks fixed (every zero stays exactly zero), each layer's step size `lr` times its kept weights'
   RMS, every 8th calibration batch held out (its mean KL picks the kept epoch and stops the fit; epoch 0 is the
@@ -65,31 +66,18 @@ def _logits(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     return out.logits
 
 
-def _stack_output(model: nn.Module, blocks: nn.ModuleList, batch: torch.Tensor) -> torch.Tensor:
-    """The stack's output (the last block's hidden states) of the model run on token windows `batch`."""
-    outputs = []
-    hook = blocks[-1].register_forward_hook(lambda module, args, out: outputs.append(
-        (out[0] if isinstance(out, tuple) else out).detach()))
-    try:
-        _logits(model, batch)
-    finally:
-        hook.remove()
-    return outputs[0]
-
-
 @torch.no_grad()
-def sample_windows(model: nn.Module, blocks: nn.ModuleList, batches: Sequence[torch.Tensor], count: int,
-                   device: torch.device, sampling_context) -> tuple[list[torch.Tensor], list[torch.Tensor], float]:
-    """`count` token windows sampled from the dense `model` for distillation, and its final hidden states on them.
+def sample_windows(model: nn.Module, batches: Sequence[torch.Tensor], count: int, device: torch.device,
+                   sampling_context) -> tuple[list[torch.Tensor], float]:
+    """`count` token windows sampled from the dense `model` for distillation.
 
     Each window continues the first PROMPT_TOKENS tokens of a fitted calibration window (cycled; never a held-out
     one, which judges the fit), token by token from the model's full next-token distribution (temperature 1; a
     CPU generator seeded SAMPLING_SEED, so the same windows on any device), to the calibration windows' length;
     SAMPLE_TOKENS tokens' worth of windows at a time (their key-value cache is the memory it takes), inside
-    `sampling_context()` (the calibration passes' autocast). The final hidden states, the dense distributions'
-    source, come from one forward in the model's dtype, as the dense stream's do. Returns (windows, final hidden
-    states) in batches of the calibration batches' size, and the seconds taken. Run before the model is pruned;
-    the model goes back where it was."""
+    `sampling_context()` (the calibration passes' autocast). Returns the windows in batches of the calibration
+    batches' size, and the seconds taken. Run before the model is pruned (the block loop's dense stream then
+    carries them through the stack); the model goes back where it was."""
     start = time.perf_counter()
     fitted, _ = holdout_split(len(batches), "distillation")
     windows = torch.cat([batches[b] for b in fitted])
@@ -120,11 +108,9 @@ def sample_windows(model: nn.Module, blocks: nn.ModuleList, batches: Sequence[to
                     tokens = torch.cat([tokens, nxt], dim=1)
                     feed = nxt.to(device) if cache is not None else tokens.to(device)  # no cache: the whole prefix
             sampled.append(tokens)
-        sampled_batches = list(torch.cat(sampled).split(batch_size))
-        finals = [_stack_output(model, blocks, b.to(device)) for b in sampled_batches]
     finally:
         model.to(home)
-    return sampled_batches, finals, time.perf_counter() - start
+    return list(torch.cat(sampled).split(batch_size)), time.perf_counter() - start
 
 
 def distill(model: nn.Module, stack_name: str, blocks: nn.ModuleList, targets: Sequence[Target],
@@ -158,11 +144,13 @@ def distill(model: nn.Module, stack_name: str, blocks: nn.ModuleList, targets: S
                 student = _logits(model, batch)
             return kl_to_dense(student, teacher)
 
-        def heldout_error() -> float:
+        def heldout_kl(b: int) -> float:
+            batch = batches[b].to(device)
             with torch.no_grad():
-                values = [kl_to_dense(_logits(model, batches[b].to(device)),
-                                      dense(batches[b].to(device), dense_finals[b])).item() for b in held]
-            return sum(values) / len(values)
+                return kl_to_dense(_logits(model, batch), dense(batch, dense_finals[b])).item()
+
+        def heldout_error() -> float:
+            return sum(heldout_kl(b) for b in held) / len(held)
 
         report = fit(model, Weights(targets, lr, rounding, scalers), len(fitted_pairs), loss, heldout_error,
                      epochs=epochs)

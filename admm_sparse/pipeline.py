@@ -262,22 +262,23 @@ def _prune_blockwise(model, the_plan: Plan, batches, device, make_pruner, config
     every = writer is not None or eval_windows is not None or dtype_check is not None or not with_targets \
         or distilling  # distillation's dense distributions: the dense stream through the whole stack
     last = len(blocks) - 1 if every else with_targets[-1]
-    # Three streams of windows share one capture: calibration, evaluation, the dtype check; each rank runs its
-    # share of the first two.
+    # Four streams of windows share one capture: calibration, evaluation, the dtype check, and distillation's
+    # windows sampled from the dense model (carried through the dense blocks only, to the dense final states the
+    # fit matches); each rank runs its share of the first two.
     batches = group.split(batches)
     evals = group.split(calib_batches(eval_windows, batch_size)) if eval_windows is not None else []
     checks = group.split(calib_batches(dtype_check.windows, batch_size)) if dtype_check is not None else []
-    cut = [len(batches), len(batches) + len(evals)]
-    host = config.stream_memory == "host"  # the streams in host memory, each batch moved to the device to be read
-    sampled = sampled_finals = ()  # distillation's windows sampled from the dense model, and its final states on them
+    sampled = []
     if distilling and config.distill_samples:
-        sampled, finals, sampling_seconds = distillation.sample_windows(
-            model, blocks, batches, config.distill_samples, device, lambda: calibration_autocast(config, device))
-        sampled_finals = hold(finals, device, host)  # a stream like the others: in host memory if they are
+        sampled, sampling_seconds = distillation.sample_windows(
+            model, batches, config.distill_samples, device, lambda: calibration_autocast(config, device))
+    cut = [len(batches), len(batches) + len(evals), len(batches) + len(evals) + len(checks)]
+    host = config.stream_memory == "host"  # the streams in host memory, each batch moved to the device to be read
     with source.outside(stack_name, device):
-        hidden, extras = capture_block_inputs(model, stack_name, blocks, batches + evals + checks, device, last + 1,
-                                              host=host)
-    hidden, dense_eval, check_inputs = hidden[:cut[0]], hidden[cut[0]:cut[1]], hidden[cut[1]:]
+        hidden, extras = capture_block_inputs(model, stack_name, blocks, batches + evals + checks + sampled, device,
+                                              last + 1, host=host)
+    hidden, dense_eval, check_inputs, dense_sampled = (hidden[:cut[0]], hidden[cut[0]:cut[1]], hidden[cut[1]:cut[2]],
+                                                       hidden[cut[2]:])
     pruned_eval = dense_eval
     # The dense model's hidden states beside the pruned ones, for reconstruction, dense targets and distillation;
     # block 0's inputs are the same in both streams.
@@ -292,7 +293,7 @@ def _prune_blockwise(model, the_plan: Plan, batches, device, make_pruner, config
         if evals:
             pruned_eval = run_block(block, pruned_eval, extras[i][cut[0]:cut[1]])
         if checks:
-            dtype_check.step(f"{stack_name}.{i}", i, block, check_inputs, extras[i][cut[1]:])
+            dtype_check.step(f"{stack_name}.{i}", i, block, check_inputs, extras[i][cut[1]:cut[2]])
         if writer is not None:
             writer.add({f"{stack_name}.{i}.{name}": t for name, t in block.state_dict().items()})
 
@@ -310,6 +311,8 @@ def _prune_blockwise(model, the_plan: Plan, batches, device, make_pruner, config
         with source.block(stack_name, i, device) as block:
             if evals:
                 dense_eval = run_block(block, dense_eval, eval_extras)  # before its layers are pruned
+            if sampled:
+                dense_sampled = run_block(block, dense_sampled, extras[i][cut[2]:])
             dense_layer_inputs = None  # for dense targets
             sub_blocks = None  # reconstruct_unit "sub-block": the block's attention / MLP split
             if dense_stream:  # likewise: what the block is fitted to, and the dense inputs dense targets fit
@@ -357,7 +360,7 @@ def _prune_blockwise(model, the_plan: Plan, batches, device, make_pruner, config
             result.distillation = distillation.distill(
                 model, stack_name, blocks, distilled, batches, dense_hidden, device, epochs=config.distill_epochs,
                 lr=config.distill_lr, rounding=rounding, scalers=distill_scalers,
-                bfloat16=config.reconstruct_dtype == "bfloat16", sampled=sampled, sampled_finals=sampled_finals)
+                bfloat16=config.reconstruct_dtype == "bfloat16", sampled=sampled, sampled_finals=dense_sampled)
             if sampled:
                 result.distillation["sampling_seconds"] = sampling_seconds
         for i in range(last + 1):

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from admm_sparse import distill, fit
-from admm_sparse.config import ConfigError, FloatSparseConfig, parse_config
+from admm_sparse.config import OPTIONS, ConfigError, FloatSparseConfig, parse_config
 from admm_sparse.distill import kl_to_dense
 from admm_sparse.distributed import Group
 from admm_sparse.evaluate import nll_sum
@@ -176,8 +176,7 @@ def test_sampled_windows_continue_fitted_prompts_from_the_models_distribution(mo
     calib = token_windows(16, 32)
     batches = list(calib.split(2))  # batches of 2 windows: 8 batches, the last held out
     count = 16 + 3  # two chunks, the second one short
-    windows, finals, seconds = distill.sample_windows(model, model.model.layers, batches, count,
-                                                      torch.device("cpu"), contextlib.nullcontext)
+    windows, seconds = distill.sample_windows(model, batches, count, torch.device("cpu"), contextlib.nullcontext)
     assert [tuple(w.shape) for w in windows] == [(2, 32)] * (count // 2) + [(1, 32)] and seconds > 0
     got = torch.cat(windows)
     fitted = calib[:14]  # batches 0-6: every prompt from a fitted window, none from the held-out batch
@@ -189,14 +188,30 @@ def test_sampled_windows_continue_fitted_prompts_from_the_models_distribution(mo
                       for chunk in prompts.split(16)])
     assert torch.equal(got, want)
     assert (got[:, distill.PROMPT_TOKENS:] != got[:1, distill.PROMPT_TOKENS:]).float().mean() > 0.5  # sampled
-    # the dense final states: the stack's output, through the head the model's own logits
-    with torch.no_grad():
-        for batch, final in zip(windows, finals):
-            assert torch.allclose(head_logits(model, "model.layers", model.model.layers, batch, final),
-                                  model(input_ids=batch).logits, atol=1e-5)
     with pytest.raises(ValueError, match="must be longer"):
-        distill.sample_windows(model, model.model.layers, list(token_windows(8, distill.PROMPT_TOKENS).split(1)),
-                               1, torch.device("cpu"), contextlib.nullcontext)
+        distill.sample_windows(model, list(token_windows(8, distill.PROMPT_TOKENS).split(1)), 1,
+                               torch.device("cpu"), contextlib.nullcontext)
+
+
+@pytest.mark.parametrize("memory", ["device", "host"])
+def test_the_sampled_windows_dense_finals_give_the_dense_models_logits(monkeypatch, memory):
+    """The loop's stream of sampled windows runs through the dense blocks only: through the head, its final states
+    are the dense model's own logits on those windows, while the model is pruned."""
+    seen = {}
+    real = distill.distill
+    monkeypatch.setattr(distill, "distill", lambda *a, **k: seen.update(k) or real(*a, **k))
+    dense = tiny_model(layers=2)
+    model = copy.deepcopy(dense)
+    prune_blocks(model, token_windows(16, 32), FloatSparseConfig(0.6, keep_bits=None, distill_epochs=1,
+                                                                 distill_samples=5, stream_memory=memory),
+                 batch_size=2, progress=False)
+    assert [len(b) for b in seen["sampled"]] == [2, 2, 1] and len(seen["sampled_finals"]) == 3
+    with torch.no_grad():
+        for batch, final in zip(seen["sampled"], seen["sampled_finals"]):
+            want = dense(input_ids=batch).logits
+            assert torch.allclose(head_logits(dense, "model.layers", dense.model.layers, batch, final), want,
+                                  atol=1e-5)
+            assert not torch.allclose(model(input_ids=batch).logits, want, atol=1e-3)  # the model was pruned
 
 
 def test_sampled_windows_are_fitted_and_reported():
@@ -274,3 +289,6 @@ def test_config_options():
         FloatSparseConfig(distill_epochs=1, distill_samples=-1)
     with pytest.raises(ConfigError, match="distill_samples.*set distill_epochs"):
         FloatSparseConfig(distill_samples=8)
+    # config does not import the fit modules: its doc states the prompt's length, which must be sample_windows's
+    doc = next(o.doc for o in OPTIONS if o.name == "distill_samples")
+    assert f"the first {distill.PROMPT_TOKENS} tokens" in doc
