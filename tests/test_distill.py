@@ -15,6 +15,7 @@ from admm_sparse.config import OPTIONS, ConfigError, FloatSparseConfig, parse_co
 from admm_sparse.distill import kl_to_dense
 from admm_sparse.distributed import Group
 from admm_sparse.evaluate import nll_sum
+from admm_sparse.host_stream import HostStream
 from admm_sparse.keepbits import round_float16
 from admm_sparse.pipeline import prune_blocks, prune_model
 from admm_sparse.plan import make_plan
@@ -206,6 +207,8 @@ def test_the_sampled_windows_dense_finals_give_the_dense_models_logits(monkeypat
                                                                  distill_samples=5, stream_memory=memory),
                  batch_size=2, progress=False)
     assert [len(b) for b in seen["sampled"]] == [2, 2, 1] and len(seen["sampled_finals"]) == 3
+    # held as the loop's other streams are: in host memory, moved to the device a batch at a time, with `host`
+    assert isinstance(seen["sampled_finals"], HostStream) == (memory == "host")
     with torch.no_grad():
         for batch, final in zip(seen["sampled"], seen["sampled_finals"]):
             want = dense(input_ids=batch).logits
