@@ -307,12 +307,12 @@ def _prune_blockwise(model, the_plan: Plan, batches, device, make_pruner, config
     for i in tqdm(range(first, last + 1), initial=first, total=last + 1, desc="blocks", unit="block",
                   disable=not progress):
         start = time.perf_counter()
-        calib_extras, eval_extras = extras[i][:cut[0]], extras[i][cut[0]:cut[1]]
+        calib_extras, eval_extras, sampled_extras = extras[i][:cut[0]], extras[i][cut[0]:cut[1]], extras[i][cut[2]:]
         with source.block(stack_name, i, device) as block:
             if evals:
                 dense_eval = run_block(block, dense_eval, eval_extras)  # before its layers are pruned
             if sampled:
-                dense_sampled = run_block(block, dense_sampled, extras[i][cut[2]:])
+                dense_sampled = run_block(block, dense_sampled, sampled_extras)
             dense_layer_inputs = None  # for dense targets
             sub_blocks = None  # reconstruct_unit "sub-block": the block's attention / MLP split
             if dense_stream:  # likewise: what the block is fitted to, and the dense inputs dense targets fit
