@@ -261,7 +261,7 @@ ABLATION_RUNS = (
     + [Run("admm", 0.5, reconstruct_dtype="bfloat16", calibration_dtype="bfloat16", **SAMPLED)]
     + _combined(ALL_THREE, calibration_dtype="bfloat16", **SAMPLED)
     # twice the sampled text at 0.7, where the 64 windows helped most (issue 27's 0.7 target)
-    + _combined([(0.7, None)], calibration_dtype="bfloat16", **dict(SAMPLED, distill_samples=128))
+    + _combined([(0.7, None)], calibration_dtype="bfloat16", **DISTILLED, distill_samples=128)
 )
 QUICK_RUNS = [Run("magnitude", 0.5), Run("wanda", 0.5, (2, 4)), Run("sparsegpt", 0.5), Run("sparsegpt", 0.5, (2, 4)),
               Run("admm", 0.5), Run("admm", 0.5, None, 2), Run("admm", 0.5, (2, 4), mode="quality"),
