@@ -21,6 +21,8 @@ from admm_sparse.pipeline import prune_blocks, prune_model
 from admm_sparse.plan import make_plan
 from admm_sparse.resume import ResumeState
 from admm_sparse.stream import head_logits
+from transformers import StaticCache
+
 from test_pipeline import PlainModel, tiny_model, token_windows
 
 
@@ -171,13 +173,23 @@ def sample_by_whole_prefix(model, prompts, length, generator):
     return tokens
 
 
-def test_sampled_windows_continue_fitted_prompts_from_the_models_distribution(monkeypatch):
+@pytest.mark.parametrize("static", [True, False])
+def test_sampled_windows_continue_fitted_prompts_from_the_models_distribution(monkeypatch, static):
+    """With a static key-value cache where the model takes one, the model's own cache where it does not."""
     monkeypatch.setattr(distill, "SAMPLE_TOKENS", 16 * 32)  # 16 windows of 32 tokens at a time
+    made = []
+    real = distill._static_cache
+    monkeypatch.setattr(distill, "_static_cache", lambda *a: made.append(real(*a)) or made[-1])
     model = tiny_model(layers=2)
+    model._can_compile_fullgraph = static
     calib = token_windows(16, 32)
     batches = list(calib.split(2))  # batches of 2 windows: 8 batches, the last held out
     count = 16 + 3  # two chunks, the second one short
-    windows, seconds = distill.sample_windows(model, batches, count, torch.device("cpu"), contextlib.nullcontext)
+    grad = []
+    model.register_forward_hook(lambda *_: grad.append(torch.is_grad_enabled()))
+    with torch.enable_grad():  # no graph kept over the steps (it would hold every step's activations)
+        windows, seconds = distill.sample_windows(model, batches, count, torch.device("cpu"), contextlib.nullcontext)
+    assert grad and not any(grad)
     assert [tuple(w.shape) for w in windows] == [(2, 32)] * (count // 2) + [(1, 32)] and seconds > 0
     got = torch.cat(windows)
     fitted = calib[:14]  # batches 0-6: every prompt from a fitted window, none from the held-out batch
@@ -188,6 +200,8 @@ def test_sampled_windows_continue_fitted_prompts_from_the_models_distribution(mo
     want = torch.cat([sample_by_whole_prefix(model, chunk, 32, generator)
                       for chunk in prompts.split(16)])
     assert torch.equal(got, want)
+    assert len(made) == 2  # one cache per chunk: static, a window long, where the model takes one
+    assert all(isinstance(c, StaticCache) and c.get_max_length() == 32 if static else c is None for c in made)
     assert (got[:, distill.PROMPT_TOKENS:] != got[:1, distill.PROMPT_TOKENS:]).float().mean() > 0.5  # sampled
     with pytest.raises(ValueError, match="must be longer"):
         distill.sample_windows(model, list(token_windows(8, distill.PROMPT_TOKENS).split(1)), 1,
