@@ -102,6 +102,11 @@ def test_the_best_presets_targets_are_read_from_its_own_runs():
         md = quality.render_markdown(results, None)
         assert ("at most 3x the seed mode's at 0.5" in md) == compared, seed_session
     assert quality.session_id().startswith(time.strftime("%Y-%m-%d"))
+    # a time marked shared (something else ran on the cores) is quoted as not a figure, and never compared
+    results["runs"][key]["time_shared"] = "a CI run shared the cores"
+    md = quality.render_markdown(results, None)
+    assert "at most 3x the seed mode's at 0.5: not a figure (250 s, " in md and "a CI run shared the cores)." in md
+    assert "| 26.00 | 24.00 | 1.08 | - |" in md
 
 
 def test_distillation_runs_are_named_and_their_fit_reported():
