@@ -69,8 +69,8 @@ def _logits(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
 def _static_cache(model: nn.Module, length: int):
     """A key-value cache of `length` tokens written in place, where the model takes one (transformers' models that
     compile whole, which all take a StaticCache), else None (the model makes its own). The default dynamic cache
-    concatenates every layer's keys and values at every step: on a 2-core CPU that was a third of a step at 400
-    tokens and the step 2.6x slower than with this cache (benchmarks/RESULTS.md, "Sampling's cache")."""
+    concatenates every layer's keys and values at every step: sampling 64 windows of 512 tokens took 1.56x as long
+    with it on a 2-core CPU (benchmarks/bench_sampling.py; RESULTS.md, "Sampling's cache")."""
     if not getattr(model, "_can_compile_fullgraph", False):
         return None
     from transformers import StaticCache
@@ -83,12 +83,13 @@ def sample_windows(model: nn.Module, batches: Sequence[torch.Tensor], count: int
     """`count` token windows sampled from the dense `model` for distillation.
 
     Each window continues the first PROMPT_TOKENS tokens of a fitted calibration window (cycled; never a held-out
-    one, which judges the fit), token by token from the model's full next-token distribution (temperature 1; a
-    CPU generator seeded SAMPLING_SEED, so the same windows on any device), to the calibration windows' length;
-    SAMPLE_TOKENS tokens' worth of windows at a time (their key-value cache is the memory it takes), inside
-    `sampling_context()` (the calibration passes' autocast). Returns the windows in batches of the calibration
-    batches' size, and the seconds taken. Run before the model is pruned (the block loop's dense stream then
-    carries them through the stack); the model goes back where it was."""
+    one, which judges the fit), token by token from the model's full next-token distribution (temperature 1; a CPU
+    generator seeded SAMPLING_SEED: the same draws on any device, the same text where the logits agree), to the
+    calibration windows' length; SAMPLE_TOKENS tokens' worth of windows at a time (their key-value cache, static
+    where the model takes one, is the memory it takes), inside `sampling_context()` (the calibration passes'
+    autocast). Returns the windows in batches of the calibration batches' size, and the seconds taken. Run before
+    the model is pruned (the block loop's dense stream then carries them through the stack); the model goes back
+    where it was."""
     start = time.perf_counter()
     fitted, _ = holdout_split(len(batches), "distillation")
     windows = torch.cat([batches[b] for b in fitted])

@@ -213,3 +213,12 @@ def test_quality_knob_benchmark_runs():
     assert [r.split(" | ")[0] for r in rows] == ["| seed mode", "| quality, defaults"]
     assert rows[0].split(" | ")[2] == "1.000"  # the seed is its own baseline
     assert 0 < float(rows[1].split(" | ")[1]) < 1
+
+
+def test_sampling_benchmark_runs():
+    """benchmarks/bench_sampling.py: both caches, the table, and in float32 the same windows from both."""
+    from benchmarks import bench_sampling
+
+    text = bench_sampling.main(["--windows", "3", "--length", "24", "--autocast", "none", "--threads", "1"])
+    assert "| static (sample_windows) |" in text and "3 windows of 24 tokens, up to 1365 at a time (8 steps)" in text
+    assert "Sampled tokens alike in both: 100.0%." in text
