@@ -28,6 +28,7 @@ spec:
                                       # next-token distributions (0: off); see distill.py
       distill_lr: 0.0003              # its Adam step, relative to each layer's kept weights' RMS
       distill_samples: 0              # windows sampled from the dense model, fitted beside the calibration ones
+      distill_schedule: "constant"    # or "cosine": its learning rate decayed to 0 over the epochs
       dense_targets: 0.0              # fit the dense model's outputs (1), the layer's own (0), or a blend
       sequential: false               # prune a block's layers group by group in data-flow order
       stream_memory: "device"         # or "host": the loop's hidden-state streams in host memory (README "Memory")
@@ -150,7 +151,7 @@ CALIBRATION_DTYPES = ("auto", "model", "bfloat16", "float16")
 ALLOCATIONS = ("uniform", "error")
 RECONSTRUCT_DTYPES = ("model", "bfloat16")
 RECONSTRUCT_UNITS = ("block", "sub-block")
-RECONSTRUCT_SCHEDULES = ("constant", "cosine")
+SCHEDULES = ("constant", "cosine")  # a fit's learning rate over its steps (fit.fit)
 STREAM_MEMORIES = ("device", "host")
 
 OPTIONS = (
@@ -190,7 +191,7 @@ OPTIONS = (
            "model's dtype)", str, "loop", _check_choice(RECONSTRUCT_DTYPES)),
     Option("reconstruct_schedule", "constant", "block reconstruction's learning rate over the fit: constant, or cosine "
            "(decayed from reconstruct_lr to 0 over reconstruct_epochs epochs, a half cosine per step)", str, "loop",
-           _check_choice(RECONSTRUCT_SCHEDULES)),
+           _check_choice(SCHEDULES)),
     Option("reconstruct_unit", "block", "what block reconstruction fits at once: block (the whole block to the dense "
            "block's output) or sub-block (the attention side to the dense residual stream between attention and MLP, "
            "then the MLP side to the dense block's output; the split found from the block's data flow, the whole "
@@ -207,6 +208,9 @@ OPTIONS = (
            "(each continuing the first 16 tokens of a fitted calibration window, as long as a calibration window) and "
            "fitted beside the calibration windows, more text to match the dense distributions on (0: off)", int,
            "loop", _check_whole("windows")),
+    Option("distill_schedule", "constant", "distillation's learning rate over the fit: constant, or cosine (decayed "
+           "from distill_lr to 0 over distill_epochs epochs, a half cosine per step)", str, "loop",
+           _check_choice(SCHEDULES)),
     Option("dense_targets", 0.0, "fit each pruned layer to the dense model's output on the dense model's inputs "
            "instead of its own output on the pruned inputs: 1 fully, 0 not at all (default), between: a blend of both "
            "(0.5 measured best; Linear and Conv1D layers; experts keep their own)", float, "loop", _check_fraction),
@@ -284,6 +288,7 @@ class FloatSparseConfig:
     distill_epochs: int = 0
     distill_lr: float = 3e-4
     distill_samples: int = 0
+    distill_schedule: str = "constant"
     dense_targets: float = 0.0
     sequential: bool = False
     stream_memory: str = "device"

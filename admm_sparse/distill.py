@@ -127,15 +127,16 @@ def sample_windows(model: nn.Module, batches: Sequence[torch.Tensor], count: int
 
 def distill(model: nn.Module, stack_name: str, blocks: nn.ModuleList, targets: Sequence[Target],
             batches: Sequence[torch.Tensor], dense_finals: Sequence[torch.Tensor], device: torch.device, *,
-            epochs: int, lr: float, rounding: dict, scalers: dict, bfloat16: bool = False,
+            epochs: int, lr: float, rounding: dict, scalers: dict, schedule: str = "constant", bfloat16: bool = False,
             sampled: Sequence[torch.Tensor] = (), sampled_finals: Sequence[torch.Tensor] = ()) -> dict:
     """Fit the pruned `targets` of `model` (weights in place, masks fixed) so that its next-token distributions on
     the calibration token `batches` approach the dense model's, whose final hidden states (the stack's output) on
     each batch are `dense_finals`; see the module's docstring. `sampled`, `sampled_finals`: windows sampled from the
     dense model (sample_windows) and its final hidden states on them, fitted beside the calibration batches (never
     held out). The model runs on `device` and goes back where it was. rounding, scalers: as for
-    reconstruct.reconstruct_block. bfloat16: the fit's forwards and backwards in bfloat16 autocast (the held-out
-    error that picks the kept epoch in the model's dtype).
+    reconstruct.reconstruct_block. schedule: the step size over the fit, "constant" or "cosine" (fit.fit).
+    bfloat16: the fit's forwards and backwards in bfloat16 autocast (the held-out error that picks the kept epoch in
+    the model's dtype).
     Returns the report: the held-out mean KL before and after, the batch counts, epochs run, the epoch kept (0: the
     model as the loop left it), seconds."""
     start = time.perf_counter()
@@ -165,7 +166,7 @@ def distill(model: nn.Module, stack_name: str, blocks: nn.ModuleList, targets: S
             return sum(heldout_kl(b) for b in held) / len(held)
 
         report = fit(model, Weights(targets, lr, rounding, scalers), len(fitted_pairs), loss, heldout_error,
-                     epochs=epochs)
+                     epochs=epochs, schedule=schedule)
     finally:
         model.to(home)
     return {"fit_batches": len(fitted), "sampled_batches": len(sampled), "heldout_batches": len(held), **report,

@@ -359,7 +359,7 @@ def _prune_blockwise(model, the_plan: Plan, batches, device, make_pruner, config
             rounding = keep_rounding(config, [t.name for t in distilled], layer_options or {})
             result.distillation = distillation.distill(
                 model, stack_name, blocks, distilled, batches, dense_hidden, device, epochs=config.distill_epochs,
-                lr=config.distill_lr, rounding=rounding, scalers=distill_scalers,
+                lr=config.distill_lr, schedule=config.distill_schedule, rounding=rounding, scalers=distill_scalers,
                 bfloat16=config.reconstruct_dtype == "bfloat16", sampled=sampled, sampled_finals=dense_sampled)
             if sampled:
                 result.distillation["sampling_seconds"] = sampling_seconds

@@ -74,6 +74,7 @@ class Run:
     distill_epochs: int = 0  # distillation of the whole pruned model after the loop (admm_sparse.distill); 0 = off
     distill_lr: float | None = None  # its relative learning rate; None = FloatSparseConfig's default
     distill_samples: int = 0  # windows sampled from the dense model, fitted beside the calibration windows
+    distill_schedule: str = "constant"  # its learning rate: constant, or cosine (decayed to 0 over the epochs)
     sequential: bool = False  # a block's layers pruned group by group in data-flow order
     dense_targets: float = 0.0  # layers fitted to the dense model's outputs (1), their own (0), or a blend
     allocation: str = "uniform"  # how the sparsity is spread over layers: uniform, or error (admm_sparse.allocation)
@@ -101,7 +102,8 @@ class Run:
         # reconstruct_dtype is both fits' dtype: named once, in reconstruction's key when there is one
         dtype = "-bf16" if self.reconstruct_dtype == "bfloat16" and not self.reconstruct_epochs else ""
         samples = f"-gen{self.distill_samples}" if self.distill_samples else ""
-        return _fit_key("distill", self.distill_epochs, self.distill_lr, dtype + samples)
+        schedule = "-cos" if self.distill_schedule == "cosine" else ""
+        return _fit_key("distill", self.distill_epochs, self.distill_lr, schedule + dtype + samples)
 
     @property
     def reconstruction_text(self) -> str:
@@ -122,7 +124,8 @@ class Run:
         lr = "" if self.distill_lr is None else f", lr {self.distill_lr:g}"
         samples = f", with {self.distill_samples} sampled windows" if self.distill_samples else ""
         dtype = " in bfloat16" if self.reconstruct_dtype == "bfloat16" else ""
-        return f"distillation {self.distill_epochs} epochs{lr}{dtype}{samples}"
+        schedule = ", cosine schedule" if self.distill_schedule == "cosine" else ""
+        return f"distillation {self.distill_epochs} epochs{lr}{dtype}{schedule}{samples}"
 
     @property
     def pattern(self) -> str:
@@ -269,6 +272,8 @@ ABLATION_RUNS = (
     + _combined([(0.7, None)], calibration_dtype="bfloat16", **LONGEST)
     # four times the 64 sampled windows at 0.7, two epochs: more text helped more than more epochs
     + _combined([(0.7, None)], calibration_dtype="bfloat16", **DISTILLED, distill_samples=256)
+    # the 4 epochs on 128 windows with the learning rate decayed over the fit: they had converged at a constant rate
+    + _combined([(0.7, None)], calibration_dtype="bfloat16", **LONGEST, distill_schedule="cosine")
 )
 QUICK_RUNS = [Run("magnitude", 0.5), Run("wanda", 0.5, (2, 4)), Run("sparsegpt", 0.5), Run("sparsegpt", 0.5, (2, 4)),
               Run("admm", 0.5), Run("admm", 0.5, None, 2), Run("admm", 0.5, (2, 4), mode="quality"),
@@ -346,6 +351,7 @@ def _prune_model(model, calib, run: Run, args):
                                reconstruct_dtype=run.reconstruct_dtype, reconstruct_unit=run.reconstruct_unit,
                                reconstruct_schedule=run.reconstruct_schedule,
                                distill_epochs=run.distill_epochs, distill_samples=run.distill_samples,
+                               distill_schedule=run.distill_schedule,
                                calibration_dtype=run.calibration_dtype, **lr)
     return prune_blocks(model, calib, config, make_pruner=make_pruner_factory(run), progress=False)
 

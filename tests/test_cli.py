@@ -63,6 +63,7 @@ def test_prune_atlas_end_to_end(model_dir, files, tmp_path, capsys):
                                  "reconstruct_epochs": 0, "reconstruct_lr": 3e-3, "reconstruct_dtype": "model",
                                  "reconstruct_schedule": "constant", "reconstruct_unit": "block",
                                  "distill_epochs": 0, "distill_lr": 3e-4, "distill_samples": 0,
+                                 "distill_schedule": "constant",
                                  "dense_targets": 0.0, "sequential": False, "stream_memory": "device",
                                  "allocation": "uniform", "target_bits_per_weight": None}
     assert summary["summary"]["layers"] == 6
@@ -188,6 +189,7 @@ def test_mask_structure_and_mode_flags_override_the_config(model_dir, files, tmp
                                  "reconstruct_epochs": 0, "reconstruct_lr": 3e-3, "reconstruct_dtype": "model",
                                  "reconstruct_schedule": "constant", "reconstruct_unit": "block",
                                  "distill_epochs": 0, "distill_lr": 3e-4, "distill_samples": 0,
+                                 "distill_schedule": "constant",
                                  "dense_targets": 0.0, "sequential": False, "stream_memory": "device",
                                  "allocation": "uniform", "target_bits_per_weight": None}
     report = json.loads((out / "prune_report.json").read_text())

@@ -29,6 +29,7 @@ def test_load_good_file(tmp_path):
                              "reconstruct_epochs": 0, "reconstruct_lr": 3e-3, "reconstruct_dtype": "model",
                              "reconstruct_schedule": "constant", "reconstruct_unit": "block",
                              "distill_epochs": 0, "distill_lr": 3e-4, "distill_samples": 0,
+                             "distill_schedule": "constant",
                              "dense_targets": 0.0, "sequential": False, "stream_memory": "device",
                              "allocation": "uniform", "target_bits_per_weight": None}
 

@@ -251,6 +251,27 @@ def test_sampled_windows_are_fitted_and_reported():
     assert all(torch.equal(a[k] == 0, b[k] == 0) for k in a if k.endswith("proj.weight"))  # the same masks
 
 
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_the_learning_rate_schedule(monkeypatch, schedule):
+    """distill_schedule reaches the fit: cosine, each step's rate is the first one times (1 + cos(pi s / S)) / 2, S =
+    epochs x fitted batches (the sampled ones included), s the steps before it; constant, every step's the first."""
+    rates = []
+    real_step = fit.Weights.step
+
+    def step(self):
+        rates.append(self.optimizer.param_groups[0]["lr"])
+        real_step(self)
+
+    monkeypatch.setattr(fit.Weights, "step", step)
+    monkeypatch.setattr(fit, "PATIENCE", 99)  # every epoch runs: the whole schedule is seen
+    config = FloatSparseConfig(0.5, keep_bits=None, distill_epochs=3, distill_samples=4, distill_schedule=schedule)
+    report = prune_blocks(tiny_model(layers=1), token_windows(16, 32), config, progress=False).distillation
+    total = 3 * (report["fit_batches"] + report["sampled_batches"])
+    assert len(rates) == total and report["sampled_batches"] > 0 and rates[0] > 0
+    factors = [0.5 * (1 + math.cos(math.pi * s / total)) if schedule == "cosine" else 1.0 for s in range(total)]
+    assert rates == pytest.approx([rates[0] * f for f in factors], rel=1e-12)
+
+
 def test_the_allocations_probe_pass_does_not_distill(monkeypatch):
     """allocation error runs the loop twice (a probe pass, then the pruning): distillation runs once, at the end."""
     calls = []
@@ -306,6 +327,10 @@ def test_config_options():
         FloatSparseConfig(distill_epochs=1, distill_samples=-1)
     with pytest.raises(ConfigError, match="distill_samples.*set distill_epochs"):
         FloatSparseConfig(distill_samples=8)
+    assert parse_config({"spec": {"process": [{"type": "float_sparse", "distill_epochs": 2,
+                                               "distill_schedule": "cosine"}]}}).distill_schedule == "cosine"
+    with pytest.raises(ConfigError, match="^distill_schedule: "):
+        FloatSparseConfig(distill_schedule="linear")
     # config does not import the fit modules: its doc states the prompt's length, which must be sample_windows's
     doc = next(o.doc for o in OPTIONS if o.name == "distill_samples")
     assert f"the first {distill.PROMPT_TOKENS} tokens" in doc

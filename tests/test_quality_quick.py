@@ -116,6 +116,9 @@ def test_distillation_runs_are_named_and_their_fit_reported():
     alone = quality.Run("admm", 0.5, reconstruct_dtype="bfloat16", distill_epochs=2, distill_lr=1e-3)
     assert alone.key == "admm-0.5-distill2-lr0.001-bf16"
     assert alone.method_name == "ADMM + distillation 2 epochs, lr 0.001 in bfloat16"
+    decayed = quality.Run("admm", 0.7, distill_epochs=4, distill_samples=128, distill_schedule="cosine")
+    assert decayed.key == "admm-0.7-distill4-cos-gen128"
+    assert decayed.method_name == "ADMM + distillation 4 epochs, cosine schedule, with 128 sampled windows"
     results = fake_results()
     results["runs"][alone.key] = dict(results["runs"]["admm-0.5"], run=alone.__dict__, perplexity=21.0,
                                       prune_seconds=200.0, distillation=dict(heldout_before=0.5, heldout_after=0.4,
