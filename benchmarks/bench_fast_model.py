@@ -39,6 +39,8 @@ METHODS = {
     "fast": (dict(mode="fast"), "admm"),
     "fast, float32 forwards": (dict(mode="fast", calibration_dtype="model"), "admm"),
     "SparseGPT": (dict(), "sparsegpt"),
+    # the baseline at the speed it honestly allows: its calibration forwards in bfloat16 autocast as fast mode's
+    "SparseGPT, bfloat16 forwards": (dict(calibration_dtype="bfloat16"), "sparsegpt"),
     "seed": (dict(mode="seed"), "admm"),
 }
 
@@ -121,7 +123,8 @@ def main(argv=None) -> None:
     data.model.load_state_dict(dense)
     dense_ppl = perplexity(data.model, data.heldout, seq_len=512, num_windows=args.eval_windows, progress=False)
     med = {m: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for m, runs in times.items()}
-    base = med.get("SparseGPT", {}).get("total")
+    # against the faster SparseGPT row measured
+    base = min((m["total"] for name, m in med.items() if name.startswith("SparseGPT")), default=None)
     command = "python " + " ".join(["benchmarks/bench_fast_model.py", *(sys.argv[1:] if argv is None else argv)])
     lines = [f"Command: `{command}`", "",
              f"Built-in SmolLM2-135M, ratio {args.ratio}, keep-bit rounding off, {args.windows} x 512 calibration "
@@ -129,7 +132,7 @@ def main(argv=None) -> None:
              f"{torch.__version__}, {args.threads} thread(s), {platform.machine()}; fast mode's low-precision "
              f"dtype here: {str(devices.gemm_dtype(torch.device('cpu'))).removeprefix('torch.')}; "
              f"median of {args.rounds} round(s), the methods alternating. Seconds:", "",
-             "| method | end to end | x SparseGPT | calibration forwards | statistics | solver | export "
+             "| method | end to end | x the faster SparseGPT | calibration forwards | statistics | solver | export "
              "| perplexity |", "|---|---|---|---|---|---|---|---|"]
     for name, m in med.items():
         ratio = f"{m['total'] / base:.2f}" if base else "-"
@@ -138,7 +141,8 @@ def main(argv=None) -> None:
     text = "\n".join(lines)
     print(text)
     if args.write:
-        write_section(RESULTS_MD, f"{BEGIN}\n### The whole model (issue 18)\n\n{text}\n{END}", BEGIN, END)
+        write_section(RESULTS_MD, f"{BEGIN}\n### The whole model against SparseGPT at full speed (issues 18 and 30)"
+                                  f"\n\n{text}\n{END}", BEGIN, END)
 
 
 if __name__ == "__main__":
