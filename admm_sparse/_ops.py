@@ -28,10 +28,11 @@ _ops = torch.ops.admm_sparse
 def accumulate_sums(hessian_sum: torch.Tensor, square_sum: torch.Tensor, inp: torch.Tensor) -> None:
     """In place, float64: hessian_sum's lower triangle += XᵀX and square_sum += Σ X² per channel (SPEC §1's
     statistics as sums; each batch's products are float32 GEMMs blocked by d_in alone)."""
-    if devices.supports("float64", inp.device) and hessian_sum.device == inp.device:
-        _ops.accumulate_sums(hessian_sum, square_sum, inp)  # device-generic ATen (CompositeExplicitAutograd)
-    else:  # the sums on the CPU: the device has no float64
-        generic.accumulate_sums(hessian_sum, square_sum, inp)
+    with devices.no_autocast(inp.device):  # float32 products inside the calibration passes' autocast too
+        if devices.supports("float64", inp.device) and hessian_sum.device == inp.device:
+            _ops.accumulate_sums(hessian_sum, square_sum, inp)  # device-generic ATen (CompositeExplicitAutograd)
+        else:  # the sums on the CPU: the device has no float64
+            generic.accumulate_sums(hessian_sum, square_sum, inp)
 
 
 def damped_cholesky_inverse(matrix: torch.Tensor, shift: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,7 +22,7 @@ import functools
 import importlib
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -243,6 +243,16 @@ def float32_matmuls(allow_tf32: bool):
         yield
     finally:
         matmul.fp32_precision = old
+
+
+def no_autocast(device: torch.device):
+    """Within it, the device's GEMMs run in their inputs' dtype even inside a caller's autocast region. The
+    statistics and the solvers compute in float32 (sums in float64) by contract; the calibration passes' bfloat16
+    autocast around the statistics would otherwise round their products to bfloat16 (the native ops hold the
+    same guard: csrc/admm.h, NoAutocast)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return nullcontext()
 
 
 def statistics_device(device: torch.device) -> torch.device:

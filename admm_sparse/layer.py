@@ -359,7 +359,7 @@ class AdmmPruner:
         start = time.perf_counter()
         old = self.dense_target(weight.detach())  # the weight itself unless the loop fed dense targets
         k = pruned_count((self.rows, self.columns), sparse_ratio, structure)
-        with devices.float32_matmuls(opts["allow_tf32"]):
+        with devices.float32_matmuls(opts["allow_tf32"]), devices.no_autocast(weight.device):
             new, damping, dense_energy, extra = self._prune(old, k, structure, opts)
             delta_energy = quadratic_trace(self.H, new.float() - old.float(), dtype=self._trace_dtype(opts))
         weight.data.copy_(new)

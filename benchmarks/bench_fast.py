@@ -52,22 +52,22 @@ def algorithm1(W: torch.Tensor, H: torch.Tensor, p: float, B: int = 128, percdam
     """SparseGPT, Frantar & Alistarh 2023, Algorithm 1 as printed (mask blocks Bs = lazy blocks B, damping as in
     their code), in plain PyTorch on torch's threads: the check on benchmarks/baselines.py's speed."""
     d_out, d_in = W.shape
-    assert d_in % B == 0
     W, H = W.clone(), H.clone()
     H.diagonal().add_(percdamp * H.diagonal().mean())
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)  # Cholesky(H⁻¹)ᵀ
     M = torch.zeros_like(W, dtype=torch.bool)  # True: pruned
     E = W.new_zeros(d_out, B)
     for i in range(0, d_in, B):
-        for j in range(i, i + B):
-            if j % B == 0:  # prune the p share of w²/[H⁻¹]cc² smallest in W[:, j:j+B]
-                score = W[:, j:j + B] ** 2 / Hinv.diagonal()[j:j + B] ** 2
+        end = min(i + B, d_in)  # the last block is shorter where B does not divide d_in, as in the authors' code
+        for j in range(i, end):
+            if j == i:  # prune the p share of w²/[H⁻¹]cc² smallest in W[:, i:end]
+                score = W[:, i:end] ** 2 / Hinv.diagonal()[i:end] ** 2
                 block = torch.zeros(score.numel(), dtype=torch.bool, device=W.device)
                 block[torch.topk(score.flatten(), int(score.numel() * p), largest=False).indices] = True
-                M[:, j:j + B] = block.view_as(score)
+                M[:, i:end] = block.view_as(score)
             E[:, j - i] = W[:, j] / Hinv[j, j] * M[:, j]
-            W[:, j:i + B] -= E[:, j - i, None] * Hinv[j, j:i + B]
-        W[:, i + B:] -= E @ Hinv[i:i + B, i + B:]
+            W[:, j:end] -= E[:, j - i, None] * Hinv[j, j:end]
+        W[:, end:] -= E[:, :end - i] @ Hinv[i:end, end:]
     W[M] = 0
     return W
 
@@ -112,6 +112,7 @@ def run(method: str, w0: torch.Tensor, calib: list[torch.Tensor], layer: nn.Line
     if method == "algorithm1":
         H = torch.zeros(w0.shape[1], w0.shape[1])
         for x in calib:
+            x = x.reshape(-1, x.shape[-1])  # the built-in model's captured inputs are (windows, tokens, d_in)
             H.addmm_(x.T, x)
         statistics_s = time.perf_counter() - start
         start = time.perf_counter()
@@ -297,7 +298,7 @@ def growth_rows(args, ratio: float) -> list[str]:
     return lines
 
 
-def real_layers(ratio: float, repeats: int) -> list[str]:
+def real_layers(ratio: float, repeats: int, methods=METHODS) -> list[str]:
     """The built-in model's layers of tune_quality.py, inputs captured as there (64 x 512 tokens, error on
     16 held-out windows)."""
     from admm_sparse.builtin import load_builtin
@@ -310,7 +311,7 @@ def real_layers(ratio: float, repeats: int) -> list[str]:
     lines = []
     for name in LAYERS:
         w0 = data.model.get_submodule(name).weight.detach().clone()
-        r = compare(w0, inputs.pop(name), grams[name], ratio, repeats)
+        r = compare(w0, inputs.pop(name), grams[name], ratio, repeats, methods)
         lines.append(row(f"`{name}` {w0.shape[0]}x{w0.shape[1]}, ratio {ratio}", r))
         print(lines[-1], flush=True)
     return lines
@@ -324,7 +325,7 @@ def main(argv=None) -> None:
     p.add_argument("--ratios", type=float, nargs="+", default=[0.5])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
-                   help="the methods of the synthetic tables (fast and one SparseGPT at least)")
+                   help="the methods compared, synthetic or --real layers (fast and one SparseGPT at least)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--real", action="store_true", help="the built-in model's layers instead of synthetic ones")
     p.add_argument("--levers", action="store_true", help="instead: fast mode with one lever taken away at a "
@@ -349,7 +350,7 @@ def main(argv=None) -> None:
             lines += profile_rows(args, ratio)
             continue
         if args.real:
-            lines += real_layers(ratio, args.repeats)
+            lines += real_layers(ratio, args.repeats, args.methods)
             continue
         if args.growth:
             lines += growth_rows(args, ratio)

@@ -62,6 +62,7 @@ void accumulate_triangle(const at::Tensor& hessian_sum, const at::Tensor& square
 }
 
 void accumulate_sums(const at::Tensor& hessian_sum, const at::Tensor& square_sum, const at::Tensor& inp) {
+  const NoAutocast no_autocast;
   TORCH_CHECK(hessian_sum.dim() == 2 && hessian_sum.scalar_type() == at::kDouble,
               "hessian_sum must be a float64 matrix, got ", hessian_sum.scalar_type(), " of ", hessian_sum.dim(),
               " dimensions");
@@ -107,6 +108,7 @@ double invert_in_place(at::Tensor& buf, double shift, double mean_diag, const st
 }
 
 std::tuple<at::Tensor, at::Tensor> damped_cholesky_inverse(const at::Tensor& matrix, double shift) {
+  const NoAutocast no_autocast;
   check_matrix(matrix, "matrix");
   TORCH_CHECK(matrix.size(0) == matrix.size(1), "matrix must be square, got ", matrix.sizes());
   TORCH_CHECK(std::isfinite(shift) && shift >= 0, "shift must be finite and >= 0, got ", shift);
@@ -197,6 +199,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> admm_prune_with(const at::Tensor&
                                                    double percdamp, double rho, int64_t iters,
                                                    int64_t prune_iters, const std::string& structure,
                                                    const DeviceKernels& kernels) {
+  const NoAutocast no_autocast;
   check_matrix(hessian, "hessian");
   check_matrix(weight, "weight");
   const int64_t d_in = weight.size(1);

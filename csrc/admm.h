@@ -1,10 +1,19 @@
 // Device-generic pieces of the native ops, shared by the CPU and CUDA registrations.
 #pragma once
 #include <ATen/ATen.h>
+#include <c10/core/DispatchKeySet.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <string>
 #include <tuple>
 
 namespace admm_sparse {
+
+// Held for the whole of an op whose arithmetic is its own (float32 GEMMs, float64 sums): a caller's autocast
+// region must not turn the ATen GEMMs inside it into bfloat16 or float16 ones. Without it, statistics gathered
+// inside the calibration passes' bfloat16 autocast had bfloat16-rounded products (an indefinite Hessian).
+struct NoAutocast {
+  c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
+};
 
 // One fused pass of the ADMM loop over the d_in x d_out iterate. All four tensors are float32,
 // contiguous, of the same shape and on the same device. Semantics (SPEC section 2):

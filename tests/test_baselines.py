@@ -289,7 +289,22 @@ def test_sparsegpt_equals_bench_fast_transcription_of_algorithm1():
 
     W = random_weight(8, 256)
     H = (lambda X: X.T @ X)(correlated_inputs(600, 256, seed=7))
-    got, _ = sparsegpt_prune(W, H, 0.5)
-    want = algorithm1(W, H, 0.5)
-    assert torch.equal(got == 0, want == 0)
-    torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-8)
+    for d_in in (256, 200):  # 200: a last block shorter than the 128 of the others
+        got, _ = sparsegpt_prune(W[:, :d_in], H[:d_in, :d_in], 0.5)
+        want = algorithm1(W[:, :d_in], H[:d_in, :d_in], 0.5)
+        assert torch.equal(got == 0, want == 0)
+        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.parametrize("method", ["seed", "fast", "sparsegpt", "algorithm1"])
+def test_bench_fast_takes_windows_of_tokens(method):
+    """bench_fast.py --real feeds the built-in model's captured inputs, (windows, tokens, d_in): every method
+    prunes them as it prunes the same tokens flattened."""
+    from benchmarks.bench_fast import run
+
+    X = correlated_inputs(2 * 96, 64, seed=3, dtype=torch.float32)
+    W = random_weight(16, 64, dtype=torch.float32)
+    layers = [torch.nn.Linear(64, 16, bias=False) for _ in range(2)]
+    for layer, calib in zip(layers, ([X.reshape(2, 96, 64)], [X])):
+        run(method, W, calib, layer, 0.5)
+    assert torch.equal(layers[0].weight, layers[1].weight)

@@ -1,4 +1,5 @@
 """Native ops (admm_sparse._ops) against their plain-PyTorch twins in admm_sparse.reference."""
+import contextlib
 import warnings
 
 import pytest
@@ -74,6 +75,34 @@ def test_accumulate_sums_are_the_same_in_any_split_of_the_batches():
     h32 = [sum((x.T @ x for x in (batches[i] for i in part)), torch.zeros(d_in, d_in))
            for part in (range(0, 8, 2), range(1, 8, 2))]
     assert not torch.equal(h32[0] + h32[1], sum((x.T @ x for x in batches), torch.zeros(d_in, d_in)))
+
+
+@pytest.mark.parametrize("path", ["native op", "wrapper", "generic"])
+def test_statistics_ignore_a_callers_autocast(path):
+    """The statistics are float32 products summed in float64 also inside an autocast region (the calibration
+    passes run in one): bitwise what they are outside it, where a bfloat16 GEMM would round the products."""
+    from admm_sparse import device as devices
+
+    x = make_inputs(0, (2, 256, 300), torch.bfloat16) * torch.logspace(-2, 2, 300).bfloat16()
+    fn = {"native op": torch.ops.admm_sparse.accumulate_sums, "wrapper": _ops.accumulate_sums,
+          "generic": _ops.accumulate_sums}[path]
+    with devices.generic_kernels() if path == "generic" else contextlib.nullcontext():
+        outside = stats_of([x], 300, fn)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            inside = stats_of([x], 300, fn)
+            rounded = (x[0].T @ x[0]).dtype  # what autocast does to a GEMM that is not guarded
+    assert rounded == torch.bfloat16
+    assert all(torch.equal(a, b) for a, b in zip(inside, outside))
+
+
+def test_admm_prune_ignores_a_callers_autocast():
+    h, w = admm_case(40, 64, 200, 5)
+    outside = _ops.admm_prune(h, w, 1280, 0.1, 1.0, 20, 15)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = _ops.admm_prune(h, w, 1280, 0.1, 1.0, 20, 15)
+        inverse_inside = _ops.damped_cholesky_inverse(h, 1.0)
+    assert all(torch.equal(a, b) for a, b in zip(inside, outside))
+    assert all(torch.equal(a, b) for a, b in zip(inverse_inside, _ops.damped_cholesky_inverse(h, 1.0)))
 
 
 def test_accumulate_sums_refuses_float32_sums():
