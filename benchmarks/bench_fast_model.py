@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import platform
+import shlex
 import statistics
 import sys
 import tempfile
@@ -125,7 +126,8 @@ def main(argv=None) -> None:
     med = {m: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for m, runs in times.items()}
     # against the faster SparseGPT row measured
     base = min((m["total"] for name, m in med.items() if name.startswith("SparseGPT")), default=None)
-    command = "python " + " ".join(["benchmarks/bench_fast_model.py", *(sys.argv[1:] if argv is None else argv)])
+    command = "python " + " ".join(shlex.quote(a) for a in
+                                   ["benchmarks/bench_fast_model.py", *(sys.argv[1:] if argv is None else argv)])
     lines = [f"Command: `{command}`", "",
              f"Built-in SmolLM2-135M, ratio {args.ratio}, keep-bit rounding off, {args.windows} x 512 calibration "
              f"tokens, perplexity on {args.eval_windows} x 512 held-out tokens (dense {dense_ppl:.2f}); torch "
