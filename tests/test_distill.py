@@ -24,6 +24,7 @@ from admm_sparse.stream import head_logits
 from transformers import StaticCache
 
 from test_pipeline import PlainModel, tiny_model, token_windows
+from test_reconstruct import step_rates
 
 
 @settings(max_examples=30, deadline=None)
@@ -255,15 +256,7 @@ def test_sampled_windows_are_fitted_and_reported():
 def test_the_learning_rate_schedule(monkeypatch, schedule):
     """distill_schedule reaches the fit: cosine, each step's rate is the first one times (1 + cos(pi s / S)) / 2, S =
     epochs x fitted batches (the sampled ones included), s the steps before it; constant, every step's the first."""
-    rates = []
-    real_step = fit.Weights.step
-
-    def step(self):
-        rates.append(self.optimizer.param_groups[0]["lr"])
-        real_step(self)
-
-    monkeypatch.setattr(fit.Weights, "step", step)
-    monkeypatch.setattr(fit, "PATIENCE", 99)  # every epoch runs: the whole schedule is seen
+    rates = step_rates(monkeypatch)
     config = FloatSparseConfig(0.5, keep_bits=None, distill_epochs=3, distill_samples=4, distill_schedule=schedule)
     report = prune_blocks(tiny_model(layers=1), token_windows(16, 32), config, progress=False).distillation
     total = 3 * (report["fit_batches"] + report["sampled_batches"])

@@ -102,10 +102,8 @@ def test_lowers_the_blocks_error_and_never_raises_the_held_out_one(dtype):
     assert after < 0.95 * before
 
 
-@pytest.mark.parametrize("schedule", ["constant", "cosine"])
-def test_the_learning_rate_schedule(monkeypatch, schedule):
-    """cosine: each step's rate is the first one times (1 + cos(pi s / S)) / 2, S = epochs x fitted batches, s the
-    steps before it; constant: every step's rate is the first one (the layer's lr x RMS of its kept weights)."""
+def step_rates(monkeypatch) -> list:
+    """The learning rate of every step fit.fit takes from now on (every epoch runs: the whole schedule is seen)."""
     rates = []
     real_step = fit.Weights.step
 
@@ -114,7 +112,15 @@ def test_the_learning_rate_schedule(monkeypatch, schedule):
         real_step(self)
 
     monkeypatch.setattr(fit.Weights, "step", step)
-    monkeypatch.setattr(fit, "PATIENCE", 99)  # every epoch runs: the whole schedule is seen
+    monkeypatch.setattr(fit, "PATIENCE", 99)
+    return rates
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_the_learning_rate_schedule(monkeypatch, schedule):
+    """cosine: each step's rate is the first one times (1 + cos(pi s / S)) / 2, S = epochs x fitted batches, s the
+    steps before it; constant: every step's rate is the first one (the layer's lr x RMS of its kept weights)."""
+    rates = step_rates(monkeypatch)
     config = FloatSparseConfig(0.5, keep_bits=None, reconstruct_epochs=3, reconstruct_schedule=schedule,
                                include=["model.layers.0.*"])
     result = prune_blocks(tiny_model(layers=1), token_windows(16, 32), config, progress=False)
