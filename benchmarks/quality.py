@@ -272,8 +272,8 @@ ABLATION_RUNS = (
     + _combined([(0.7, None)], calibration_dtype="bfloat16", **DISTILLED, distill_samples=128)
     # four epochs on the 128 sampled windows at 0.7: the 2-epoch fit kept its last epoch, still improving
     + _combined([(0.7, None)], calibration_dtype="bfloat16", **LONGEST)
-    # four times the 64 sampled windows at 0.7, two epochs: more text helped more than more epochs
-    + _combined([(0.7, None)], calibration_dtype="bfloat16", **MOST_TEXT)
+    # four times the 64 sampled windows, two epochs: at 0.7 more text helped more than more epochs; then at 0.5 and 2:4
+    + _combined(ALL_THREE, calibration_dtype="bfloat16", **MOST_TEXT)
     # the 4 epochs on 128 windows with the learning rate decayed over the fit: they had converged at a constant rate
     + _combined([(0.7, None)], calibration_dtype="bfloat16", **LONGEST, distill_schedule="cosine")
 )
