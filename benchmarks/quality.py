@@ -173,12 +173,18 @@ DISTILLED = dict(distill_epochs=2)
 SAMPLED = dict(DISTILLED, distill_samples=64)
 LONGEST = dict(distill_epochs=4, distill_samples=128)  # 45.45 at 0.7 (seventh session)
 MOST_TEXT = dict(DISTILLED, distill_samples=256)  # 44.30 at 0.7, 26.65 at 0.5 (2026-12-08)
+
+
+def _addition(changes: dict) -> str:
+    """A target line's words for a distillation setting, e.g. ", with 4 distillation epochs on 128 sampled windows"
+    (the epochs named where they are not DISTILLED's)."""
+    epochs, samples = changes["distill_epochs"], changes.get("distill_samples")
+    words = f"{epochs} distillation epochs" if epochs != DISTILLED["distill_epochs"] else "distillation"
+    return f", with {words}" + (f" on {samples} sampled windows" if samples else "")
+
+
 # issue 27's target lines: the preset, then each addition to it
-TARGET_SETTINGS = (("", {}), (", with distillation", DISTILLED),
-                   (f", with distillation on {SAMPLED['distill_samples']} sampled windows", SAMPLED),
-                   (f", with {LONGEST['distill_epochs']} distillation epochs on {LONGEST['distill_samples']} sampled "
-                    "windows", LONGEST),
-                   (f", with distillation on {MOST_TEXT['distill_samples']} sampled windows", MOST_TEXT))
+TARGET_SETTINGS = (("", {}),) + tuple((_addition(c), c) for c in (DISTILLED, SAMPLED, LONGEST, MOST_TEXT))
 
 
 def _combined(patterns, **changes) -> list[Run]:
